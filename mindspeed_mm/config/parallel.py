@@ -1,0 +1,48 @@
+"""Parallel sizes of a run: one small immutable value passed wherever a config needs them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["ParallelSizes"]
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """tp/pp/cp/dp degrees, virtual-pipeline chunks per stage (``vpp``, None = not interleaved) and
+    sequence parallelism (``sp``, needs tp > 1). ``world_size = tp * pp * cp * dp``."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: Optional[int] = None
+    sp: bool = False
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp", "dp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParallelSizes.{name} must be an int >= 1, got {value!r}")
+        if self.vpp is not None:
+            if isinstance(self.vpp, bool) or not isinstance(self.vpp, int) or self.vpp < 1:
+                raise ValueError(f"ParallelSizes.vpp must be null or an int >= 1, got {self.vpp!r}")
+            if self.vpp > 1 and self.pp == 1:
+                raise ValueError(f"ParallelSizes.vpp={self.vpp} needs pp > 1")
+        if not isinstance(self.sp, bool):
+            raise ValueError(f"ParallelSizes.sp must be a bool, got {self.sp!r}")
+        if self.sp and self.tp == 1:
+            raise ValueError("ParallelSizes.sp (sequence parallelism) needs tp > 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @classmethod
+    def from_world_size(cls, world_size: int, *, tp: int = 1, pp: int = 1, cp: int = 1,
+                        vpp: Optional[int] = None, sp: bool = False) -> "ParallelSizes":
+        """Derive dp from the number of ranks; the model-parallel product must divide it."""
+        mp = tp * pp * cp
+        if world_size < 1 or world_size % mp:
+            raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {tp}*{pp}*{cp} = {mp}")
+        return cls(tp=tp, pp=pp, cp=cp, vpp=vpp, sp=sp, dp=world_size // mp)

@@ -1,0 +1,322 @@
+"""Device adaptor: run megatron-core 0.16.1 unchanged on CPU + gloo.
+
+megatron-core assumes CUDA: it allocates on ``torch.cuda.current_device()``, synchronizes streams,
+keeps its RNG states on the GPU generator and checks ``param.type() == 'torch.cuda.FloatTensor'``.
+Like MindSpeed adapts Megatron to NPUs, this module patches those assumptions, in named groups
+(``PATCH_GROUPS``), each documented with what it replaces and why. Apply it first thing in every
+entry point, before any model is built. It does nothing when CUDA is available, unless forced (tests).
+
+It is tied to megatron-core's source: the version is checked, and every source rewrite asserts that
+its pattern is still there, so an upgrade fails here, loudly, instead of computing something else.
+"""
+from __future__ import annotations
+
+import __future__
+import contextlib
+import functools
+import inspect
+import sys
+import textwrap
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+EXPECTED_MEGATRON_VERSION = "0.16.1"
+PATCH_GROUPS = ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes")
+_applied: list[str] = []
+
+
+class AdaptorError(RuntimeError):
+    """megatron-core is not the version/source this adaptor was written against."""
+
+
+def rewrite_function(fn: Callable, replacements: Sequence[tuple[str, str]], owner: type | None = None):
+    """Recompile ``fn`` from its source with each ``(old, new)`` text replacement applied.
+
+    Raises AdaptorError naming the function if any ``old`` is missing. ``owner`` is the class for
+    methods that use zero-argument ``super()``. Decorators in the source are re-applied, so a
+    ``@classmethod`` comes back as a classmethod object.
+    """
+    target = inspect.unwrap(fn)
+    where = f"{target.__module__}.{target.__qualname__}"
+    try:
+        src = textwrap.dedent(inspect.getsource(target))
+    except (OSError, TypeError) as e:
+        raise AdaptorError(f"device adaptor: cannot read the source of {where}: {e}") from e
+    for old, new in replacements:
+        if old not in src:
+            raise AdaptorError(
+                f"device adaptor: {where} no longer contains {old!r}; megatron-core changed and "
+                f"mindspeed_mm/device.py must be updated (written for {EXPECTED_MEGATRON_VERSION})")
+        src = src.replace(old, new)
+    # The factory's `__class__` argument becomes the closure cell that zero-argument super() reads.
+    # Leading newlines keep traceback line numbers equal to those in megatron's file.
+    first_line = target.__code__.co_firstlineno
+    factory = "\n" * max(first_line - 2, 0) + "def _factory(__class__):\n"
+    factory += f"{textwrap.indent(src, '    ')}    return {target.__name__}\n"
+    code = compile(factory, f"<device.py rewrite of {where}>", "exec",
+                   flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    namespace: dict = {}
+    exec(code, target.__globals__, namespace)  # noqa: S102 - our own rewrite of installed source
+    new = namespace["_factory"](owner)
+    inner = getattr(new, "__func__", new)
+    for f in {inner, inspect.unwrap(inner)}:
+        f.__qualname__ = target.__qualname__
+    return new
+
+
+def _rebind(old, new) -> None:
+    """Replace a module-level function everywhere megatron imported it by name."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("megatron"):
+            for name, value in list(vars(module).items()):
+                if value is old:
+                    setattr(module, name, new)
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream/Event: CPU work is already ordered, so all calls are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):  # wait_stream, wait_event, record, synchronize, ...
+        return _noop
+
+    def query(self):
+        return True
+
+    def record_event(self, event=None):
+        return event or _NoStream()
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_cuda_shim() -> None:
+    """Replaces torch.cuda.current_device (-> "cpu"), synchronize, set_stream, Stream, Event,
+    ExternalStream, current_stream, default_stream, stream, nvtx.range_push/range_pop/mark and
+    Tensor.record_stream. megatron-core calls these unconditionally (~175 current_device sites used as
+    `device=`, ~32 synchronize sites: GlobalMemoryBuffer, RoPE, p2p, grad buffers, timers,
+    update_pg_timeout, checkpoint writers); a CPU build of torch raises on each of them."""
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = cuda.set_stream = _noop
+    cuda.Stream = cuda.Event = cuda.ExternalStream = _NoStream
+    cuda.current_stream = cuda.default_stream = lambda *a, **k: _NoStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.nvtx.range_push = cuda.nvtx.range_pop = cuda.nvtx.mark = _noop
+    torch.Tensor.record_stream = _noop
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+              "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+              "randint_like", "eye", "linspace", "as_tensor", "empty_strided", "randperm")
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):  # megatron passes device indices
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return factory(*args, **kwargs)
+    return wrapper
+
+
+def _patch_device_map() -> None:
+    """Maps device="cuda"/"cuda:N"/int to CPU in torch's factory functions (_FACTORIES), turns
+    pin_memory=True off, makes Tensor.cuda()/Tensor.pin_memory() return self and Tensor.to("cuda")
+    stay on CPU. megatron-core hard-codes device="cuda" (causal masks, schedules' loss buffers,
+    p2p receive buffers, broadcast_data, optimizer) and pins RoPE buffers; pinning needs CUDA.
+    This is what torch_npu.contrib.transfer_to_npu does for NPUs."""
+    # torch's device context manager (`with torch.device("meta")`, used by transformers' loaders) finds
+    # factories by identity in a lazily cached set: fill that cache with the real builtins before the
+    # wrappers replace them, or the context silently stops applying to torch.tensor & co.
+    torch.utils._device._device_constructors()
+    for name in _FACTORIES:
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
+    tensor_to = torch.Tensor.to
+
+    @functools.wraps(tensor_to)
+    def to(self, *args, **kwargs):
+        if args and _is_cuda(args[0]):
+            args = ("cpu",) + args[1:]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return tensor_to(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    torch.Tensor.cuda = torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _patch_rng() -> None:
+    """Keeps megatron's tracked RNG states (tensor_parallel.random) in the CPU default generator,
+    which is the generator CPU dropout draws from. Replaces _get_cuda_rng_state and
+    _set_cuda_rng_state (the original setter queues a torch.cuda._lazy_call that never runs on
+    CPU: setting the state silently does nothing), CudaRNGStatesTracker.add (reads
+    torch.cuda.get_rng_state), CudaRNGStatesTracker.fork (its "CPU RNG state changed" warning
+    would fire on every fork, since the tracked state *is* the CPU one) and
+    model_parallel_cuda_manual_seed (seeds the CUDA generator, a silent no-op here)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for name, new in (("_get_cuda_rng_state", _cpu_get_rng_state),
+                      ("_set_cuda_rng_state", _cpu_set_rng_state)):
+        _rebind(getattr(mrandom, name), new)
+    tracker = mrandom.CudaRNGStatesTracker
+    # The CPU-only generator: torch.manual_seed would also reseed CUDA when forced on a GPU host.
+    tracker.add = rewrite_function(tracker.add, [
+        ("torch.cuda.get_rng_state()", "torch.get_rng_state()"),
+        ("torch.cuda.manual_seed(seed)", "torch.default_generator.manual_seed(seed)")])
+    tracker.fork = rewrite_function(tracker.fork, [(
+        "if not torch.all(cpu_rng_state == torch.get_rng_state()).item():",
+        "if False:  # the forked state is the CPU generator's own")])
+    seed_fn = mrandom.model_parallel_cuda_manual_seed
+    _rebind(seed_fn, rewrite_function(seed_fn, [(
+        "torch.cuda.manual_seed(data_parallel_seed)",
+        "torch.default_generator.manual_seed(data_parallel_seed)")]))
+
+
+def _ordered_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next,
+                             tensor_recv_next, group, prev_pipeline_rank, next_pipeline_rank):
+    send_next = (dist.isend, tensor_send_next, next_pipeline_rank)
+    recv_prev = (dist.irecv, tensor_recv_prev, prev_pipeline_rank)
+    send_prev = (dist.isend, tensor_send_prev, prev_pipeline_rank)
+    recv_next = (dist.irecv, tensor_recv_next, next_pipeline_rank)
+    if group.rank() % 2 == 0:  # the same even/odd order as p2p_communication._p2p_ops
+        order = (send_next, recv_prev, send_prev, recv_next)
+    else:
+        order = (recv_prev, send_next, recv_next, send_prev)
+    ops = [dist.P2POp(op, tensor, peer, group) for op, tensor, peer in order if tensor is not None]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _patch_p2p_order() -> None:
+    """Replaces p2p_communication._batched_p2p_ops (used when config.batch_p2p_comm, the default).
+    gloo pairs messages between two ranks in posting order, and the original posts
+    [send_prev, recv_prev, send_next, recv_next] on every rank. At PP=2 prev == next, so a rank's
+    recv_prev receives the peer's send_prev: activations and gradients are silently swapped in the
+    interleaved (VPP) schedule. The replacement posts in _p2p_ops' even/odd order, which pairs
+    every send with its matching receive. The original stays at ``__mm_original__``."""
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    _ordered_batched_p2p_ops.__mm_original__ = p2p._batched_p2p_ops
+    _rebind(p2p._batched_p2p_ops, _ordered_batched_p2p_ops)
+
+
+_FLOAT = ("'torch.cuda.FloatTensor'", "'torch.FloatTensor'")
+_HALF = ("'torch.cuda.HalfTensor'", "'torch.HalfTensor'")
+_BF16 = ("'torch.cuda.BFloat16Tensor'", "'torch.BFloat16Tensor'")
+
+
+def _patch_type_str() -> None:
+    """Recompiles functions that accept parameters by comparing ``param.type()`` with the CUDA type
+    strings, with the CPU ones instead: clip_grads.clip_grad_by_total_norm_fp32 (assert; also
+    rebound in optimizer.py), DistributedOptimizer._build_model_and_main_param_groups (TypeError)
+    and DistributedOptimizer.__init__ (fp16 params get no main_param), and
+    Float16OptimizerWithFloat16Params.__init__ (TypeError)."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    clip = clip_grads.clip_grad_by_total_norm_fp32
+    _rebind(clip, rewrite_function(clip, [_FLOAT]))
+    build = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"].__func__
+    DistributedOptimizer._build_model_and_main_param_groups = rewrite_function(
+        build, [_FLOAT, _HALF, _BF16], DistributedOptimizer)
+    DistributedOptimizer.__init__ = rewrite_function(
+        DistributedOptimizer.__init__, [_HALF, _BF16], DistributedOptimizer)
+    Float16OptimizerWithFloat16Params.__init__ = rewrite_function(
+        Float16OptimizerWithFloat16Params.__init__, [_FLOAT, _HALF, _BF16],
+        Float16OptimizerWithFloat16Params)
+
+
+def _patch_no_apex_fixes() -> None:
+    """Fixes DistributedOptimizer's torch-Adam path (taken without apex/TransformerEngine):
+    state_dict asserted exactly one 'step' value, so a fresh optimizer (no state yet) could not give
+    the template for loading a checkpoint; _set_main_param_and_optimizer_states raised KeyError 'step'
+    (optimizer state has it, the checkpoint tensors do not) and copied in place into views of leaves
+    that require grad; load_state_dict gave one shared `step` tensor to every parameter, which torch
+    Adam increments once per parameter, so resumed bias corrections were silently wrong."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
+
+    DO.state_dict = rewrite_function(DO.state_dict, [
+        ("assert len(steps) == 1\n", "assert len(steps) <= 1\n"),
+        ("step = steps[0]\n", "step = steps[0] if steps else 0\n")], DO)
+    DO._set_main_param_and_optimizer_states = rewrite_function(
+        DO._set_main_param_and_optimizer_states, [
+            ('dst_tensors = {"param": main_param, **optim_state}',
+             'dst_tensors = {"param": main_param, '
+             '**{k: v for k, v in optim_state.items() if k != "step"}}'),
+            ("dst_tensors[key].copy_(tensors[key])", "dst_tensors[key].detach().copy_(tensors[key])")],
+        DO)
+    DO.load_state_dict = rewrite_function(
+        DO.load_state_dict, [('s["step"] = step\n', 's["step"] = step.clone()\n')], DO)
+
+
+_PATCHERS = {"cuda_shim": _patch_cuda_shim, "device_map": _patch_device_map, "rng": _patch_rng,
+             "p2p_order": _patch_p2p_order, "type_str": _patch_type_str,
+             "no_apex_fixes": _patch_no_apex_fixes}
+
+
+def _check_megatron_version() -> None:
+    from megatron.core import package_info
+
+    if package_info.__version__ != EXPECTED_MEGATRON_VERSION:
+        raise AdaptorError(
+            f"mindspeed_mm.device is written for megatron-core=={EXPECTED_MEGATRON_VERSION}, found "
+            f"{package_info.__version__}; its patches rewrite that version's source")
+
+
+def apply_device_adaptor(force: bool = False, groups: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Apply the patch groups (all by default); idempotent. Returns the groups applied so far.
+
+    With CUDA available nothing is applied unless ``force`` (tests of the adaptor on a GPU host).
+    """
+    if torch.cuda.is_available() and not force:
+        return tuple(_applied)
+    wanted = PATCH_GROUPS if groups is None else tuple(groups)
+    unknown = set(wanted) - set(PATCH_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown patch groups {sorted(unknown)}; known: {PATCH_GROUPS}")
+    _check_megatron_version()
+    for name in PATCH_GROUPS:
+        if name in wanted and name not in _applied:
+            _PATCHERS[name]()
+            _applied.append(name)
+    return tuple(g for g in PATCH_GROUPS if g in _applied)
+
+
+def adaptor_applied() -> bool:
+    """True once every patch group is applied."""
+    return all(g in _applied for g in PATCH_GROUPS)

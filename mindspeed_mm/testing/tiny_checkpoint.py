@@ -1,0 +1,487 @@
+"""Tiny random InternVL3 checkpoints, written offline, in either HF format.
+
+The weights come from transformers' ``InternVLForConditionalGeneration`` (our numerical oracle) with every
+parameter overwritten by seeded random values (norm weights ~1, nonzero biases, random layer scales, CLS and
+position embeddings), so a wrong mapping anywhere changes the logits. Same seed => same weights in both formats.
+
+Tokenizer: a byte-level BPE trained with ``tokenizers`` on a fixed English + Chinese text (256 byte symbols +
+63 merges = 319 ids), then the special tokens appended in Qwen order (see :data:`SPECIAL_TOKENS`); wrapped as
+``Qwen2TokenizerFast`` (``Qwen2Tokenizer`` in transformers 5) with the named extra special tokens that
+transformers' InternVL processor reads. ``len(tokenizer) == 332``; the model vocab is the smallest odd number
+strictly greater than that (333), so there is one unused, padded embedding row and the vocab is odd (TP padding
+paths get exercised).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mindspeed_mm.checkpoint.hf_formats import (
+    NATIVE,
+    ORIGINAL,
+    find_token_id,
+    load_hf_checkpoint,
+    native_config_to_original,
+    native_key_to_module,
+    native_to_original_state_dict,
+    original_config_to_native,
+    original_to_native_state_dict,
+)
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "EXTRA_SPECIAL_TOKENS",
+    "DEFAULT_SYSTEM_MESSAGE",
+    "TinyPreset",
+    "TINY_PRESETS",
+    "build_tiny_tokenizer",
+    "tiny_vocab_size",
+    "tiny_native_config",
+    "build_tiny_model",
+    "refresh_rope_buffers",
+    "write_tiny_checkpoint",
+    "write_safetensors_sharded",
+    "load_native_model",
+]
+
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+# Appended after the BPE vocab, in this order (Qwen order; the real model has other tokens in between).
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<video>",  # transformers' InternVL processor needs a video_token
+)
+# named special tokens transformers' InternVL processor reads from the tokenizer
+EXTRA_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+BPE_VOCAB_SIZE = 319  # 256 byte-level symbols + 63 merges
+MODEL_MAX_LENGTH = 2048
+
+# Qwen2's pre-tokenizer split (contractions, letter runs, single digits, punctuation runs, newlines, spaces).
+_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+_TRAINING_TEXT = "\n".join(
+    [
+        DEFAULT_SYSTEM_MESSAGE,
+        "The quick brown fox jumps over the lazy dog. Please describe this image in detail.",
+        "What is in the picture? The image shows a cat sitting on a wooden table next to a cup of coffee.",
+        "A rocket is standing on the launch pad. An astronaut floats in space above the blue earth.",
+        "Answer the question using a single word or phrase. How many people are there in the photo?",
+        "请描述这张图片。图片中有什么？这是一只猫，它坐在桌子上。",
+        "图中有一个宇航员和一枚火箭。请用一个词或短语回答问题。这张照片里有几个人？",
+        "Frame-1: the video starts with a dog running in the park, then it stops and looks at the camera.",
+        "user assistant system image video frame question answer model language vision",
+        "0 1 2 3 4 5 6 7 8 9 10 100 2024 3.14",
+    ]
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _train_bpe():
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator([_TRAINING_TEXT] * 4, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    if len(vocab) != BPE_VOCAB_SIZE:
+        raise RuntimeError(f"tiny BPE trained to {len(vocab)} ids, expected {BPE_VOCAB_SIZE}")
+    return vocab, merges
+
+
+def build_tiny_tokenizer(out_dir: str | os.PathLike | None = None):
+    """Train the tiny byte-level BPE and wrap it as a Qwen2 fast tokenizer (eos ``<|im_end|>``, pad
+    ``<|endoftext|>``, specials at ids 319..331). Saved to ``out_dir`` when given (``AutoTokenizer`` reloads it
+    offline). Deterministic: the same ids every call."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2TokenizerFast  # an alias of Qwen2Tokenizer in transformers 5
+
+    vocab, merges = _train_bpe()
+    n = len(vocab)
+    tokenizer = Qwen2TokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        added_tokens_decoder={
+            n + i: AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+            for i, t in enumerate(SPECIAL_TOKENS)
+        },
+        extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS),
+        model_max_length=MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+    )
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    if ids != list(range(n, n + len(SPECIAL_TOKENS))) or len(tokenizer) != n + len(SPECIAL_TOKENS):
+        raise RuntimeError(f"unexpected special token ids {ids} (len {len(tokenizer)})")
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def tiny_vocab_size(tokenizer_len: int) -> int:
+    """Smallest odd number strictly greater than the tokenizer length (332 -> 333)."""
+    return tokenizer_len + 1 if tokenizer_len % 2 == 0 else tokenizer_len + 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets and model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    vit_hidden: int
+    vit_heads: int
+    vit_norm: str  # "layer_norm" | "rms_norm"
+    vit_qkv_bias: bool
+    vit_qk_norm: bool
+    vit_layers: int = 2
+    vit_ffn: int = 64
+    image_size: int = 56
+    patch_size: int = 14
+    downsample_ratio: float = 0.5
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_ffn: int = 96
+    rope_theta: float = 1e6
+    rms_eps: float = 1e-6
+    max_positions: int = 2048
+
+
+TINY_PRESETS: dict[str, TinyPreset] = {
+    # InternViT-300M style: LayerNorm, qkv bias, no qk-norm; 4 heads x 8
+    "vit300m": TinyPreset(vit_hidden=32, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False),
+    # InternViT-6B style: RMSNorm, no qkv bias, qk-norm; an odd head count, 5 heads x 8
+    "vit6b": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True),
+}
+
+
+def tiny_native_config(preset: str = "vit300m", tokenizer=None) -> dict:
+    """The native (``InternVLConfig``) dict for a preset; token ids from the tiny tokenizer."""
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(TINY_PRESETS)}")
+    p = TINY_PRESETS[preset]
+    tok = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    tid = tok.convert_tokens_to_ids
+    grid = p.image_size // p.patch_size
+    return {
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "vision_config": {
+            "model_type": "internvl_vision",
+            "hidden_size": p.vit_hidden,
+            "num_hidden_layers": p.vit_layers,
+            "num_attention_heads": p.vit_heads,
+            "intermediate_size": p.vit_ffn,
+            "hidden_act": "gelu",
+            "norm_type": p.vit_norm,
+            "layer_norm_eps": 1e-6,
+            "attention_bias": p.vit_qkv_bias,
+            "use_qk_norm": p.vit_qk_norm,
+            "layer_scale_init_value": 0.1,
+            "image_size": [p.image_size, p.image_size],
+            "patch_size": [p.patch_size, p.patch_size],
+            "num_channels": 3,
+            "use_mean_pooling": True,
+        },
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": tiny_vocab_size(len(tok)),
+            "hidden_size": p.llm_hidden,
+            "num_hidden_layers": p.llm_layers,
+            "num_attention_heads": p.llm_heads,
+            "num_key_value_heads": p.llm_kv_heads,
+            "intermediate_size": p.llm_ffn,
+            "hidden_act": "silu",
+            "max_position_embeddings": p.max_positions,
+            "rms_norm_eps": p.rms_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": p.rope_theta},
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": p.llm_layers,
+            "bos_token_id": tid("<|endoftext|>"),
+            "eos_token_id": tid("<|im_end|>"),
+            "pad_token_id": tid("<|endoftext|>"),
+            "tie_word_embeddings": False,
+        },
+        "image_token_id": tid("<IMG_CONTEXT>"),
+        "image_seq_length": int(grid * grid * p.downsample_ratio**2),
+        "downsample_ratio": p.downsample_ratio,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": False,
+    }
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter with seeded values that keep activations and logits O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std, mean=0.0):
+        return torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean
+
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            shape = tuple(param.shape)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                value = normal(shape, 0.1)
+            elif leaf in ("lambda_1", "lambda_2"):
+                value = 0.25 + 0.75 * torch.rand(shape, generator=gen)  # layer scales in [0.25, 1)
+            elif leaf in ("cls_token", "position_embeddings"):
+                value = normal(shape, 0.5)
+            elif len(shape) == 1 and "norm" in name:
+                value = normal(shape, 0.1, mean=1.0)
+            elif name.endswith("embed_tokens.weight"):
+                value = normal(shape, 1.0)
+            elif len(shape) >= 2:
+                fan_in = 1
+                for d in shape[1:]:
+                    fan_in *= d
+                value = normal(shape, fan_in**-0.5)
+            else:
+                raise RuntimeError(f"no random-init rule for parameter {name} {shape}")
+            param.copy_(value)
+
+
+def build_tiny_model(preset: str = "vit300m", seed: int = 0, tokenizer=None):
+    """Instantiate transformers' InternVLForConditionalGeneration (fp32, CPU, eval, eager attention) for a
+    preset and fill it with the seeded random weights."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    cfg = InternVLConfig.from_dict(tiny_native_config(preset, tokenizer))
+    model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    _randomize_(model, seed)
+    refresh_rope_buffers(model)
+    _check_untied(model)
+    return model.eval()
+
+
+def refresh_rope_buffers(model: torch.nn.Module) -> None:
+    """Recompute the non-persistent RoPE ``inv_freq`` buffers of every rotary module from its config.
+
+    They are never saved, so they are whatever model construction left. A process-wide monkeypatch of
+    ``torch.tensor`` (e.g. a CPU device adaptor wrapping torch's factory functions after
+    ``torch.utils._device._device_constructors()`` was first evaluated) makes transformers' meta-device loading
+    leave them as uninitialised memory; recomputing is exact and harmless when they are already right."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    with torch.no_grad():
+        for module in model.modules():
+            if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "original_inv_freq"):
+                continue
+            if module.rope_type == "default":
+                inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            else:
+                inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
+            device = module.inv_freq.device
+            module.inv_freq = inv_freq.to(device)
+            module.original_inv_freq = inv_freq.clone().to(device)
+
+
+def _check_untied(model) -> None:
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    if emb is head or emb.data_ptr() == head.data_ptr():
+        raise RuntimeError("lm_head is tied to the input embeddings (tie_word_embeddings must be false)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+
+
+def write_safetensors_sharded(
+    state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike, max_shard_bytes: int | None = None
+) -> list[str]:
+    """Write ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json`` when ``max_shard_bytes`` splits them (greedy, in key order; a tensor
+    bigger than the limit gets a shard of its own; one shard => no index, as transformers does)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    total = 0
+    for name, tensor in state_dict.items():
+        t = tensor.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        elif overwrite:
+            trash = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, trash / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        else:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    os.replace(tmp, out_dir)
+
+
+def write_tiny_checkpoint(
+    out_dir: str | os.PathLike,
+    fmt: str = NATIVE,
+    preset: str = "vit300m",
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a tiny random InternVL3 checkpoint (config, safetensors weights, tokenizer) to ``out_dir``.
+
+    ``fmt="native"``: transformers ``save_pretrained`` (``tie_word_embeddings: false``). ``fmt="original"``:
+    original-schema ``config.json`` (InternVLChatModel, template internvl2_5, ...) and the same weights renamed
+    with :func:`native_to_original_state_dict`. Same ``seed`` and ``preset`` => the same weights in both formats.
+    The directory appears atomically (written to a temp dir beside it, then renamed). An existing non-empty
+    ``out_dir`` raises FileExistsError unless ``overwrite``.
+    """
+    if fmt not in (NATIVE, ORIGINAL):
+        raise ValueError(f"fmt must be 'native' or 'original', got {fmt!r}")
+    torch_dtype = _as_dtype(dtype)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(preset, seed, tokenizer).to(torch_dtype)
+        if fmt == NATIVE:
+            model.save_pretrained(str(tmp), max_shard_size=max_shard_bytes or "1000GB", safe_serialization=True)
+            cfg_path = tmp / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            if cfg.get("tie_word_embeddings") is not False:
+                raise RuntimeError("save_pretrained wrote a config without tie_word_embeddings: false")
+        else:
+            native_cfg = json.loads(model.config.to_json_string(use_diff=True))
+            native_cfg["dtype"] = str(torch_dtype).removeprefix("torch.")  # .to() leaves config.dtype alone
+            original_cfg = native_config_to_original(native_cfg)
+            (tmp / "config.json").write_text(json.dumps(original_cfg, indent=2, sort_keys=True) + "\n")
+            sd = native_to_original_state_dict(model.state_dict())
+            write_safetensors_sharded(sd, tmp, max_shard_bytes)
+        tokenizer.save_pretrained(str(tmp))
+        _replace_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading (tests)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_native_model(hf_dir: str | os.PathLike):
+    """Load either HF format into transformers' ``InternVLForConditionalGeneration`` (fp32, eval, eager
+    attention). Original checkpoints are converted in memory with the hf_formats functions; the image token id
+    comes from the config or, failing that, from the tokenizer files in ``hf_dir``."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    hf_dir = Path(hf_dir)
+    config, fmt, state = load_hf_checkpoint(hf_dir)
+    if fmt == NATIVE:
+        model, info = InternVLForConditionalGeneration.from_pretrained(
+            str(hf_dir), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise RuntimeError(f"{hf_dir}: transformers could not load every weight: {bad}")
+    else:
+        token_id = config.get("img_context_token_id", config.get("image_token_id"))
+        if token_id is None:
+            token_id = find_token_id(hf_dir)
+        native_cfg = original_config_to_native(config, image_token_id=token_id)
+        cfg = InternVLConfig.from_dict(native_cfg)
+        model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        native_sd = {native_key_to_module(k): v.float() for k, v in original_to_native_state_dict(state).items()}
+        model.load_state_dict(native_sd, strict=True)
+    refresh_rope_buffers(model)
+    _check_untied(model)
+    return model.float().eval()
