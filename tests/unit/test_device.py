@@ -209,13 +209,17 @@ def _tiny_gpt(num_layers=2):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     config = TransformerConfig(
         num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+        masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        # megatron records the attention backend in NVTE_* variables once per process and asserts that
+        # every later model agrees: use the backend every model of ours uses.
+        attention_backend=AttnBackend.local)
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=64, max_sequence_length=8, position_embedding_type="rope")
     return config, model.to(DEV)
