@@ -232,6 +232,26 @@ def _patch_p2p_order() -> None:
 
     _ordered_batched_p2p_ops.__mm_original__ = p2p._batched_p2p_ops
     _rebind(p2p._batched_p2p_ops, _ordered_batched_p2p_ops)
+    # With variable_seq_lengths (pipelines whose boundary tensors change shape, as ours do) the shapes
+    # go first, posted by _communicate_shapes in the same bad order: route them through the fix too.
+    _ordered_communicate_shapes.__mm_original__ = p2p.P2PCommunicator._communicate_shapes
+    p2p.P2PCommunicator._communicate_shapes = _ordered_communicate_shapes
+
+
+def _ordered_communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+    if self.config.use_ring_exchange_p2p:
+        return _ordered_communicate_shapes.__mm_original__(self, tensor_send_next, tensor_send_prev,
+                                                           recv_prev, recv_next)
+    shape = lambda t: None if t is None else torch.tensor(t.size(), dtype=torch.int64)  # noqa: E731
+    recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+    for req in _ordered_batched_p2p_ops(
+            tensor_send_prev=shape(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
+            tensor_send_next=shape(tensor_send_next), tensor_recv_next=recv_next_shape,
+            group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank):
+        req.wait()
+    return (recv_prev_shape.tolist() if recv_prev else [0, 0, 0],
+            recv_next_shape.tolist() if recv_next else [0, 0, 0])
 
 
 _FLOAT = ("'torch.cuda.FloatTensor'", "'torch.FloatTensor'")

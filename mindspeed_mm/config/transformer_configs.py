@@ -106,6 +106,9 @@ def _common(module: Any, parallel: ParallelSizes) -> Dict[str, Any]:
 
 def _build(kwargs: Dict[str, Any], overrides: Dict[str, Any]) -> TransformerConfig:
     kwargs = {**kwargs, **overrides}
+    if kwargs.get("variable_seq_lengths"):
+        # No MoE here, but megatron rejects variable_seq_lengths with its default "allgather" dispatcher.
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")
     tp = kwargs.get("tensor_model_parallel_size", 1)
     heads = kwargs["num_attention_heads"]
     groups = kwargs.get("num_query_groups") or heads
@@ -169,7 +172,4 @@ def text_transformer_config(spec: InternVLSpec, parallel: Optional[ParallelSizes
         attention_softmax_in_fp32=t.attention_softmax_in_fp32,
         variable_seq_lengths=t.variable_seq_lengths,
     )
-    if t.variable_seq_lengths:
-        # No MoE here, but megatron rejects variable_seq_lengths with its default "allgather" dispatcher.
-        kwargs["moe_token_dispatcher_type"] = "alltoall"
     return _build(kwargs, overrides)

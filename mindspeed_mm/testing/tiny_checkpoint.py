@@ -205,6 +205,9 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     "vit300m": TinyPreset(vit_hidden=32, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False),
     # InternViT-6B style: RMSNorm, no qkv bias, qk-norm; an odd head count, 5 heads x 8
     "vit6b": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True),
+    # Deep enough for one layer per stage at PP4 x VPP2 (8 stages).
+    "deep": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
+                       vit_layers=4, llm_layers=4),
 }
 
 

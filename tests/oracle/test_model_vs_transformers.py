@@ -14,6 +14,7 @@ from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint, normalize_nat
 from mindspeed_mm.config.model_spec import spec_from_hf_config
 from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
+from mindspeed_mm.testing.batches import make_batch
 from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
 
 TOL = 1e-5
@@ -52,40 +53,9 @@ def pair(request, tmp_path_factory, megatron_world):
     return load_native_model(hf_dir), ours, spec
 
 
-def _sample(spec, tiles_per_image: list[int], text_len: int = 7, seed: int = 0) -> torch.Tensor:
-    """Token ids: text, then per image <IMG_CONTEXT> x tokens_per_tile x tiles, then text."""
-    g = torch.Generator().manual_seed(seed)
-    img = spec.img_context_token_id
-
-    def text(n):
-        ids = torch.randint(0, spec.text.vocab_size, (n,), generator=g)
-        return torch.where(ids == img, ids - 1, ids)
-
-    parts = [text(text_len)]
-    for tiles in tiles_per_image:
-        parts += [torch.full((spec.tokens_per_tile * tiles,), img), text(3)]
-    return torch.cat(parts)
-
-
-def _pixels(spec, tiles: int, seed: int = 0) -> torch.Tensor | None:
-    if tiles == 0:
-        return None
-    g = torch.Generator().manual_seed(100 + seed)
-    return torch.randn(tiles, 3, spec.vision.image_size, spec.vision.image_size, generator=g)
-
-
-def _batch(spec, samples: list[list[int]]):
-    """Right-padded batch of samples (each a list of tiles per image) + attention mask + labels."""
-    seqs = [_sample(spec, s, text_len=5 + 4 * i, seed=i) for i, s in enumerate(samples)]
-    length = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = s, 1
-    labels = torch.where((mask == 1) & (ids != spec.img_context_token_id), ids, torch.full_like(ids, -100))
-    labels[:, :3] = -100  # a prompt prefix without targets
-    tiles = sum(sum(s) for s in samples)
-    return ids, mask, labels, _pixels(spec, tiles)
+def _batch(spec, samples):
+    b = make_batch(spec, samples)
+    return b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"]
 
 
 CASES = {

@@ -203,6 +203,16 @@ def test_p2p_order_pairs_messages_at_pp2(monkeypatch, use_patch):
     assert paired == use_patch  # megatron's own order swaps activations and gradients
 
 
+@needs_adaptor
+def test_p2p_order_also_orders_the_shape_exchange():
+    """Pipelines with variable_seq_lengths exchange shapes first through a second posting routine; the
+    behaviour is proven by tests/multirank/test_layouts.py (PP2 x VPP2 with changing boundary shapes)."""
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    assert P2PCommunicator._communicate_shapes is device._ordered_communicate_shapes
+    assert device._ordered_communicate_shapes.__mm_original__.__qualname__ == "P2PCommunicator._communicate_shapes"
+
+
 # --- type_str and no_apex_fixes -------------------------------------------------------------------
 
 def _tiny_gpt(num_layers=2):

@@ -1,13 +1,20 @@
 """InternVL3: InternViT -> projector -> splice into Qwen2 embeddings -> Qwen2 decoder -> loss.
 
-Module names follow the reference system's checkpoints (`image_encoder.encoder`, `image_encoder.projector`,
-`text_decoder`), so its converted checkpoints load unchanged.
+One `InternVLModel` is one pipeline stage (or one virtual-pipeline chunk) of a `LayoutPlan`; without a
+plan it is the whole model on one stage. Module names follow the reference system's checkpoints
+(`image_encoder.encoder`, `image_encoder.projector`, `text_decoder`), so its checkpoints load unchanged.
+
+Exactly one tensor crosses each stage boundary: ViT hidden states, image features (projector output,
+when the LLM starts on the next stage) or LLM hidden states. Every stage reads the whole micro-batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -19,6 +26,7 @@ from mindspeed_mm.config.transformer_configs import text_transformer_config, vis
 from mindspeed_mm.models.internvl.projector import InternVLProjector
 from mindspeed_mm.models.internvl.specs import block_spec, llm_layer_spec, vit_layer_spec
 from mindspeed_mm.models.internvl.vision import InternViT
+from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, plan_layout
 
 IGNORE_INDEX = -100
 
@@ -28,19 +36,32 @@ class ImageTokenMismatch(ValueError):
 
 
 class VisionModel(MegatronModule):
-    def __init__(self, spec: InternVLSpec, vision_config: TransformerConfig, text_config: TransformerConfig):
+    def __init__(self, spec: InternVLSpec, stage: StagePlan, vision_config: TransformerConfig,
+                 text_config: TransformerConfig, vp_stage: int | None = None):
         super().__init__(config=vision_config)
         v = spec.vision
         layer = vit_layer_spec(qk_norm=v.qk_layernorm, qkv_bias=v.add_qkv_bias, drop_path_rate=v.drop_path_rate,
                                layer_scale_init=v.initializer_factor)
-        self.encoder = InternViT(vision_config, block_spec(layer, v.num_layers, final_norm=False),
-                                 v.image_size, v.patch_size, v.num_channels, spec.downsample_ratio)
-        in_features = int(v.hidden_size / (spec.downsample_ratio ** 2))
-        self.projector = InternVLProjector(text_config, in_features)
+        self.encoder = InternViT(vision_config, block_spec(layer, len(stage.vit_layers), final_norm=False),
+                                 v.image_size, v.patch_size, v.num_channels, spec.downsample_ratio,
+                                 first=stage.has_vit_embed, last=stage.has_projector, vp_stage=vp_stage)
+        _renumber(self.encoder.encoder, stage.vit_layers.start)
+        self.projector = (InternVLProjector(text_config, spec.projector.input_size)
+                          if stage.has_projector else None)
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, llm_hidden]."""
-        return self.projector(self.encoder(pixel_values))
+    def forward(self, pixel_values: Tensor | None) -> Tensor:
+        """Tiles [n, 3, H, W] (or the previous stage's hidden states) -> hidden states, or on the ViT's last
+        stage image features [n, tokens_per_tile, llm_hidden]."""
+        x = self.encoder(pixel_values)
+        return self.projector(x) if self.projector is not None else x
+
+
+def _renumber(block, offset: int) -> None:
+    """Layer numbers are global (drop-path schedule, checkpoint keys); megatron's own offset assumes an
+    even pipeline split, ours need not be one."""
+    if block is not None:
+        for i, layer in enumerate(block.layers):
+            layer.layer_number = offset + i + 1
 
 
 @dataclass
@@ -57,80 +78,187 @@ def shift_labels(labels: Tensor) -> ShiftedLabels:
     return ShiftedLabels(torch.where(mask, targets, torch.zeros_like(targets)), mask.float())
 
 
+def num_target_tokens(labels: Tensor) -> Tensor:
+    return shift_labels(labels).loss_mask.sum()
+
+
+def mean_loss(per_token_loss: Tensor, labels: Tensor) -> Tensor:
+    """Mean over the target tokens of `labels` (the whole micro-batch, before any CP split), as
+    transformers' causal-LM loss computes it. Under CP each rank's share sums to the mean."""
+    return per_token_loss.sum() / num_target_tokens(labels).clamp(min=1)
+
+
+def single_stage_plan(spec: InternVLSpec, parallel: ParallelSizes) -> LayoutPlan:
+    return plan_layout(spec, parallel, vit_pp_layers=[[spec.vision.num_layers]],
+                       llm_pp_layers=[[spec.text.num_layers]])
+
+
 class InternVLModel(MegatronModule):
-    def __init__(self, spec: InternVLSpec, parallel: ParallelSizes | None = None):
-        text_config = text_transformer_config(spec, parallel)
+    def __init__(self, spec: InternVLSpec, parallel: ParallelSizes | None = None,
+                 plan: LayoutPlan | None = None, stage: StagePlan | None = None,
+                 cp_algo: str = "megatron_cp_algo"):
+        parallel = plan.parallel if plan is not None else (parallel or ParallelSizes())
+        plan = plan or single_stage_plan(spec, parallel)
+        stage = stage or plan.stages[0]
+        # Stage boundaries carry tensors of different shapes (ViT tiles, image features, LLM tokens).
+        text_config = text_transformer_config(spec, parallel, variable_seq_lengths=parallel.pp > 1)
         super().__init__(config=text_config)
-        self.spec = spec
+        self.spec, self.plan, self.stage, self.parallel = spec, plan, stage, parallel
+        self.vp_stage = stage.stage // parallel.pp if plan.num_chunks > 1 else None
         self.img_context_token_id = spec.img_context_token_id
-        vision_config = vision_transformer_config(spec, parallel)
-        self.image_encoder = VisionModel(spec, vision_config, text_config)
-        t = spec.text
-        self.text_decoder = GPTModel(
-            config=text_config,
-            transformer_layer_spec=block_spec(llm_layer_spec(), t.num_layers, final_norm=True),
-            vocab_size=t.vocab_size,
-            max_sequence_length=t.max_position_embeddings,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_percent=t.rotary_percent,
-            rotary_base=t.rotary_base,
-            # Image features are spliced into the full sequence first; the SP scatter comes after.
-            scatter_embedding_sequence_parallel=False,
-        )
+        self.image_encoder = (VisionModel(spec, stage, vision_transformer_config(spec, parallel), text_config,
+                                          self.vp_stage) if stage.has_vit else None)
+        self.text_decoder = None
+        if stage.has_llm:
+            t = spec.text
+            self.text_decoder = GPTModel(
+                config=text_config,
+                transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo), len(stage.llm_layers),
+                                                  final_norm=True),
+                vocab_size=plan.padded_vocab_size,
+                max_sequence_length=t.max_position_embeddings,
+                pre_process=stage.has_llm_embed,
+                post_process=stage.has_llm_head,
+                share_embeddings_and_output_weights=False,
+                position_embedding_type="rope",
+                rotary_percent=t.rotary_percent,
+                rotary_base=t.rotary_base,
+                # Image features are spliced into the full sequence first; CP and SP split it after.
+                scatter_embedding_sequence_parallel=False,
+                vp_stage=self.vp_stage,
+            )
+            _renumber(self.text_decoder.decoder, stage.llm_layers.start)
+        self.input_tensor = None
+        # megatron's finalize_model_grads finds the model under DDP by `pre_process` and syncs embedding
+        # grads between the first and last stage only when they are shared: ours never are.
+        self.pre_process, self.post_process = stage.stage == 0, stage.has_llm_head
+        self.share_embeddings_and_output_weights = False
+        self.model_type = ModelType.encoder_or_decoder  # one tensor per boundary, as megatron's GPT
         self._apply_freeze()
 
     def _apply_freeze(self) -> None:
-        for module, frozen in ((self.image_encoder.encoder, self.spec.vision.freeze),
-                               (self.image_encoder.projector, self.spec.projector.freeze),
-                               (self.text_decoder, self.spec.text.freeze)):
-            for p in module.parameters():
+        parts = [(self.text_decoder, self.spec.text.freeze)]
+        if self.image_encoder is not None:
+            parts += [(self.image_encoder.encoder, self.spec.vision.freeze),
+                      (self.image_encoder.projector, self.spec.projector.freeze)]
+        for module, frozen in parts:
+            for p in module.parameters() if module is not None else ():
                 p.requires_grad_(not frozen)
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None,
-              image_flags: Tensor | None = None) -> Tensor:
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            assert len(input_tensor) == 1, "one tensor crosses each stage boundary"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+        if self.image_encoder is not None and not self.stage.has_vit_embed:
+            self.image_encoder.encoder.set_input_tensor(input_tensor)
+        if self.text_decoder is not None and not self.stage.has_llm_embed:
+            self.text_decoder.set_input_tensor(input_tensor)
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def _pad_multiple(self) -> int:
+        p = self.parallel
+        return (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sp else 1)
+
+    def pad_batch(self, input_ids: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Right-pad the sequence so CP (2*cp zigzag chunks) and SP (tp slices) split it evenly; pads
+        carry no loss and, being last, change no real token's causal attention."""
+        pad = (-input_ids.shape[1]) % self._pad_multiple()
+        if not pad:
+            return input_ids, labels
+        input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=0)
+        if labels is not None:
+            labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
+        return input_ids, labels
+
+    def splice(self, input_ids: Tensor, features: Tensor | None, dummy: bool) -> Tensor:
         """Token embeddings with image features written over the <IMG_CONTEXT> positions: [s, b, h]."""
         embeds = self.text_decoder.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         is_image = input_ids == self.img_context_token_id  # [b, s]
         n_slots = int(is_image.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if dummy:
             if n_slots:
                 raise ImageTokenMismatch(f"{n_slots} <IMG_CONTEXT> tokens but no pixel_values")
-            return embeds
-        if image_flags is not None:
-            pixel_values = pixel_values[image_flags.view(-1) != 0]
-        features = self.image_encoder(pixel_values)  # [tiles, tokens, h]
+            # A blank tile went through the ViT (see `_vision_input`): keep it in the graph at weight 0.
+            return embeds + 0.0 * features.sum() if features is not None else embeds
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
         if features.shape[0] != n_slots:
-            raise ImageTokenMismatch(
-                f"{n_slots} <IMG_CONTEXT> tokens but {features.shape[0]} image features "
-                f"({pixel_values.shape[0]} tiles)")
+            tiles = features.shape[0] // self.spec.tokens_per_tile
+            raise ImageTokenMismatch(f"{n_slots} <IMG_CONTEXT> tokens but {features.shape[0]} image features "
+                                     f"({tiles} tiles)")
         # HF fills the slots row-major over (batch, sequence): do the same on the [b, s, h] view.
         embeds = embeds.transpose(0, 1).clone()
         embeds[is_image] = features
         return embeds.transpose(0, 1).contiguous()
 
+    def _vision_input(self, pixel_values: Tensor | None, image_flags: Tensor | None) -> tuple[Tensor | None, bool]:
+        """Tiles to encode, and whether they are a stand-in. A micro-batch without images still runs one
+        blank tile through the ViT (its features are multiplied by 0), so every stage and every DP rank
+        runs the same modules: no pipeline stage waits for a tensor that never comes, no gradient
+        all-reduce waits for a rank that skipped the ViT."""
+        if pixel_values is not None and image_flags is not None:
+            pixel_values = pixel_values[image_flags.view(-1) != 0]
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            v = self.spec.vision
+            dtype = next(self.parameters()).dtype
+            return torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=dtype), True
+        return pixel_values, False
+
+    def _cp_split(self, t: Tensor, seq_dim: int) -> Tensor:
+        if self.parallel.cp == 1:
+            return t
+        from mindspeed_mm.parallel.context_parallel import zigzag_split
+        return zigzag_split(t, self.parallel.cp, parallel_state.get_context_parallel_rank(), seq_dim)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        shifted = shift_labels(labels)
+        targets = self._cp_split(shifted.targets, 1)
+        mask = self._cp_split(shifted.loss_mask, 1)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+        return loss * mask
+
+    def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
+        """Logits of the rows that pad the vocabulary to a multiple of TP never win and carry no loss."""
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        n_pad = start + local - self.spec.text.vocab_size
+        if n_pad <= 0:
+            return logits
+        pad = torch.arange(local, device=logits.device) >= local - n_pad
+        return logits.masked_fill(pad, float("-inf"))
+
+    # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, labels: Tensor | None = None,
                 image_flags: Tensor | None = None) -> Tensor:
-        """Logits [b, s, vocab/tp] without labels; with labels, the masked per-token loss [b, s]
-        (0 where no target: divide its sum by `shift_labels(labels).loss_mask.sum()` for the mean)."""
-        decoder_input = self.embed(input_ids, pixel_values, image_flags)
-        if labels is None:
-            return self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=None,
-                                     decoder_input=decoder_input)
-        shifted = shift_labels(labels)
-        loss = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=None,
-                                 decoder_input=decoder_input, labels=shifted.targets)
-        return loss * shifted.loss_mask
+        """On the last stage: logits [b, s_local, vocab/tp] without labels, or with labels the masked
+        per-token loss [b, s_local] (0 where no target; `mean_loss(out, labels)` is the micro-batch mean).
+        `s_local` is the padded sequence split over CP. Earlier stages return the boundary tensor."""
+        stage = self.stage
+        input_ids, labels = self.pad_batch(input_ids, labels)
+        features, dummy = None, pixel_values is None or pixel_values.shape[0] == 0
+        if self.image_encoder is not None:
+            tiles, dummy = self._vision_input(pixel_values, image_flags)
+            features = self.image_encoder(tiles if stage.has_vit_embed else None)
+            if self.text_decoder is None:
+                return features
+        elif stage.has_llm_embed:
+            features = self.input_tensor  # the previous stage's projector output
 
-
-def mean_loss(per_token_loss: Tensor, labels: Tensor) -> Tensor:
-    """Mean over target tokens, as transformers' causal-LM loss computes it."""
-    return per_token_loss.sum() / shift_labels(labels).loss_mask.sum().clamp(min=1)
+        decoder_input = None
+        if stage.has_llm_embed:
+            decoder_input = self._cp_split(self.splice(input_ids, features, dummy), 0)
+            if self.parallel.sp:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=None,
+                                decoder_input=decoder_input)
+        if not stage.has_llm_head:
+            return out
+        logits = self._mask_padded_vocab(out)
+        return logits if labels is None else self._loss(logits, labels)
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
-    """Load an unsharded (TP1, PP1) state dict, naming every missing or unexpected tensor."""
+    """Load a state dict that must fit the model exactly, naming every missing or unexpected tensor."""
     own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     missing, unexpected = sorted(own - state.keys()), sorted(state.keys() - own)
     if missing or unexpected:

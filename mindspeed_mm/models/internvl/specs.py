@@ -42,7 +42,17 @@ def vit_layer_spec(qk_norm: bool, qkv_bias: bool, drop_path_rate: float, layer_s
     )
 
 
-def llm_layer_spec(core_attention=DotProductAttention) -> ModuleSpec:
+def llm_core_attention(cp: int, cp_algo: str):
+    """megatron's own attention without CP; ours (ring or Ulysses, gloo and nccl alike) with it, since
+    megatron-core has CP attention only through TransformerEngine."""
+    if cp == 1:
+        return DotProductAttention
+    from mindspeed_mm.parallel.context_parallel import ContextParallelAttention
+    return ModuleSpec(module=ContextParallelAttention, params={"cp_algo": cp_algo})
+
+
+def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo") -> ModuleSpec:
+    core_attention = llm_core_attention(cp, cp_algo)
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},

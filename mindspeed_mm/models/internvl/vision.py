@@ -12,10 +12,13 @@ of squares is all-reduced over the TP group before normalising.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -23,6 +26,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
+
+from mindspeed_mm.parallel.layout import head_partition
 
 
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
@@ -75,25 +80,37 @@ class FullWidthRMSNorm(torch.nn.Module):
         if self.width != self.full_dim:
             sumsq = _SumOverTP.apply(sumsq, self.tp_group)
         x = x * torch.rsqrt(sumsq / self.full_dim + self.eps)
-        return self.weight[self.start:self.start + self.width] * x.to(dtype)
+        weight = self.weight
+        if self.width != self.full_dim:
+            # Every rank holds the whole weight but uses its own columns: identity forward, gradient
+            # summed over TP, so each copy gets the gradient of all columns and the copies stay equal.
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
+        return weight[self.start:self.start + self.width] * x.to(dtype)
 
 
 class InternViTSelfAttention(SelfAttention):
-    """Bidirectional multi-head attention over `[Q; K; V]` rows, optional full-width qk-norm."""
+    """Bidirectional multi-head attention over `[Q; K; V]` rows, optional full-width qk-norm, and heads
+    split unevenly over TP when their count does not divide (InternViT-6B: 25 heads)."""
 
     def __init__(self, config: TransformerConfig, submodules, layer_number: int,
                  attn_mask_type=AttnMaskType.no_mask, qk_norm: bool = False, qkv_bias: bool = True, **kwargs):
-        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
+        tp_group = (kwargs.get("pg_collection") or ProcessGroupCollection.use_mpu_process_groups()).tp
+        tp, rank = tp_group.size(), tp_group.rank()
+        heads = head_partition(config.num_attention_heads, tp)
+        # megatron divides head counts evenly over TP; give it a rank-local view in which every rank has
+        # this rank's head count, so its linears and core attention get exactly the local sizes.
+        local = copy.copy(config)
+        local.num_attention_heads = local.num_query_groups = heads[rank] * tp
+        super().__init__(local, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         if not qkv_bias:
             # megatron gives linear_qkv a bias whenever the layer's linears have one (add_bias_linear);
             # the 6B ViT has a biased projection but an unbiased qkv.
             self.linear_qkv.register_parameter("bias", None)
         self.q_layernorm = self.k_layernorm = None
         if qk_norm:
-            width = self.num_attention_heads_per_partition * self.hidden_size_per_attention_head
-            rank = self.pg_collection.tp.rank() if self.world_size > 1 else 0
-            norms = [FullWidthRMSNorm(config.hidden_size, config.layernorm_epsilon, rank * width, width,
-                                      self.pg_collection.tp, config.params_dtype) for _ in range(2)]
+            dim = config.kv_channels
+            norms = [FullWidthRMSNorm(config.hidden_size, config.layernorm_epsilon, sum(heads[:rank]) * dim,
+                                      heads[rank] * dim, tp_group, config.params_dtype) for _ in range(2)]
             self.q_layernorm, self.k_layernorm = norms
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
@@ -114,7 +131,7 @@ class InternViTLayer(TransformerLayer):
     def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1,
                  drop_path_rate: float = 0.0, layer_scale_init: float = 1.0, **kwargs):
         super().__init__(config, submodules, layer_number, **kwargs)
-        self.drop_path_rate = drop_path_rates(drop_path_rate, config.num_layers)[self.layer_number - 1]
+        self.max_drop_path_rate = drop_path_rate
         self.ls1 = torch.nn.Parameter(torch.full((config.hidden_size,), layer_scale_init,
                                                  dtype=config.params_dtype))
         self.ls2 = torch.nn.Parameter(torch.full((config.hidden_size,), layer_scale_init,
@@ -131,7 +148,8 @@ class InternViTLayer(TransformerLayer):
                 out, bias = out_with_bias
                 if bias is not None:
                     out = out + bias
-                out = drop_path(out * getattr(self, scale_name), self.drop_path_rate, training)
+                rate = drop_path_rates(self.max_drop_path_rate, self.config.num_layers)[self.layer_number - 1]
+                out = drop_path(out * getattr(self, scale_name), rate, training)
                 return residual + out
             return add
         return make
@@ -175,20 +193,59 @@ class InternViTEmbeddings(torch.nn.Module):
 
 
 class InternViT(MegatronModule):
-    """Tiles [n, 3, H, W] -> pixel-shuffled features [n, tokens_per_tile, 4C]."""
+    """One pipeline stage of the ViT: embeddings on the first, pixel shuffle on the last.
 
-    def __init__(self, config: TransformerConfig, layer_spec, image_size: int, patch_size: int,
-                 num_channels: int, downsample_ratio: float):
+    Under sequence parallelism each tile's 1 + patches tokens are padded to a multiple of TP (1025 is
+    odd) and the padding is masked out as attention keys, so every real token sees exactly what it
+    would see unsplit."""
+
+    def __init__(self, config: TransformerConfig, block_spec, image_size: int, patch_size: int,
+                 num_channels: int, downsample_ratio: float, first: bool = True, last: bool = True,
+                 vp_stage: int | None = None):
         super().__init__(config=config)
-        self.downsample_ratio = downsample_ratio
-        self.embeddings = InternViTEmbeddings(config, image_size, patch_size, num_channels)
-        self.encoder = TransformerBlock(config, layer_spec, post_layer_norm=False)
+        self.downsample_ratio, self.last = downsample_ratio, last
+        self.embeddings = InternViTEmbeddings(config, image_size, patch_size, num_channels) if first else None
+        self.encoder = TransformerBlock(config, block_spec, post_layer_norm=False, pre_process=first,
+                                        vp_stage=vp_stage) if block_spec.layer_specs else None
+        self.seq_len = 1 + (image_size // patch_size) ** 2
+        tp = config.tensor_model_parallel_size
+        self.pad = (-self.seq_len) % tp if config.sequence_parallel else 0
+        self.input_tensor = None
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.encoder(self.embeddings(pixel_values), attention_mask=None)  # [s, n, c]
+    def set_input_tensor(self, tensor: Tensor | None) -> None:
+        self.input_tensor = tensor
+        if self.encoder is not None:
+            self.encoder.set_input_tensor(tensor)
+
+    def _key_padding_mask(self, x: Tensor) -> Tensor | None:
+        if not self.pad:
+            return None
+        s = self.seq_len + self.pad
+        mask = torch.zeros(1, 1, s, s, dtype=torch.bool, device=x.device)
+        mask[..., self.seq_len:] = True  # True = masked
+        return mask
+
+    def forward(self, pixel_values: Tensor | None) -> Tensor:
+        """First stage: tiles [n, 3, H, W]; later stages: the previous stage's hidden states.
+        Returns hidden states [s(/tp), n, c], or on the last stage features [n, tokens_per_tile, 4C]."""
+        if self.embeddings is not None:
+            x = self.embeddings(pixel_values)  # [s, n, c]
+            if self.config.sequence_parallel:
+                x = F.pad(x, (0, 0, 0, 0, 0, self.pad))
+                x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        else:
+            x = self.input_tensor
+        if self.encoder is not None:
+            x = self.encoder(x if self.embeddings is not None else None, attention_mask=self._key_padding_mask(x))
+        if not self.last:
+            return x
+        if self.config.sequence_parallel:
+            # The projector after this is replicated over TP, so each rank's gradient here is the whole
+            # gradient of its own slice: split it, do not sum it.
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+            x = x[:self.seq_len]
         x = x[1:].transpose(0, 1)  # drop CLS -> [n, patches, c]
         n, p, c = x.shape
         side = math.isqrt(p)
         x = pixel_shuffle_v2(x.reshape(n, side, side, c), self.downsample_ratio)
         return x.reshape(n, -1, x.shape[-1])
-

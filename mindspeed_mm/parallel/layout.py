@@ -1,0 +1,149 @@
+"""The layout plan: which layers, embeddings and heads every (virtual) pipeline stage holds, validated
+before any process group is built.
+
+Users write the pipeline split per module, as in the reference system: `vit_pp_layers [[24,0,0,0]]`,
+`llm_pp_layers [[6,8,8,6]]`, one inner list per virtual stage (`[vpp][pp]`). Stages are numbered in the
+interleaved schedule's order, `stage = vpp_rank * pp + pp_rank`. The ViT occupies a contiguous run of
+stages starting at stage 0 and the LLM a contiguous run ending at the last one; they may share one stage
+(the ViT's last and the LLM's first), where the image features are spliced in without a boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.config.parallel import ParallelSizes
+
+
+class LayoutError(ValueError):
+    """A layout the project cannot run; the message names the offending field and value."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int
+    vit_layers: range  # global ViT layer indices held by this stage
+    llm_layers: range
+    has_vit_embed: bool  # patch/position embeddings (the ViT's first stage)
+    has_projector: bool  # pixel shuffle + projector (the ViT's last stage)
+    has_llm_embed: bool  # token embeddings + image splice (the LLM's first stage)
+    has_llm_head: bool  # final norm, output layer, loss (the LLM's last stage = the last stage)
+
+    @property
+    def has_vit(self) -> bool:
+        return self.has_vit_embed or len(self.vit_layers) > 0 or self.has_projector
+
+    @property
+    def has_llm(self) -> bool:
+        return len(self.llm_layers) > 0
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    parallel: ParallelSizes
+    vit_pp_layers: tuple[tuple[int, ...], ...]  # [vpp][pp]
+    llm_pp_layers: tuple[tuple[int, ...], ...]
+    stages: tuple[StagePlan, ...]  # flat, in schedule order
+    padded_vocab_size: int  # the vocabulary padded to a multiple of TP (padding logits are masked)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.vit_pp_layers)
+
+    def stage(self, pp_rank: int, vpp_rank: int = 0) -> StagePlan:
+        return self.stages[vpp_rank * self.parallel.pp + pp_rank]
+
+
+def head_partition(num_heads: int, tp: int) -> list[int]:
+    """Heads per TP rank without padding: the first `num_heads % tp` ranks get one more (25 on 8: 4,3,...,3)."""
+    return [num_heads // tp + (r < num_heads % tp) for r in range(tp)]
+
+
+def _normalise(name: str, layers, pp: int, vpp: int, num_layers: int) -> tuple[tuple[int, ...], ...]:
+    if layers is None:  # even split over pp*vpp stages, remainder to the last ones
+        n = pp * vpp
+        flat = [num_layers // n + (i >= n - num_layers % n) for i in range(n)]
+        return tuple(tuple(flat[v * pp:(v + 1) * pp]) for v in range(vpp))
+    if isinstance(layers, Sequence) and layers and all(isinstance(x, int) for x in layers):
+        layers = [layers]
+    if not (isinstance(layers, Sequence) and layers and all(isinstance(x, Sequence) for x in layers)):
+        raise LayoutError(f"{name}: expected a list of lists of layer counts, got {layers!r}")
+    out = tuple(tuple(x) for x in layers)
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for row in out for n in row):
+        raise LayoutError(f"{name}: layer counts must be integers >= 0, got {layers!r}")
+    if len(out) != vpp:
+        raise LayoutError(f"{name}: {len(out)} virtual-stage list(s) but the run has vpp={vpp}: {layers!r}")
+    for row in out:
+        if len(row) != pp:
+            raise LayoutError(f"{name}: {list(row)} has {len(row)} entries but the run has pp={pp}")
+    total = sum(map(sum, out))
+    if total != num_layers:
+        raise LayoutError(f"{name}: {[list(r) for r in out]} sums to {total} but the model has {num_layers} layers")
+    return out
+
+
+def _contiguous_run(name: str, counts: list[int]) -> tuple[int, int]:
+    nonzero = [i for i, n in enumerate(counts) if n]
+    first, last = nonzero[0], nonzero[-1]
+    if nonzero != list(range(first, last + 1)):
+        raise LayoutError(f"{name}: the stages holding layers must be consecutive in schedule order "
+                          f"(stage = vpp_rank*pp + pp_rank), got per-stage counts {counts}")
+    return first, last
+
+
+def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optional[int] = None,
+                vit_pp_layers=None, llm_pp_layers=None) -> LayoutPlan:
+    """Validate a layout against the model and the world, and say what every stage holds.
+
+    The per-stage lists default to the spec's `pipeline_num_layers`, then to an even split."""
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
+    vpp = parallel.vpp or 1
+    if world_size is not None:
+        if pp > world_size:
+            raise LayoutError(f"pipeline_model_parallel_size={pp} is more stages than the {world_size} ranks")
+        if world_size % (tp * pp * cp):
+            raise LayoutError(f"world size {world_size} is not a multiple of tp*pp*cp = {tp}*{pp}*{cp}")
+    v, t = spec.vision, spec.text
+    if t.num_query_groups % tp:
+        raise LayoutError(f"tensor_model_parallel_size={tp}: the LLM's num_query_groups={t.num_query_groups} "
+                          "cannot be split evenly over it")
+    for name, size in (("text_decoder.hidden_size", t.hidden_size), ("text_decoder.ffn_hidden_size", t.ffn_hidden_size),
+                       ("vision_encoder.hidden_size", v.hidden_size), ("vision_encoder.ffn_hidden_size", v.ffn_hidden_size)):
+        if size % tp:
+            raise LayoutError(f"tensor_model_parallel_size={tp}: {name}={size} is not divisible by it")
+    if v.num_attention_heads < tp:
+        raise LayoutError(f"tensor_model_parallel_size={tp}: more ranks than the ViT's {v.num_attention_heads} heads")
+    vit = _normalise("vit_pp_layers", vit_pp_layers if vit_pp_layers is not None else v.pipeline_num_layers,
+                     pp, vpp, v.num_layers)
+    llm = _normalise("llm_pp_layers", llm_pp_layers if llm_pp_layers is not None else t.pipeline_num_layers,
+                     pp, vpp, t.num_layers)
+    vit_flat = [n for row in vit for n in row]
+    llm_flat = [n for row in llm for n in row]
+    n_stages = len(vit_flat)
+    v_first, v_last = _contiguous_run("vit_pp_layers", vit_flat)
+    l_first, l_last = _contiguous_run("llm_pp_layers", llm_flat)
+    if v_first != 0:
+        raise LayoutError(f"vit_pp_layers: the ViT must start on the first stage, per-stage counts {vit_flat}")
+    if l_last != n_stages - 1:
+        raise LayoutError(f"llm_pp_layers: the LLM must end on the last stage (it computes the loss), "
+                          f"per-stage counts {llm_flat}")
+    if l_first < v_last:
+        raise LayoutError(f"llm_pp_layers: LLM layers on stage {l_first} come before the ViT's last stage "
+                          f"{v_last} (vit {vit_flat}, llm {llm_flat})")
+    if l_first > v_last + 1:
+        raise LayoutError(f"stages {list(range(v_last + 1, l_first))} hold no layers (vit {vit_flat}, llm {llm_flat})")
+
+    stages, v_off, l_off = [], 0, 0
+    for s in range(n_stages):
+        stages.append(StagePlan(
+            stage=s,
+            vit_layers=range(v_off, v_off + vit_flat[s]),
+            llm_layers=range(l_off, l_off + llm_flat[s]),
+            has_vit_embed=s == v_first, has_projector=s == v_last,
+            has_llm_embed=s == l_first, has_llm_head=s == l_last,
+        ))
+        v_off += vit_flat[s]
+        l_off += llm_flat[s]
+    padded_vocab = -(-t.vocab_size // tp) * tp
+    return LayoutPlan(parallel, vit, llm, tuple(stages), padded_vocab)

@@ -1,0 +1,165 @@
+"""Per-rank slices of a full (unsharded, HF-derived) state dict for any layout, and the inverse.
+
+Pure functions over tensors and names: the converter writes shards with them, the parallel tests merge
+gradients back with them, and the model's parallel layers are built to match them. TP rules by name:
+- replicated: norms, layer scales, embeddings of the ViT, biases added after a row-parallel linear;
+- rows (dim 0) / columns (dim 1), even: MLP and projector linears, the LLM's `linear_qkv` (already
+  interleaved per query group, so rank r's rows are its groups) and `linear_proj`;
+- `glu`: the LLM's `linear_fc1` is `[gate; up]`, rank r gets `[gate_r; up_r]`;
+- `vit_qkv`: the ViT's `[Q; K; V]` by uneven head counts (`head_partition`), rank r gets `[q_r; k_r; v_r]`;
+  `vit_heads`: `linear_proj` columns by the same head counts;
+- `vocab`: embedding and output rows, zero-padded to a multiple of TP (the model masks padded logits).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, head_partition
+
+VIT_LAYER = "image_encoder.encoder.encoder.layers."
+LLM_LAYER = "text_decoder.decoder.layers."
+
+
+@dataclass(frozen=True)
+class TPRule:
+    kind: str  # replicate | rows | cols | glu | vit_qkv | vit_heads | vocab
+
+
+_RULES = [  # (regex on the full name, rule); first match wins
+    (r"image_encoder\.encoder\.encoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)$", TPRule("vit_qkv")),
+    (r"image_encoder\.encoder\.encoder\.layers\.\d+\.self_attention\.linear_proj\.weight$", TPRule("vit_heads")),
+    (r"text_decoder\.(embedding\.word_embeddings|output_layer)\.weight$", TPRule("vocab")),
+    (r"text_decoder\.decoder\.layers\.\d+\.mlp\.linear_fc1\.weight$", TPRule("glu")),
+    (r"\.(linear_qkv|linear_fc1)\.(weight|bias)$", TPRule("rows")),
+    (r"\.(linear_proj|linear_fc2)\.weight$", TPRule("cols")),
+]
+
+
+def tp_rule(name: str) -> TPRule:
+    for pattern, rule in _RULES:
+        if re.search(pattern, name):
+            return rule
+    return TPRule("replicate")
+
+
+def _vit_head_rows(spec: InternVLSpec, tp: int) -> list[int]:
+    return [h * spec.vision.head_dim for h in head_partition(spec.vision.num_attention_heads, tp)]
+
+
+def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int) -> Tensor:
+    """Rank `rank`'s slice of the full tensor `name` at tensor-parallel size `tp`."""
+    kind = tp_rule(name).kind
+    if kind == "replicate" or tp == 1 and kind != "vocab":
+        return t
+    if kind == "rows":
+        return t.chunk(tp, dim=0)[rank].contiguous()
+    if kind == "cols":
+        return t.chunk(tp, dim=1)[rank].contiguous()
+    if kind == "glu":
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    if kind == "vocab":
+        if t.shape[0] < padded_vocab:
+            t = torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], *t.shape[1:])], dim=0)
+        return t.chunk(tp, dim=0)[rank].contiguous()
+    rows = _vit_head_rows(spec, tp)
+    if kind == "vit_qkv":
+        return torch.cat([block.split(rows, dim=0)[rank] for block in t.chunk(3, dim=0)], dim=0)
+    if kind == "vit_heads":
+        return t.split(rows, dim=1)[rank].contiguous()
+    raise AssertionError(kind)
+
+
+def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
+    """The full tensor from every TP rank's slice, in rank order (inverse of `shard_tensor`)."""
+    tp = len(shards)
+    kind = tp_rule(name).kind
+    if kind == "replicate" or tp == 1 and kind != "vocab":
+        return shards[0]
+    if kind == "rows":
+        return torch.cat(shards, dim=0)
+    if kind == "cols":
+        return torch.cat(shards, dim=1)
+    if kind == "glu":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    if kind == "vocab":
+        return torch.cat(shards, dim=0)[:spec.text.vocab_size]
+    if kind == "vit_qkv":
+        rows = _vit_head_rows(spec, tp)
+        per_rank = [s.split([r, r, r], dim=0) for s, r in zip(shards, rows)]
+        return torch.cat([p[i] for i in range(3) for p in per_rank], dim=0)
+    if kind == "vit_heads":
+        return torch.cat(shards, dim=1)
+    raise AssertionError(kind)
+
+
+def _layer_key(name: str) -> tuple[str, int, str] | None:
+    for prefix in (VIT_LAYER, LLM_LAYER):
+        if name.startswith(prefix):
+            idx, rest = name[len(prefix):].split(".", 1)
+            return prefix, int(idx), rest
+    return None
+
+
+def stage_name(name: str, stage: StagePlan) -> str | None:
+    """The stage-local name of full-model parameter `name`, or None if the stage does not hold it."""
+    layer = _layer_key(name)
+    if layer is not None:
+        prefix, idx, rest = layer
+        layers = stage.vit_layers if prefix == VIT_LAYER else stage.llm_layers
+        return f"{prefix}{idx - layers.start}.{rest}" if idx in layers else None
+    held = {
+        "image_encoder.encoder.embeddings.": stage.has_vit_embed,
+        "image_encoder.projector.": stage.has_projector,
+        "text_decoder.embedding.": stage.has_llm_embed,
+        "text_decoder.decoder.final_layernorm.": stage.has_llm_head,
+        "text_decoder.output_layer.": stage.has_llm_head,
+    }
+    for prefix, here in held.items():
+        if name.startswith(prefix):
+            return name if here else None
+    raise KeyError(f"{name}: not a parameter of the InternVL3 model")
+
+
+def global_name(local: str, stage: StagePlan) -> str:
+    layer = _layer_key(local)
+    if layer is None:
+        return local
+    prefix, idx, rest = layer
+    start = (stage.vit_layers if prefix == VIT_LAYER else stage.llm_layers).start
+    return f"{prefix}{idx + start}.{rest}"
+
+
+def local_state_dict(full: Mapping[str, Tensor], spec: InternVLSpec, plan: LayoutPlan,
+                     tp_rank: int, stage: StagePlan) -> dict[str, Tensor]:
+    """What the model chunk of `stage` on TP rank `tp_rank` loads."""
+    out = {}
+    for name, t in full.items():
+        local = stage_name(name, stage)
+        if local is not None:
+            out[local] = shard_tensor(name, t, spec, plan.parallel.tp, tp_rank, plan.padded_vocab_size)
+    return out
+
+
+def full_state_dict(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: InternVLSpec,
+                    plan: LayoutPlan) -> dict[str, Tensor]:
+    """Inverse of `local_state_dict` over all `(tp_rank, stage)` pieces; each name must be complete."""
+    pieces: dict[str, dict[int, Tensor]] = {}
+    for (tp_rank, stage_idx), sd in shards.items():
+        stage = plan.stages[stage_idx]
+        for local, t in sd.items():
+            pieces.setdefault(global_name(local, stage), {})[tp_rank] = t
+    tp = plan.parallel.tp
+    out = {}
+    for name, by_rank in pieces.items():
+        if sorted(by_rank) != list(range(tp)):
+            raise KeyError(f"{name}: have TP ranks {sorted(by_rank)}, need 0..{tp - 1}")
+        out[name] = merge_tensor(name, [by_rank[r] for r in range(tp)], spec)
+    return out

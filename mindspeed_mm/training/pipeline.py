@@ -1,0 +1,125 @@
+"""This rank's model chunks for a layout, wrapped in megatron's DDP, driven by megatron's schedules.
+
+Everything here is the real training path; the multi-rank layout tests run it as is.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Mapping
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict, mean_loss
+from mindspeed_mm.parallel.layout import LayoutPlan
+from mindspeed_mm.parallel.sharding import local_state_dict
+
+
+def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo") -> list[InternVLModel]:
+    """One InternVLModel per virtual-pipeline chunk held by this rank, in chunk order."""
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = []
+    for v in range(plan.num_chunks):
+        chunk = InternVLModel(spec, plan=plan, stage=plan.stage(pp_rank, v), cp_algo=cp_algo)
+        chunks.append(chunk)
+    return chunks
+
+
+def load_full_weights(chunks: list[InternVLModel], full: Mapping[str, Tensor]) -> None:
+    """Load this rank's slices of an unsharded state dict (TP rank from megatron's groups)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for chunk in chunks:
+        load_full_state_dict(chunk, local_state_dict(full, chunk.spec, chunk.plan, tp_rank, chunk.stage))
+
+
+def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = False) -> list[DistributedDataParallel]:
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=use_distributed_optimizer)
+    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk,
+                                       disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+def _loss_func(labels: Tensor, per_token_loss: Tensor):
+    loss = mean_loss(per_token_loss, labels)  # this CP rank's share of the micro-batch mean
+    reported = loss.detach().clone()
+    if parallel_state.get_context_parallel_world_size() > 1:
+        torch.distributed.all_reduce(reported, group=parallel_state.get_context_parallel_group())
+    return loss, {"lm loss": reported}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
+                   image_flags=batch.get("image_flags"))
+    return output, partial(_loss_func, batch["labels"])
+
+
+def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
+    """megatron-core 0.16.1's interleaved schedule has a separate path for when every micro-batch fits in
+    the warm-up phase; on gloo it deadlocks (seen at PP4 x VPP2 with 4 micro-batches, fine with 8)."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if num_chunks == 1 or torch.distributed.get_backend() != "gloo":
+        return
+    warmup = 2 * (pp - 1) + (num_chunks - 1) * pp
+    if num_microbatches * num_chunks <= warmup:
+        raise ValueError(f"{num_microbatches} micro-batches at PP{pp} x VPP{num_chunks}: the interleaved schedule "
+                         f"would run them all in warm-up, which hangs on gloo; use more than "
+                         f"{warmup // num_chunks} micro-batches per step")
+
+
+def forward_backward(model: list, microbatches: list[dict], forward_only: bool = False) -> list[float]:
+    """Run megatron's schedule (no pipelining, 1F1B or interleaved, by the layout) over `microbatches`;
+    returns the micro-batch losses on the last pipeline stage, [] elsewhere."""
+    _check_not_all_warmup(len(model), len(microbatches))
+    for m in model:
+        m.zero_grad_buffer() if hasattr(m, "zero_grad_buffer") else m.zero_grad()
+    iterators = [iter(microbatches) for _ in model]
+    first = microbatches[0]["input_ids"]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(microbatches),
+        seq_length=first.shape[1],
+        micro_batch_size=first.shape[0],
+        forward_only=forward_only,
+    )
+    return [float(x["lm loss"]) for x in losses]
+
+
+def train_step(model: list, optimizer, microbatches: list[dict]) -> tuple[list[float], float]:
+    """One optimizer step over `microbatches`: the micro-batch losses (last stage) and the grad norm.
+
+    The optimizer's own zero_grad matters as much as the DDP buffer's: megatron's optimizers point
+    `param.grad` at the gradient buffer, and a stale `param.grad` makes the next backward add the new
+    gradient to the buffer twice."""
+    optimizer.zero_grad()
+    losses = forward_backward(model, microbatches)
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
+        raise FloatingPointError("optimizer step skipped: gradients overflowed")
+    return losses, grad_norm
+
+
+def local_tensors(chunks: Iterable, what: str) -> dict[int, dict[str, Tensor]]:
+    """{stage: {local name: tensor}} of this rank's parameters (`what="param"`) or gradients ("grad")."""
+    out = {}
+    for chunk in chunks:
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        tensors = {}
+        for name, p in module.named_parameters():
+            if what == "param":
+                tensors[name] = p.detach().clone()
+            elif p.requires_grad:
+                g = getattr(p, "main_grad", None)
+                tensors[name] = (g if g is not None else p.grad).detach().clone()
+        out[module.stage.stage] = tensors
+    return out

@@ -1,0 +1,111 @@
+"""Every parallel layout against the single-rank run of the same code on the same weights and batches.
+
+The layout runs under torchrun on gloo; its gradients (or parameters after Adam steps) are merged back
+into full-model tensors with the inverse sharding functions and compared parameter by parameter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mindspeed_mm.testing.launch import run_torchrun
+from mindspeed_mm.testing.layout_check import LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout
+from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
+
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+
+WORKER = Path(__file__).parent / "workers" / "layout_worker.py"
+LOSS_TOL, GRAD_TOL, PARAM_TOL = 1e-5, 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    return {p: write_tiny_checkpoint(root / p, fmt="native", preset=p, seed=7) for p in ("vit300m", "vit6b", "deep")}
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dirs):
+    """Single-rank results, computed in this process once per (preset, micro-batches, Adam steps)."""
+    from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
+
+    init_distributed()
+    initialize_model_parallel(tp=1, pp=1, cp=1)
+    cache = {}
+
+    def get(preset: str, microbatches: int, adam_steps: int):
+        key = (preset, microbatches, adam_steps)
+        if key not in cache:
+            args = LayoutArgs(microbatches=microbatches, adam_steps=adam_steps)
+            spec, plan = layout_plan(hf_dirs[preset], args, 1)
+            cache[key] = merge_rank_results([run_layout(hf_dirs[preset], args)], spec, plan)
+        return cache[key]
+
+    yield get
+    destroy_distributed()
+
+
+def run(hf_dirs, tmp_path, preset: str, nproc: int, args: LayoutArgs) -> dict:
+    run_torchrun(WORKER, nproc, [str(hf_dirs[preset]), str(tmp_path), args.to_json()], timeout=600)
+    spec, plan = layout_plan(hf_dirs[preset], args, nproc)
+    return merge_rank_results(load_rank_results(tmp_path), spec, plan)
+
+
+def assert_close(got: dict, want: dict, tol: float, what: str, relative: bool = True) -> None:
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))[:5]
+    for name in want:
+        scale = want[name].abs().max().item()
+        err = (got[name] - want[name]).abs().max().item()
+        bound = tol * max(scale, 1e-3) if relative else tol
+        assert err <= bound, f"{what} {name}: max diff {err:.3g}, max |ref| {scale:.3g}"
+
+
+def assert_losses(got: dict, ref: dict, dp: int) -> None:
+    ref_losses = ref["losses"][0]  # [step][microbatch] on the single rank
+    for dp_rank, steps in got["losses"].items():
+        for step, (losses, ref_step) in enumerate(zip(steps, ref_losses)):
+            want = ref_step[dp_rank::dp]
+            assert len(losses) == len(want)
+            for a, b in zip(losses, want):
+                assert abs(a - b) <= LOSS_TOL * max(1.0, abs(b)), f"step {step} dp {dp_rank}: loss {a} vs {b}"
+
+
+LAYOUTS = {
+    # name: (preset, nproc, LayoutArgs)
+    "tp2_odd_vit_heads_odd_vocab": ("vit6b", 2, LayoutArgs(tp=2)),
+    "tp2_sp": ("vit6b", 2, LayoutArgs(tp=2, sp=True)),
+    "tp2_sp_vit300m": ("vit300m", 2, LayoutArgs(tp=2, sp=True)),
+    "pp2_vit_on_stage0": ("vit300m", 2, LayoutArgs(pp=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[1, 1]],
+                                                    microbatches=3)),
+    "pp2_vit_on_both_stages": ("vit6b", 2, LayoutArgs(pp=2, vit_pp_layers=[[1, 1]], llm_pp_layers=[[0, 2]],
+                                                       microbatches=3)),
+    "pp2_features_cross_boundary": ("vit300m", 2, LayoutArgs(pp=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[0, 2]])),
+    "pp2_vpp2": ("vit6b", 2, LayoutArgs(pp=2, vpp=2, vit_pp_layers=[[1, 1], [0, 0]],
+                                        llm_pp_layers=[[0, 0], [1, 1]], microbatches=4)),
+    "pp4_vpp2": ("deep", 4, LayoutArgs(pp=4, vpp=2, vit_pp_layers=[[1, 1, 1, 1], [0, 0, 0, 0]],
+                                       llm_pp_layers=[[0, 0, 0, 0], [1, 1, 1, 1]], microbatches=8)),
+    # MICROBATCH_SHAPES give sequence lengths that are not multiples of 2*cp: the model pads them.
+    "cp2_ring": ("vit300m", 2, LayoutArgs(cp=2, cp_algo="megatron_cp_algo")),
+    "cp2_ulysses": ("vit6b", 2, LayoutArgs(cp=2, cp_algo="ulysses_cp_algo")),
+    "tp2_pp2": ("vit6b", 4, LayoutArgs(tp=2, pp=2, sp=True, vit_pp_layers=[[2, 0]], llm_pp_layers=[[1, 1]],
+                                       microbatches=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
+    preset, nproc, args = LAYOUTS[name]
+    got = run(hf_dirs, tmp_path, preset, nproc, args)
+    ref = reference(preset, args.microbatches, 0)
+    assert_losses(got, ref, dp=1)
+    assert_close(got["tensors"], ref["tensors"], GRAD_TOL, "grad")
+
+
+def test_dp2_distributed_optimizer_after_three_adam_steps(hf_dirs, reference, tmp_path):
+    args = LayoutArgs(microbatches=1, adam_steps=3, distributed_optimizer=True)
+    got = run(hf_dirs, tmp_path, "vit300m", 2, args)
+    ref = reference("vit300m", 2, 3)
+    assert_losses(got, ref, dp=2)
+    assert_close(got["tensors"], ref["tensors"], PARAM_TOL, "param", relative=False)
