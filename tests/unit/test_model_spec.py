@@ -57,16 +57,21 @@ def test_78b_example_sizes():
     assert s.tokens_per_tile == 256
 
 
-def test_tiny_example():
-    raw = _raw("model_tiny.json")
-    if raw["text_decoder"]["vocab_size"] == 0:
-        raw["text_decoder"]["vocab_size"] = 1000  # placeholder until the tiny tokenizer is fixed
-        raw["img_context_token_id"] = 999
-    s = load_model_spec(raw)
-    assert (s.vision.num_layers, s.vision.hidden_size, s.vision.num_attention_heads) == (2, 32, 4)
-    assert (s.text.hidden_size, s.text.num_query_groups, s.text.ffn_hidden_size) == (64, 2, 96)
-    assert s.tokens_per_tile == 4
-    assert s.text.params_dtype == "fp32"
+def test_tiny_example_is_the_tiny_checkpoint(tmp_path):
+    """model_tiny.json describes the tiny checkpoint the demo and the tests write (preset vit300m)."""
+    from mindspeed_mm.config.model_spec import spec_from_hf_dir
+    from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
+
+    s = load_model_spec(EXAMPLES / "model_tiny.json")
+    hf = spec_from_hf_dir(write_tiny_checkpoint(tmp_path / "hf", preset="vit300m"), params_dtype="fp32")
+    assert s.tokens_per_tile == hf.tokens_per_tile == 4
+    assert s.img_context_token_id == hf.img_context_token_id
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "add_qkv_bias",
+                 "qk_layernorm", "normalization", "image_size", "patch_size"):
+        assert getattr(s.vision, name) == getattr(hf.vision, name), name
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "vocab_size", "rotary_base", "max_position_embeddings", "layernorm_epsilon"):
+        assert getattr(s.text, name) == getattr(hf.text, name), name
 
 
 @pytest.mark.parametrize("name", ["model_8B.json", "model_78B.json"])
