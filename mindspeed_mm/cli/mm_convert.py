@@ -1,16 +1,88 @@
-"""`mm-convert`: the checkpoint converter's command (hf_to_mm, mm_to_hf, resplit).
+"""`mm-convert`: the checkpoint converter's command line (jsonargparse, the reference's syntax).
 
-The console script is installed now so that the name is reserved; the converter itself is not written
-yet and this says so instead of failing with an import error.
+    mm-convert InternVLConverter hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF \\
+        --cfg.parallel_config.llm_pp_layers [[6,8,8,6]] --cfg.parallel_config.vit_pp_layers [[24,0,0,0]] \\
+        --cfg.parallel_config.tp_size 2
+    mm-convert InternVLConverter mm_to_hf --cfg.mm_dir OUT --cfg.save_hf_dir HF2 [--cfg.hf_format native]
+    mm-convert InternVLConverter resplit --cfg.mm_dir OUT --cfg.save_mm_dir OUT2 --cfg.parallel_config.tp_size 4
+
+Every subcommand also takes `--config FILE` (YAML/JSON with a `cfg:` section) and `--print_config`. The
+work is done by `mindspeed_mm.checkpoint.convert`; the option help comes from its config dataclasses.
 """
+from __future__ import annotations
+
+import dataclasses
 import sys
+from typing import Optional, Sequence
+
+from mindspeed_mm.checkpoint import convert
+
+CONVERTER = "InternVLConverter"
+COMMANDS = {
+    "hf_to_mm": (convert.HFToMMConfig, convert.hf_to_mm,
+                 "Convert an HF InternVL3 checkpoint (native or original format) to MM shards for a TP/PP/VPP layout."),
+    "mm_to_hf": (convert.MMToHFConfig, convert.mm_to_hf,
+                 "Convert MM shards back to an HF checkpoint (sharded safetensors, config, tokenizer)."),
+    "resplit": (convert.ResplitConfig, convert.resplit,
+                "Reshard an MM checkpoint to another TP/PP/VPP layout directly (never through HF)."),
+}
 
 
-def main(argv=None) -> int:
-    print("mm-convert: the converter (hf_to_mm, mm_to_hf, resplit) is not implemented yet in this version; "
-          "mindspeed_mm.models.internvl.hf_mapping and mindspeed_mm.parallel.sharding hold the mapping "
-          "and per-rank slicing it will use.", file=sys.stderr)
-    return 2
+def _field_help(cls, prefix: str, out: dict[str, str]) -> None:
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        if "help" in f.metadata:
+            out[key] = f.metadata["help"]
+        sub = f.type if isinstance(f.type, type) else None
+        if sub is None:  # resolve string / Optional annotations
+            import typing
+            hints = typing.get_type_hints(cls)
+            sub = hints[f.name]
+            args = [a for a in typing.get_args(sub) if a is not type(None)]
+            sub = args[0] if typing.get_origin(sub) is typing.Union and len(args) == 1 else sub
+        if dataclasses.is_dataclass(sub):
+            _field_help(sub, key, out)
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    root = ArgumentParser(prog="mm-convert", description="InternVL3 checkpoint converter: HF <-> MM (Megatron) "
+                          "and MM resharding; streaming, bit-exact, atomic.")
+    conv = ArgumentParser(description=f"{CONVERTER}: InternVL3 (InternViT + MLP projector + Qwen2 LLM).")
+    root_subs = root.add_subcommands(dest="converter")
+    root_subs.add_subcommand(CONVERTER, conv, help="The InternVL3 converter (hf_to_mm, mm_to_hf, resplit).")
+    subs = conv.add_subcommands(dest="command")
+    for name, (cls, _, text) in COMMANDS.items():
+        p = ArgumentParser(description=text)
+        p.add_argument("--config", action=ActionConfigFile, help="A YAML/JSON file of options (a 'cfg:' section).")
+        p.add_argument("--cfg", type=cls, required=True, help=f"{cls.__name__} options.")
+        helps: dict[str, str] = {}
+        _field_help(cls, "cfg", helps)
+        for action in p._actions:  # jsonargparse adds the type and default itself
+            if action.dest in helps:
+                action.help = helps[action.dest]
+        for group in p._action_groups:  # nested configs: title them by their option prefix
+            dests = [a.dest for a in getattr(group, "_group_actions", [])]
+            if group.title and group.title.startswith("<class") and dests:
+                prefix = min(dests, key=len)
+                group.title = f"{prefix} options" + (f" ({helps[prefix]})" if prefix in helps else "")
+        subs.add_subcommand(name, p, help=text)
+    return root
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    sub = ns[ns.converter]
+    cls, func, _ = COMMANDS[sub.command]
+    inst = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    cfg = inst(ns)[ns.converter][sub.command].cfg
+    if not isinstance(cfg, cls):  # older jsonargparse: a namespace
+        cfg = cls(**vars(cfg))
+    summary = func(cfg)
+    print(summary.line())
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mindspeed_mm.checkpoint.mm_format import replace_dir
 from mindspeed_mm.checkpoint.hf_formats import (
     NATIVE,
     ORIGINAL,
@@ -208,6 +209,9 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     # Deep enough for one layer per stage at PP4 x VPP2 (8 stages).
     "deep": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
                        vit_layers=4, llm_layers=4),
+    # vit6b with 4 LLM query groups (4 heads, 4 kv heads), so that TP4 can split the LLM's attention.
+    "tp4": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
+                      llm_heads=4, llm_kv_heads=4),
 }
 
 
@@ -392,21 +396,6 @@ def write_safetensors_sharded(
     return names
 
 
-def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        elif overwrite:
-            trash = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-            return
-        else:
-            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    os.replace(tmp, out_dir)
-
-
 def write_tiny_checkpoint(
     out_dir: str | os.PathLike,
     fmt: str = NATIVE,
@@ -449,7 +438,7 @@ def write_tiny_checkpoint(
             sd = native_to_original_state_dict(model.state_dict())
             write_safetensors_sharded(sd, tmp, max_shard_bytes)
         tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, out_dir, overwrite)
+        replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -55,11 +55,14 @@ def run(hf_dirs, tmp_path, preset: str, nproc: int, args: LayoutArgs) -> dict:
 
 def assert_close(got: dict, want: dict, tol: float, what: str, relative: bool = True) -> None:
     assert got.keys() == want.keys(), sorted(set(got) ^ set(want))[:5]
+    worst = 0.0
     for name in want:
         scale = want[name].abs().max().item()
         err = (got[name] - want[name]).abs().max().item()
         bound = tol * max(scale, 1e-3) if relative else tol
         assert err <= bound, f"{what} {name}: max diff {err:.3g}, max |ref| {scale:.3g}"
+        worst = max(worst, err / max(scale, 1e-3) if relative else err)
+    print(f"{what}: {len(want)} tensors, worst {'relative ' if relative else ''}diff {worst:.2e}")
 
 
 def assert_losses(got: dict, ref: dict, dp: int) -> None:
@@ -70,6 +73,7 @@ def assert_losses(got: dict, ref: dict, dp: int) -> None:
             assert len(losses) == len(want)
             for a, b in zip(losses, want):
                 assert abs(a - b) <= LOSS_TOL * max(1.0, abs(b)), f"step {step} dp {dp_rank}: loss {a} vs {b}"
+                print(f"loss {a:.7f} vs one rank {b:.7f}: diff {abs(a - b):.1e}")
 
 
 LAYOUTS = {

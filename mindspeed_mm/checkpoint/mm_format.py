@@ -1,0 +1,195 @@
+"""The MM (Megatron) on-disk checkpoint layout the converter writes and reads, its metadata, and atomic
+directory writes.
+
+Layout (the reference system's, so its users' tooling keeps working)::
+
+    <mm_dir>/latest_checkpointed_iteration.txt          "release"
+    <mm_dir>/release/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+    <mm_dir>/mm_convert_meta.json                       layout, model spec, source format, dtypes (ours)
+
+Each ``model_optim_rng.pt`` holds ``{"model": sd, "checkpoint_version": 3.0}``, or ``model0 .. model{V-1}``
+instead of ``model`` under virtual pipeline parallelism (one per chunk, ``vpp_rank`` order); the ``_{pp:03d}``
+suffix appears only when pp > 1. ``sd`` is exactly ``sharding.local_state_dict(full, spec, plan, tp_rank,
+stage)`` of the chunk's stage. Files are read back lazily (``torch.load(mmap=True, weights_only=True)``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
+from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
+from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
+
+__all__ = [
+    "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
+    "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
+    "replace_dir", "atomic_output_dir", "check_output_dir",
+]
+
+META_FILE = "mm_convert_meta.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+META_VERSION = 1
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+
+
+def chunk_key(vpp_rank: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{vpp_rank}"
+
+
+def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp) / RANK_FILE
+
+
+@dataclass
+class MMCheckpointMeta:
+    """What `mm_convert_meta.json` records: enough to read the checkpoint back without being told the layout."""
+    tp: int
+    pp: int
+    vpp: int
+    vit_pp_layers: list[list[int]]
+    llm_pp_layers: list[list[int]]
+    padded_vocab_size: int
+    model_spec: dict  # config.model_spec.to_dict
+    source_format: str  # "native" | "original"
+    source_hf_dir: Optional[str]  # absolute; non-weight files (tokenizer, ...) are copied from here by mm_to_hf
+    hf_config: dict  # the source config.json, verbatim
+    dtypes: dict[str, int] = field(default_factory=dict)  # tensor dtype -> count (e.g. {"bfloat16": 412})
+    iteration: str = "release"
+    meta_version: int = META_VERSION
+
+    @classmethod
+    def from_plan(cls, plan: LayoutPlan, spec: InternVLSpec, **kw: Any) -> "MMCheckpointMeta":
+        p = plan.parallel
+        return cls(tp=p.tp, pp=p.pp, vpp=plan.num_chunks,
+                   vit_pp_layers=[list(r) for r in plan.vit_pp_layers],
+                   llm_pp_layers=[list(r) for r in plan.llm_pp_layers],
+                   padded_vocab_size=plan.padded_vocab_size, model_spec=to_dict(spec), **kw)
+
+    def spec(self) -> InternVLSpec:
+        return spec_from_dict(self.model_spec, source=META_FILE)
+
+    def plan(self, spec: Optional[InternVLSpec] = None) -> LayoutPlan:
+        spec = spec or self.spec()
+        par = ParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp if self.vpp > 1 else None)
+        plan = plan_layout(spec, par, self.tp * self.pp, self.vit_pp_layers, self.llm_pp_layers)
+        if plan.padded_vocab_size != self.padded_vocab_size:
+            raise CheckpointFormatError(f"{META_FILE}: padded_vocab_size {self.padded_vocab_size} does not match the "
+                                        f"layout's {plan.padded_vocab_size}")
+        return plan
+
+
+def write_meta(mm_dir: Path, meta: MMCheckpointMeta) -> None:
+    (Path(mm_dir) / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(mm_dir: Path) -> MMCheckpointMeta:
+    path = Path(mm_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (not written by mm-convert?); pass the layout and "
+                                f"--cfg.hf_config.hf_dir instead")
+    try:
+        raw = json.loads(path.read_text())
+        return MMCheckpointMeta(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointFormatError(f"{path}: invalid metadata: {e}") from None
+
+
+def iteration_dir(mm_dir: Path) -> Path:
+    """`release/` or `iter_{N:07d}/`, as `latest_checkpointed_iteration.txt` says (release if it is absent)."""
+    mm_dir = Path(mm_dir)
+    tracker = mm_dir / TRACKER_FILE
+    name = "release"
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text != "release":
+            try:
+                name = f"iter_{int(text):07d}"
+            except ValueError:
+                raise CheckpointFormatError(f"{tracker}: expected 'release' or an iteration number, got {text!r}")
+    out = mm_dir / name
+    if not out.is_dir():
+        raise FileNotFoundError(f"checkpoint directory is missing: {out}")
+    return out
+
+
+def save_rank_file(path: Path, chunks: list[dict[str, torch.Tensor]]) -> int:
+    """Write one rank's chunks; returns the file size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj: dict[str, Any] = {chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)}
+    obj["checkpoint_version"] = CHECKPOINT_VERSION
+    torch.save(obj, path)
+    return path.stat().st_size
+
+
+def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]:
+    """One rank's chunks, memory-mapped (tensors are read on first touch); never unpickles code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file is missing: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointFormatError(f"{path}: cannot read checkpoint file: {e}") from e
+    keys = [chunk_key(v, num_chunks) for v in range(num_chunks)]
+    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), dict) for k in keys):
+        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointFormatError(f"{path}: expected keys {keys} (vpp={num_chunks}), found {found}")
+    extra = sorted(k for k in obj if k.startswith("model") and k not in keys)
+    if extra:
+        raise CheckpointFormatError(f"{path}: has {extra} beyond the {num_chunks} chunk(s) the layout says")
+    return [obj[k] for k in keys]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Atomic directories
+# ------------------------------------------------------------------------------------------------------------
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True, --cfg.overwrite True on the command line, to replace it)")
+
+
+def replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` to `out_dir`; an empty `out_dir` is replaced, a non-empty one only if `overwrite`."""
+    if out_dir.exists():
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        elif overwrite:
+            trash = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, trash / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        else:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True, --cfg.overwrite True on the command line, to replace it)")
+    os.replace(tmp, out_dir)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir`; on success it is renamed to `out_dir`, on any error
+    (or interruption) it is removed, so no half-written checkpoint is ever left at `out_dir`."""
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,272 @@
+"""mm-convert: HF <-> MM <-> HF bit-exact at TP 1/2/4, PP and VPP, resplit, bad input, the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mindspeed_mm.checkpoint.convert import (
+    HFConfig, HFToMMConfig, MMToHFConfig, ParallelConfig, ResplitConfig, hf_to_mm, mm_to_hf, resplit,
+)
+from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError, load_hf_checkpoint
+from mindspeed_mm.checkpoint.mm_format import META_FILE, chunk_key, iteration_dir, rank_file, read_meta
+from mindspeed_mm.cli.mm_convert import main
+from mindspeed_mm.config.model_spec import spec_from_hf_dir
+from mindspeed_mm.models.internvl import hf_mapping
+from mindspeed_mm.parallel.layout import LayoutError
+from mindspeed_mm.parallel.sharding import local_state_dict
+from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        # vit6b-style (5 ViT heads: unaligned at TP2/TP4), 4 LLM kv groups, odd vocab 333; sharded input
+        "tp4_native": write_tiny_checkpoint(root / "tp4_native", "native", "tp4", seed=1, max_shard_bytes=40_000),
+        "tp4_original_bf16": write_tiny_checkpoint(root / "tp4_orig", "original", "tp4", seed=1, dtype="bf16"),
+        "vit300m_original": write_tiny_checkpoint(root / "v300", "original", "vit300m", seed=2,
+                                                  max_shard_bytes=30_000),
+    }
+
+
+def _pc(tp, vit=None, llm=None):
+    return ParallelConfig(llm_pp_layers=llm, vit_pp_layers=vit, tp_size=tp)
+
+
+def _to_mm(hf, out, pc, **kw):
+    return hf_to_mm(HFToMMConfig(mm_dir=str(out), hf_config=HFConfig(str(hf)), parallel_config=pc,
+                                 progress=False, **kw))
+
+
+def _load_mm(mm_dir):
+    meta = read_meta(mm_dir)
+    it = iteration_dir(mm_dir)
+    out = {}
+    for s in range(meta.pp * meta.vpp):
+        for t in range(meta.tp):
+            obj = torch.load(rank_file(it, t, s % meta.pp, meta.pp), weights_only=True)
+            assert obj["checkpoint_version"] == 3.0
+            out[(t, s)] = obj[chunk_key(s // meta.pp, meta.vpp)]
+    return meta, out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def _leftovers(path: Path):
+    return [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+
+
+CASES = [  # (checkpoint, tp, vit_pp_layers, llm_pp_layers, output format)
+    ("tp4_native", 1, None, None, "native"),
+    ("tp4_native", 4, [[1, 1], [0, 0]], [[0, 0], [1, 1]], "native"),  # VPP2, ViT over two stages
+    ("tp4_native", 2, [[2, 0]], [[1, 1]], "original"),
+    ("tp4_original_bf16", 2, [[2, 0]], [[1, 1]], "original"),  # ViT on one stage, sharing it with the LLM
+    ("tp4_original_bf16", 4, [[2, 0]], [[0, 2]], "native"),
+    ("vit300m_original", 2, [[1, 1, 0]], [[0, 1, 1]], "original"),  # ViT over several stages, PP3
+]
+
+
+@pytest.mark.parametrize("name,tp,vit,llm,fmt", CASES)
+def test_round_trip_bit_exact_and_shards_match_model_slices(ckpts, tmp_path, name, tp, vit, llm, fmt):
+    hf = ckpts[name]
+    config, src_fmt, state = load_hf_checkpoint(hf)
+    _to_mm(hf, tmp_path / "mm", _pc(tp, vit, llm))
+    meta, shards = _load_mm(tmp_path / "mm")
+    assert meta.source_format == src_fmt and meta.tp == tp
+    # every shard is exactly what the model loads: local_state_dict of the unsharded mapping
+    spec = spec_from_hf_dir(hf)
+    plan = meta.plan()
+    full = hf_mapping.hf_to_mm(state, spec, src_fmt)
+    for (t, s), sd in shards.items():
+        _assert_same(sd, local_state_dict(full, spec, plan, t, plan.stages[s]))
+    mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm"), save_hf_dir=str(tmp_path / "back"), hf_format=fmt,
+                          progress=False, max_shard_size=50_000))
+    back_cfg, back_fmt, back = load_hf_checkpoint(tmp_path / "back")
+    assert back_fmt == fmt
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    if fmt == "native":
+        assert back_cfg["tie_word_embeddings"] is False
+    if fmt == src_fmt:
+        _assert_same(back, state)
+        assert back_cfg == {**config, **({"tie_word_embeddings": False} if fmt == "native" else {})}
+    else:  # the other format: same parameters, and back again to the source format is bit-exact
+        _assert_same(hf_mapping.hf_to_mm(back, spec, fmt), full)
+        _to_mm(tmp_path / "back", tmp_path / "mm2", _pc(1))
+        mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm2"), save_hf_dir=str(tmp_path / "back2"), hf_format=src_fmt,
+                              progress=False))
+        _assert_same(load_hf_checkpoint(tmp_path / "back2")[2], state)
+
+
+def test_bf16_stays_bf16(ckpts, tmp_path):
+    _to_mm(ckpts["tp4_original_bf16"], tmp_path / "mm", _pc(2))
+    meta, shards = _load_mm(tmp_path / "mm")
+    assert meta.dtypes == {"bfloat16": sum(1 for _ in load_hf_checkpoint(ckpts["tp4_original_bf16"])[2])}
+    assert {t.dtype for sd in shards.values() for t in sd.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("a,b", [
+    (_pc(2, [[2, 0]], [[1, 1]]), _pc(4, [[1, 1], [0, 0]], [[0, 0], [1, 1]])),
+    (_pc(4, [[1, 1], [0, 0]], [[0, 0], [1, 1]]), _pc(1)),
+])
+def test_resplit_equals_direct_conversion(ckpts, tmp_path, a, b):
+    hf = ckpts["tp4_native"]
+    _to_mm(hf, tmp_path / "a", a)
+    _to_mm(hf, tmp_path / "direct", b)
+    resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"), parallel_config=b,
+                          progress=False))
+    meta_d, direct = _load_mm(tmp_path / "direct")
+    meta_b, split = _load_mm(tmp_path / "b")
+    assert direct.keys() == split.keys()
+    for k in direct:
+        _assert_same(split[k], direct[k])
+    assert (meta_b.tp, meta_b.pp, meta_b.vpp, meta_b.llm_pp_layers) == (meta_d.tp, meta_d.pp, meta_d.vpp,
+                                                                         meta_d.llm_pp_layers)
+
+
+def test_on_disk_layout(ckpts, tmp_path):
+    _to_mm(ckpts["tp4_native"], tmp_path / "mm", _pc(2, [[1, 1], [0, 0]], [[0, 0], [1, 1]]))
+    mm = tmp_path / "mm"
+    assert (mm / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert sorted(p.name for p in (mm / "release").iterdir()) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    obj = torch.load(mm / "release/mp_rank_01_001/model_optim_rng.pt", weights_only=True)
+    assert sorted(obj) == ["checkpoint_version", "model0", "model1"]
+    meta = json.loads((mm / META_FILE).read_text())
+    assert meta["llm_pp_layers"] == [[0, 0], [1, 1]] and meta["source_format"] == "native"
+    assert not _leftovers(mm)
+
+
+def test_mm_to_hf_checks_a_given_layout(ckpts, tmp_path):
+    _to_mm(ckpts["tp4_native"], tmp_path / "mm", _pc(2, [[2, 0]], [[1, 1]]))
+    with pytest.raises(LayoutError, match="records"):
+        mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm"), save_hf_dir=str(tmp_path / "back"), progress=False,
+                              parallel_config=_pc(1)))
+    assert not (tmp_path / "back").exists()
+    mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm"), save_hf_dir=str(tmp_path / "back"), progress=False,
+                          parallel_config=_pc(2, [[2, 0]], [[1, 1]])))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def broken(ckpts, tmp_path):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["tp4_native"], src)
+    return src
+
+
+def _fails(hf, out, exc, match, pc=None):
+    with pytest.raises(exc, match=match):
+        _to_mm(hf, out, pc or _pc(2))
+    assert not out.exists() and not _leftovers(out)
+
+
+def test_missing_shard_is_named(broken, tmp_path):
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    _fails(broken, tmp_path / "out", FileNotFoundError, shard.name)
+
+
+def test_truncated_safetensors_is_named(broken, tmp_path):
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    _fails(broken, tmp_path / "out", CheckpointFormatError, f"{shard.name}.*truncated")
+
+
+def test_unknown_key_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf = write_tiny_checkpoint(tmp_path / "hf", "original", "tp4", seed=0)
+    sd = load_file(hf / "model.safetensors")
+    sd["vision_model.extra.weight"] = torch.zeros(2)
+    save_file(sd, hf / "model.safetensors")
+    _fails(hf, tmp_path / "out", CheckpointFormatError, "vision_model.extra.weight")
+
+
+@pytest.mark.parametrize("pc,match", [
+    (_pc(1, [[2, 0]], [[1, 2]]), "llm_pp_layers.*sums to 3"),
+    (_pc(1, [[1, 0]], [[1, 1]]), "vit_pp_layers.*sums to 1"),
+    (_pc(1, [[2, 0, 0]], [[1, 1]]), "vit_pp_layers.*has 3 entries but the run has pp=2"),
+    (_pc(3), "num_query_groups=4"),
+    (ParallelConfig(tp_size=8), "num_query_groups=4"),
+])
+def test_bad_layouts_are_refused(ckpts, tmp_path, pc, match):
+    _fails(ckpts["tp4_native"], tmp_path / "out", LayoutError, match, pc)
+
+
+def test_existing_output_is_refused_unless_overwrite(ckpts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        _to_mm(ckpts["tp4_native"], out, _pc(1))
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    _to_mm(ckpts["tp4_native"], out, _pc(1), overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / META_FILE).is_file() and not _leftovers(out)
+
+
+def test_corrupt_mm_shard_is_named(ckpts, tmp_path):
+    _to_mm(ckpts["tp4_native"], tmp_path / "mm", _pc(2))
+    victim = tmp_path / "mm/release/mp_rank_01/model_optim_rng.pt"
+    obj = torch.load(victim, weights_only=True)
+    obj["model"]["bogus.weight"] = torch.zeros(1)
+    torch.save(obj, victim)
+    with pytest.raises(CheckpointFormatError, match="mp_rank_01.*bogus.weight"):
+        mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm"), save_hf_dir=str(tmp_path / "back"), progress=False))
+    assert not (tmp_path / "back").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_reference_command_line(ckpts, tmp_path, capsys):
+    hf = ckpts["tp4_original_bf16"]
+    rc = main(["InternVLConverter", "hf_to_mm", "--cfg.mm_dir", str(tmp_path / "mm"),
+               "--cfg.hf_config.hf_dir", str(hf),
+               "--cfg.parallel_config.llm_pp_layers", "[[1,1]]",
+               "--cfg.parallel_config.vit_pp_layers", "[[2,0]]",
+               "--cfg.parallel_config.tp_size", "2",
+               "--cfg.trust_remote_code", "True"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "hf_to_mm: original HF -> MM TP2 PP2" in captured.out and "files" in captured.out
+    assert "trust_remote_code is ignored" in captured.err and "detected HF format 'original'" in captured.err
+    cfg_file = tmp_path / "back.yaml"
+    cfg_file.write_text(f"cfg:\n  mm_dir: {tmp_path / 'mm'}\n  save_hf_dir: {tmp_path / 'back'}\n"
+                        "  hf_format: native\n")
+    assert main(["InternVLConverter", "mm_to_hf", "--config", str(cfg_file)]) == 0
+    assert load_hf_checkpoint(tmp_path / "back")[1] == "native"
+    assert main(["InternVLConverter", "resplit", "--cfg.mm_dir", str(tmp_path / "mm"),
+                 "--cfg.save_mm_dir", str(tmp_path / "mm1"), "--cfg.parallel_config.tp_size", "1"]) == 0
+
+
+@pytest.mark.parametrize("cmd", ["hf_to_mm", "mm_to_hf", "resplit"])
+def test_cli_help_lists_every_option(cmd, capsys):
+    import dataclasses
+
+    from mindspeed_mm.cli.mm_convert import COMMANDS
+    with pytest.raises(SystemExit) as e:
+        main(["InternVLConverter", cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--print_config" in out and "--config" in out
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            yield f"{prefix}.{f.name}", f.metadata["help"]
+    for opt, text in walk(COMMANDS[cmd][0], "--cfg"):
+        assert opt in out and text.split()[0] in out, opt
+
+
+def test_cli_print_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["InternVLConverter", "resplit", "--cfg.mm_dir", "a", "--cfg.save_mm_dir", "b",
+              "--cfg.parallel_config.tp_size", "2", "--print_config"])
+    assert "tp_size: 2" in capsys.readouterr().out
