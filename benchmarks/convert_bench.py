@@ -1,7 +1,9 @@
 """mm-convert benchmark on an InternVL3-2B-shaped bf16 checkpoint (random weights, native format).
 
 Prints hf_to_mm (TP2 PP4) and resplit (-> TP1 PP2) wall time against a plain copy of the same bytes, and each
-step's peak RSS against its largest output file. Each step runs in a fresh subprocess so that ru_maxrss is its own.
+step's peak RSS against its largest output file. Each step runs in a fresh subprocess that reports its own
+peak RSS. Every timed step (the copies too) ends with os.sync() and starts after one, so each pays for its own
+writes to disk and none for another's.
 
     python benchmarks/convert_bench.py [--workdir DIR] [--keep]
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -76,14 +78,36 @@ def synthesize(hf_dir: Path) -> int:
     return total
 
 
-def run_step(args: list[str]) -> tuple[float, int]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# The child reports its own high-water mark from /proc (Linux). getrusage's ru_maxrss is no use here: it keeps
+# the RSS of the forked copy of this process from before exec, and this process held the synthesized model.
+_CHILD = """
+import sys
+from mindspeed_mm.cli.mm_convert import main
+code = main(sys.argv[1:])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print("VmHWM_kB", hwm, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def timed_copy(src: Path, dst: Path) -> float:
+    os.sync()
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mindspeed_mm.cli.mm_convert", "InternVLConverter", *args,
-                    "--cfg.progress", "false"], check=True)
+    shutil.copytree(src, dst)
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def run_step(args: list[str]) -> tuple[float, int]:
+    os.sync()
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", _CHILD, "InternVLConverter", *args, "--cfg.progress", "false"],
+                         check=True, stderr=subprocess.PIPE, text=True)
+    os.sync()
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dt, max(peak, before) * 1024
+    sys.stderr.write("".join(l for l in res.stderr.splitlines(True) if not l.startswith("VmHWM_kB")))
+    hwm = [l for l in res.stderr.splitlines() if l.startswith("VmHWM_kB")][0].split()[1]
+    return dt, int(hwm) * 1024
 
 
 def biggest(d: Path) -> int:
@@ -105,9 +129,7 @@ def main() -> None:
         total = synthesize(work / "hf")
         print(f"synthesized {total / 2**30:.2f} GiB bf16 InternVL3-2B-shaped checkpoint in "
               f"{time.perf_counter() - t0:.1f}s")
-        t0 = time.perf_counter()
-        shutil.copytree(work / "hf", work / "hf_copy")
-        copy_s = time.perf_counter() - t0
+        copy_s = timed_copy(work / "hf", work / "hf_copy")
         print(f"plain copy of the HF files: {copy_s:.2f}s")
         dt, rss = run_step(["hf_to_mm", "--cfg.mm_dir", str(work / "mm"), "--cfg.hf_config.hf_dir", str(work / "hf"),
                             "--cfg.parallel_config.llm_pp_layers", "[[6,8,8,6]]",
@@ -116,18 +138,14 @@ def main() -> None:
         big = biggest(work / "mm")
         print(f"hf_to_mm TP2 PP4: {dt:.2f}s ({dt / copy_s:.1f}x copy); peak RSS {rss / 2**30:.2f} GiB, largest "
               f"output file {big / 2**30:.2f} GiB ({rss / big:.2f}x), output {dir_bytes(work / 'mm') / 2**30:.2f} GiB")
-        t0 = time.perf_counter()
-        shutil.copytree(work / "mm", work / "mm_copy")
-        copy_mm = time.perf_counter() - t0
-        rss_prev = rss
+        copy_mm = timed_copy(work / "mm", work / "mm_copy")
         dt, rss = run_step(["resplit", "--cfg.mm_dir", str(work / "mm"), "--cfg.save_mm_dir", str(work / "mm2"),
                             "--cfg.parallel_config.llm_pp_layers", "[[14,14]]",
                             "--cfg.parallel_config.vit_pp_layers", "[[24,0]]",
                             "--cfg.parallel_config.tp_size", "1"])
         big = biggest(work / "mm2")
-        note = "" if rss > rss_prev else " (not above the previous step's peak: ru_maxrss is the max over children)"
         print(f"resplit TP2 PP4 -> TP1 PP2: {dt:.2f}s ({dt / copy_mm:.1f}x a {copy_mm:.2f}s copy of the MM dir); "
-              f"peak RSS <= {rss / 2**30:.2f} GiB{note}, largest output file {big / 2**30:.2f} GiB")
+              f"peak RSS {rss / 2**30:.2f} GiB, largest output file {big / 2**30:.2f} GiB")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

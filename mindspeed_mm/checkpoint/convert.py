@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from mindspeed_mm.checkpoint.hf_formats import (
-    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, CheckpointFormatError, _check_safetensors_file, detect_format,
+    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, CheckpointFormatError, detect_format, read_safetensors_header,
+    read_safetensors_rows,
     native_config_to_original, normalize_native_key, original_config_to_native, read_hf_config, read_json,
 )
 from mindspeed_mm.checkpoint.mm_format import (
@@ -35,9 +36,9 @@ from mindspeed_mm.checkpoint.mm_format import (
 )
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
-from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules
+from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, take_from_parts
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_layout
-from mindspeed_mm.parallel.sharding import merge_tensor, shard_tensor, stage_name
+from mindspeed_mm.parallel.sharding import Slice, merge_tensor, shard_slice, stage_name, take
 
 __all__ = [
     "HFConfig", "ParallelConfig", "HFToMMConfig", "MMToHFConfig", "ResplitConfig", "ConvertSummary",
@@ -264,8 +265,6 @@ class HFSource:
     """An HF checkpoint directory read lazily: names, shapes and dtypes from the headers, tensors on demand."""
 
     def __init__(self, hf_dir: str | os.PathLike):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir).absolute()
         if not self.dir.is_dir():
             raise FileNotFoundError(f"checkpoint directory does not exist: {self.dir}")
@@ -293,35 +292,54 @@ class HFSource:
         self.files: dict[str, Path] = {}  # normalised name -> file
         self.stored: dict[str, str] = {}  # normalised name -> name in the file
         self.dtypes: Counter = Counter()
+        self.headers: dict[Path, tuple[dict, int]] = {}
         for fname, keys in sorted(by_file.items()):
             path = self.dir / fname
-            _check_safetensors_file(path)
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                present = set(f.keys())
-                for k in (sorted(present) if keys is None else keys):
-                    if k not in present:
-                        raise CheckpointFormatError(f"{path}: tensor {k!r} (listed in the index) is not in this file")
-                    name = normalize_native_key(k) if self.format == NATIVE else k
-                    if name in self.files:
-                        raise CheckpointFormatError(f"{path}: tensor {k!r} also appears in {self.files[name]}")
-                    self.files[name], self.stored[name] = path, k
-                    self.dtypes[_ST_DTYPES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype())] += 1
+            header, data_start = self.headers[path] = read_safetensors_header(path)
+            present = set(header) - {"__metadata__"}
+            for k in (sorted(present) if keys is None else keys):
+                if k not in present:
+                    raise CheckpointFormatError(f"{path}: tensor {k!r} (listed in the index) is not in this file")
+                name = normalize_native_key(k) if self.format == NATIVE else k
+                if name in self.files:
+                    raise CheckpointFormatError(f"{path}: tensor {k!r} also appears in {self.files[name]}")
+                self.files[name], self.stored[name] = path, k
+                self.dtypes[_ST_DTYPES.get(header[k]["dtype"], header[k]["dtype"])] += 1
         self._handles: dict[Path, object] = {}
 
-    def get(self, name: str) -> Tensor:
-        from safetensors import safe_open
+    def _entry(self, name: str) -> tuple[dict, int]:
+        header, data_start = self.headers[self.files[name]]
+        return header[self.stored[name]], data_start
 
+    def read(self, name: str, dim: int = 0, start: int | None = None, end: int | None = None) -> Tensor:
+        """Tensor `name`, or only its index range [start, end) along `dim` (0 or 1). Rows are read with plain
+        file reads (no mapping of the file stays resident); a column range reads whole rows and keeps the
+        columns."""
         path = self.files[name]
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = open(path, "rb")
+        entry, data_start = self._entry(name)
         try:
-            return h.get_tensor(self.stored[name])  # type: ignore[attr-defined]
+            if dim == 0:
+                return read_safetensors_rows(f, entry, data_start, start, end)
+            return read_safetensors_rows(f, entry, data_start)[:, start:end].clone()
+        except CheckpointFormatError:
+            raise
         except Exception as e:
             raise CheckpointFormatError(f"{path}: cannot read tensor {self.stored[name]!r}: {e}") from e
 
+    def check_parts(self, rule: Rule, mm_shape: tuple[int, ...]) -> None:
+        """The HF tensors of `rule` have the shapes the model config implies (checked from the headers)."""
+        want = [tuple(p.shape) for p in rule.op.split(torch.empty(mm_shape, device="meta"))]
+        got = [tuple(self._entry(k)[0]["shape"]) for k in rule.hf]
+        if got != want:
+            raise CheckpointFormatError(f"{self.files[rule.hf[0]]}: {list(rule.hf)} have shapes {got}, the model "
+                                        f"config needs {want} (for {rule.mm})")
+
     def release(self) -> None:
-        """Drop the open files (and their mapped pages) so resident memory stays bounded."""
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
 
     def check_rules(self, rules: list[Rule]) -> None:
@@ -405,9 +423,10 @@ class MMSource:
 # Writers
 # ------------------------------------------------------------------------------------------------------------
 
-def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan, get_full: Callable[[str], Tensor],
+def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan, get_slice: Callable[[str, Slice], Tensor],
               release: Callable[[], None], progress: bool, desc: str) -> tuple[int, int]:
-    """Write every rank file of `plan` into `tmp/release`, one at a time; returns (files, bytes)."""
+    """Write every rank file of `plan` into `tmp/release`, one at a time; returns (files, bytes).
+    `get_slice(name, sl)` reads just a rank's part of a full tensor, so no full tensor need be in memory."""
     shapes = mm_param_shapes(spec)
     per_stage = _placement(mapping_rules(spec, NATIVE), plan)
     tp, pp = plan.parallel.tp, plan.parallel.pp
@@ -420,11 +439,8 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan, get_full: Callabl
             stage = plan.stage(pp_rank, v)
             sd: dict[str, Tensor] = {}
             for r in per_stage[stage.stage]:
-                full = get_full(r.mm)
-                _check_shape(r.mm, full, shapes, "source")
-                sd[stage_name(r.mm, stage)] = _owned(  # type: ignore[index]
-                    shard_tensor(r.mm, full, spec, tp, tp_rank, plan.padded_vocab_size))
-                del full
+                sl = shard_slice(r.mm, shapes[r.mm], spec, tp, tp_rank, plan.padded_vocab_size)
+                sd[stage_name(r.mm, stage)] = _owned(get_slice(r.mm, sl))  # type: ignore[index]
             chunks.append(sd)
         n_bytes += save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks)
         del chunks
@@ -493,19 +509,17 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
     by_mm = {r.mm: r for r in rules}
     used: Counter = Counter()
 
-    def get_full(name: str) -> Tensor:
+    shapes = mm_param_shapes(spec)
+    for r in rules:
+        src.check_parts(r, shapes[r.mm])
+
+    def get_slice(name: str, sl: Slice) -> Tensor:
         r = by_mm[name]
-        parts = [src.get(k) for k in r.hf]
         used.update(r.hf)
-        try:
-            return r.op.merge(parts)
-        except (AssertionError, RuntimeError) as e:
-            raise CheckpointFormatError(
-                f"{src.files[r.hf[0]]}: cannot build {name} from {list(r.hf)} "
-                f"(shapes {[tuple(p.shape) for p in parts]}): {e}") from None
+        return take_from_parts(r, sl, src.read)
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan, get_full, src.release, cfg.progress, "hf_to_mm")
+        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, src.release, cfg.progress, "hf_to_mm")
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
         if set(used) != set(src.files) or wrong:
@@ -632,7 +646,8 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     src = MMSource(mm_dir, meta, spec, plan_a)
     _log(f"{mm_dir}: MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}")
     with atomic_output_dir(cfg.save_mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan_b, src.get, src.release, cfg.progress, "resplit")
+        files, n_bytes = _write_mm(tmp, spec, plan_b, lambda name, sl: take(src.get(name), sl), src.release,
+                                   cfg.progress, "resplit")
         if src.unused:
             path, v, k = sorted(src.unused)[0]
             raise CheckpointFormatError(f"{path}: {len(src.unused)} tensor(s) were not used, e.g. chunk {v} {k!r}")

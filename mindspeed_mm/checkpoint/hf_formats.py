@@ -580,8 +580,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Validate the header and the data extent of a .safetensors file, naming the file on any problem."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The validated header of a .safetensors file and the offset where its data starts, naming the file on
+    any problem (missing, truncated, corrupt)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -611,6 +612,36 @@ def _check_safetensors_file(path: Path) -> None:
             f"{path}: truncated or corrupt safetensors file (tensor data needs {8 + hlen + end} bytes, file has "
             f"{size})"
         )
+    return header, 8 + hlen
+
+
+def _check_safetensors_file(path: Path) -> None:
+    read_safetensors_header(path)
+
+
+_ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                    "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_rows(f, entry: dict, data_start: int, start: int | None = None,
+                          end: int | None = None) -> torch.Tensor:
+    """Rows [start, end) of one tensor (all rows by default) read with plain file reads from the open binary
+    file `f`: only those bytes are read, into memory the caller owns (no mapped pages of the whole file)."""
+    shape, dtype = list(entry["shape"]), _ST_TORCH_DTYPES[entry["dtype"]]
+    begin = data_start + int(entry["data_offsets"][0])
+    if not shape:
+        start, end = 0, 1
+    start, end = (0 if start is None else start), (shape[0] if end is None and shape else end)
+    row = dtype.itemsize
+    for n in shape[1:]:
+        row *= n
+    out = torch.empty([end - start] + shape[1:], dtype=dtype)
+    f.seek(begin + start * row)
+    buf = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+    if f.readinto(buf) != len(buf):
+        raise CheckpointFormatError(f"{f.name}: short read of rows {start}:{end}")
+    return out.reshape(shape) if not shape else out
 
 
 def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -132,7 +132,15 @@ def save_rank_file(path: Path, chunks: list[dict[str, torch.Tensor]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     obj: dict[str, Any] = {chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)}
     obj["checkpoint_version"] = CHECKPOINT_VERSION
-    torch.save(obj, path)
+    # The zip CRC32 that torch.save computes by default costs ~3x the write itself on this data (measured:
+    # 0.38 GiB bf16 in 1.11 s with it, 0.30 s without); torch.load reads files either way.
+    from torch.utils.serialization import config as serialization_config
+
+    crc, serialization_config.save.compute_crc32 = serialization_config.save.compute_crc32, False
+    try:
+        torch.save(obj, path)
+    finally:
+        serialization_config.save.compute_crc32 = crc
     return path.stat().st_size
 
 

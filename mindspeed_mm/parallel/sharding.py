@@ -52,28 +52,58 @@ def _vit_head_rows(spec: InternVLSpec, tp: int) -> list[int]:
     return [h * spec.vision.head_dim for h in head_partition(spec.vision.num_attention_heads, tp)]
 
 
+@dataclass(frozen=True)
+class Slice:
+    """Rank r's part of a full tensor: the concatenation, along `dim`, of the full tensor's index ranges
+    `spans`, followed by `pad` zero rows (vocabulary padding)."""
+    dim: int
+    spans: tuple[tuple[int, int], ...]
+    pad: int = 0
+
+
+def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
+                padded_vocab: int) -> Slice:
+    """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp`. Lets a reader
+    fetch just those ranges from disk instead of the whole tensor."""
+    kind = tp_rule(name).kind
+    n = full_shape[0]
+    if kind == "replicate" or tp == 1 and kind != "vocab":
+        return Slice(0, ((0, n),))
+    if kind == "rows":
+        return Slice(0, ((rank * n // tp, (rank + 1) * n // tp),))
+    if kind == "cols":
+        m = full_shape[1]
+        return Slice(1, ((rank * m // tp, (rank + 1) * m // tp),))
+    if kind == "glu":
+        half = n // 2
+        return Slice(0, tuple((o + rank * half // tp, o + (rank + 1) * half // tp) for o in (0, half)))
+    if kind == "vocab":
+        per = padded_vocab // tp
+        start, end = rank * per, (rank + 1) * per
+        return Slice(0, ((min(start, n), min(end, n)),), pad=end - max(start, min(end, n)))
+    rows = _vit_head_rows(spec, tp)
+    lo, hi = sum(rows[:rank]), sum(rows[:rank + 1])
+    if kind == "vit_qkv":
+        block = n // 3
+        return Slice(0, tuple((b * block + lo, b * block + hi) for b in range(3)))
+    if kind == "vit_heads":
+        return Slice(1, ((lo, hi),))
+    raise AssertionError(kind)
+
+
+def take(t: Tensor, sl: Slice) -> Tensor:
+    """Apply a `Slice` to a full tensor."""
+    parts = [t.narrow(sl.dim, a, b - a) for a, b in sl.spans]
+    if sl.pad:
+        shape = list(t.shape)
+        shape[sl.dim] = sl.pad
+        parts.append(t.new_zeros(shape))
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=sl.dim)
+
+
 def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int) -> Tensor:
     """Rank `rank`'s slice of the full tensor `name` at tensor-parallel size `tp`."""
-    kind = tp_rule(name).kind
-    if kind == "replicate" or tp == 1 and kind != "vocab":
-        return t
-    if kind == "rows":
-        return t.chunk(tp, dim=0)[rank].contiguous()
-    if kind == "cols":
-        return t.chunk(tp, dim=1)[rank].contiguous()
-    if kind == "glu":
-        gate, up = t.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
-    if kind == "vocab":
-        if t.shape[0] < padded_vocab:
-            t = torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], *t.shape[1:])], dim=0)
-        return t.chunk(tp, dim=0)[rank].contiguous()
-    rows = _vit_head_rows(spec, tp)
-    if kind == "vit_qkv":
-        return torch.cat([block.split(rows, dim=0)[rank] for block in t.chunk(3, dim=0)], dim=0)
-    if kind == "vit_heads":
-        return t.split(rows, dim=1)[rank].contiguous()
-    raise AssertionError(kind)
+    return take(t, shard_slice(name, tuple(t.shape), spec, tp, rank, padded_vocab))
 
 
 def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:

@@ -22,8 +22,8 @@ from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
 from mindspeed_mm.parallel.layout import plan_layout
 from mindspeed_mm.parallel.sharding import full_state_dict
 from mindspeed_mm.testing.batches import make_microbatches
-from mindspeed_mm.training.pipeline import (build_model_chunks, forward_backward, load_full_weights, local_tensors,
-                                           train_step, wrap_ddp)
+from mindspeed_mm.training.pipeline import (build_model_chunks, forward_backward, load_converted_weights,
+                                           load_full_weights, local_tensors, train_step, wrap_ddp)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class LayoutArgs:
     adam_steps: int = 0
     distributed_optimizer: bool = False
     seed: int = 0
+    mm_dir: str | None = None  # load the weights from this mm-convert output instead of slicing the HF ones
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -60,10 +61,12 @@ def trainable_spec(hf_dir) -> InternVLSpec:
 def run_layout(hf_dir, args: LayoutArgs) -> dict:
     """Needs megatron's groups initialised at (tp, pp, cp, vpp). Returns this rank's share."""
     spec, plan = layout_plan(hf_dir, args, torch.distributed.get_world_size())
-    _, fmt, state = load_hf_checkpoint(hf_dir)
-    full = hf_to_mm(state, spec, fmt)
     chunks = build_model_chunks(spec, plan, args.cp_algo)
-    load_full_weights(chunks, full)
+    if args.mm_dir:
+        load_converted_weights(chunks, args.mm_dir)
+    else:
+        _, fmt, state = load_hf_checkpoint(hf_dir)
+        load_full_weights(chunks, hf_to_mm(state, spec, fmt))
     model = wrap_ddp(chunks, args.distributed_optimizer)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     microbatches = make_microbatches(spec, args.microbatches * dp, seed=args.seed)[dp_rank::dp]

@@ -5,6 +5,7 @@ Everything here is the real training path; the multi-rank layout tests run it as
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -34,6 +35,17 @@ def load_full_weights(chunks: list[InternVLModel], full: Mapping[str, Tensor]) -
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
         load_full_state_dict(chunk, local_state_dict(full, chunk.spec, chunk.plan, tp_rank, chunk.stage))
+
+
+def load_converted_weights(chunks: list[InternVLModel], mm_dir) -> None:
+    """Load this rank's file of an mm-convert checkpoint (`release/mp_rank_XX[_YYY]/model_optim_rng.pt`)."""
+    from mindspeed_mm.checkpoint.mm_format import iteration_dir, load_rank_file, rank_file
+
+    plan = chunks[0].plan
+    path = rank_file(iteration_dir(Path(mm_dir)), parallel_state.get_tensor_model_parallel_rank(),
+                     parallel_state.get_pipeline_model_parallel_rank(), plan.parallel.pp)
+    for chunk, state in zip(chunks, load_rank_file(path, plan.num_chunks)):
+        load_full_state_dict(chunk, state)
 
 
 def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = False) -> list[DistributedDataParallel]:

@@ -48,6 +48,7 @@ def reference(hf_dirs):
 
 
 def run(hf_dirs, tmp_path, preset: str, nproc: int, args: LayoutArgs) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     run_torchrun(WORKER, nproc, [str(hf_dirs[preset]), str(tmp_path), args.to_json()], timeout=600)
     spec, plan = layout_plan(hf_dirs[preset], args, nproc)
     return merge_rank_results(load_rank_results(tmp_path), spec, plan)
@@ -103,6 +104,21 @@ def test_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
     preset, nproc, args = LAYOUTS[name]
     got = run(hf_dirs, tmp_path, preset, nproc, args)
     ref = reference(preset, args.microbatches, 0)
+    assert_losses(got, ref, dp=1)
+    assert_close(got["tensors"], ref["tensors"], GRAD_TOL, "grad")
+
+
+def test_converted_checkpoint_at_tp2_pp2_matches_single_rank(hf_dirs, reference, tmp_path):
+    """mm-convert's shards, loaded by the model at their layout, give the single-rank numbers (which equal
+    transformers', tests/oracle)."""
+    from mindspeed_mm.checkpoint.convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
+
+    mm_dir = tmp_path / "mm"
+    hf_to_mm(HFToMMConfig(mm_dir=str(mm_dir), hf_config=HFConfig(hf_dir=str(hf_dirs["vit6b"])), progress=False,
+                          parallel_config=ParallelConfig(tp_size=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[1, 1]])))
+    args = LayoutArgs(tp=2, pp=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[1, 1]], mm_dir=str(mm_dir))
+    got = run(hf_dirs, tmp_path / "ranks", "vit6b", 4, args)
+    ref = reference("vit6b", args.microbatches, 0)
     assert_losses(got, ref, dp=1)
     assert_close(got["tensors"], ref["tensors"], GRAD_TOL, "grad")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint, normalize_native_key
-from mindspeed_mm.config.model_spec import spec_from_hf_config
+from mindspeed_mm.config.model_spec import spec_from_hf_config, spec_from_hf_dir
 from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
 from mindspeed_mm.testing.batches import make_batch
@@ -117,3 +117,22 @@ def test_freeze_flags(pair):
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("image_encoder.encoder.") for n in trainable)
     assert any(n.startswith("image_encoder.projector.") for n in trainable)
+
+
+def test_converted_checkpoint_reproduces_transformers(megatron_world, tmp_path):
+    """original-format HF -> mm-convert -> our model at TP1: transformers' logits (other layouts:
+    tests/multirank/test_layouts.py loads converted shards at TP2 x PP2)."""
+    from mindspeed_mm.checkpoint.convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
+    from mindspeed_mm.training.pipeline import load_converted_weights
+
+    hf_dir = write_tiny_checkpoint(tmp_path / "hf", fmt="original", preset="vit6b", seed=5)
+    hf_to_mm(HFToMMConfig(mm_dir=str(tmp_path / "mm"), hf_config=HFConfig(hf_dir=str(hf_dir)), progress=False,
+                          parallel_config=ParallelConfig(vit_pp_layers=[[2]], llm_pp_layers=[[2]])))
+    spec = _unfrozen(spec_from_hf_dir(hf_dir))
+    ours = InternVLModel(spec)
+    load_converted_weights([ours], tmp_path / "mm")
+    ids, mask, _, pixels = _batch(spec, CASES["batch_of_two_lengths"])
+    with torch.no_grad():
+        ref = load_native_model(hf_dir)(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        diff = (ours.eval()(ids, pixels)[mask.bool()] - ref[mask.bool()]).abs().max().item()
+    assert diff <= TOL, f"max |logits diff| {diff:.3g}"
