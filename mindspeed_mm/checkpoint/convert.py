@@ -31,7 +31,8 @@ from mindspeed_mm.checkpoint.hf_formats import (
     native_config_to_original, normalize_native_key, original_config_to_native, read_hf_config, read_json,
 )
 from mindspeed_mm.checkpoint.mm_format import (
-    META_FILE, TRACKER_FILE, MMCheckpointMeta, atomic_output_dir, check_output_dir, iteration_dir,
+    META_FILE, TRACKER_FILE, MMCheckpointMeta, atomic_output_dir, check_output_dir, drop_resident_pages,
+    iteration_dir,
     load_rank_file, rank_file, read_meta, save_rank_file, write_meta,
 )
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
@@ -413,6 +414,10 @@ class MMSource:
         except RuntimeError as e:
             raise CheckpointFormatError(f"{self.iter_dir}: cannot merge the TP shards of {name} "
                                         f"(shapes {[tuple(s.shape) for s in shards]}): {e}") from None
+        if any(full.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in shards):
+            full = full.clone()  # own the bytes before the mapped source pages are let go
+        for shard in shards:
+            drop_resident_pages(shard)
         return full
 
     def release(self) -> None:

@@ -14,6 +14,10 @@ stage)`` of the chunk's stage. Files are read back lazily (``torch.load(mmap=Tru
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import json
 import os
 import shutil
@@ -160,6 +164,36 @@ def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]
     if extra:
         raise CheckpointFormatError(f"{path}: has {extra} beyond the {num_chunks} chunk(s) the layout says")
     return [obj[k] for k in keys]
+
+
+def drop_resident_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the pages of a tensor that `load_rank_file` memory-mapped and that have been copied
+    out already: touched pages of a mapping stay resident until it is unmapped, which for a resharding run
+    means whole source files. The mapping is private and unmodified, so a later touch re-reads the file.
+    Linux only; elsewhere (and for tensors not in a mapping) the pages simply stay."""
+    if _libc is None or t.numel() == 0:
+        return
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the storage only
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
 
 
 # ------------------------------------------------------------------------------------------------------------

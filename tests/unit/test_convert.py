@@ -270,3 +270,17 @@ def test_cli_print_config(capsys):
         main(["InternVLConverter", "resplit", "--cfg.mm_dir", "a", "--cfg.save_mm_dir", "b",
               "--cfg.parallel_config.tp_size", "2", "--print_config"])
     assert "tp_size: 2" in capsys.readouterr().out
+
+
+def test_dropping_mapped_pages_keeps_the_data(ckpts, tmp_path):
+    """resplit lets the kernel drop pages of mapped source files once copied; the data must still read back."""
+    from mindspeed_mm.checkpoint.mm_format import drop_resident_pages, load_rank_file
+
+    mm = tmp_path / "mm"
+    _to_mm(ckpts["tp4_native"], mm, _pc(1, vit=[[2]], llm=[[2]]))
+    sd = load_rank_file(rank_file(iteration_dir(mm), 0, 0, 1), 1)[0]
+    before = {k: v.clone() for k, v in sd.items()}
+    for v in sd.values():
+        drop_resident_pages(v)
+    for k, v in sd.items():
+        assert torch.equal(v, before[k]), k
