@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from mindspeed_mm.testing.launch import run_torchrun
 from mindspeed_mm.testing.layout_check import LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout

@@ -9,7 +9,6 @@ when the LLM starts on the next stage) or LLM hidden states. Every stage reads t
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
