@@ -26,6 +26,8 @@ def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "meg
     chunks = []
     for v in range(plan.num_chunks):
         chunk = InternVLModel(spec, plan=plan, stage=plan.stage(pp_rank, v), cp_algo=cp_algo)
+        if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
+            chunk.cuda(torch.cuda.current_device())  # configs initialise on CPU (use_cpu_initialization)
         chunks.append(chunk)
     return chunks
 
@@ -68,7 +70,8 @@ def _loss_func(labels: Tensor, per_token_loss: Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
     output = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                    image_flags=batch.get("image_flags"))
     return output, partial(_loss_func, batch["labels"])

@@ -199,8 +199,8 @@ class InternVLModel(MegatronModule):
             pixel_values = pixel_values[image_flags.view(-1) != 0]
         if pixel_values is None or pixel_values.shape[0] == 0:
             v = self.spec.vision
-            dtype = next(self.parameters()).dtype
-            return torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=dtype), True
+            ref = next(self.parameters())
+            return torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=ref.dtype, device=ref.device), True
         return pixel_values, False
 
     def _cp_split(self, t: Tensor, seq_dim: int) -> Tensor:
