@@ -24,7 +24,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "scikit-image>=0.22"],  # scikit-image: real sample photos for the tiling tests
         # Optional GPU accelerators: never imported unless present and asked for.
         "gpu": ["transformer-engine", "apex"],
     },

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mindspeed_mm.data.template import DEFAULT_SYSTEM_MESSAGE
 from mindspeed_mm.checkpoint.mm_format import replace_dir
 from mindspeed_mm.checkpoint.hf_formats import (
     NATIVE,
@@ -51,9 +52,6 @@ __all__ = [
     "load_native_model",
 ]
 
-DEFAULT_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-)
 
 # Appended after the BPE vocab, in this order (Qwen order; the real model has other tokens in between).
 SPECIAL_TOKENS = (

@@ -20,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.data.template import IGNORE_INDEX
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.config.transformer_configs import text_transformer_config, vision_transformer_config
 from mindspeed_mm.models.internvl.projector import InternVLProjector
@@ -27,7 +28,6 @@ from mindspeed_mm.models.internvl.specs import block_spec, llm_layer_spec, vit_l
 from mindspeed_mm.models.internvl.vision import InternViT
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, plan_layout
 
-IGNORE_INDEX = -100
 
 
 class ImageTokenMismatch(ValueError):
