@@ -2,9 +2,10 @@
 
 Every function takes a typed config (the dataclasses below, which are also the `mm-convert` CLI's options)
 and returns a :class:`ConvertSummary`. Tensors are only sliced and concatenated, never cast, so every
-direction is bit-exact. Memory stays bounded: source tensors are read lazily (safetensors ``safe_open``,
-``torch.load(mmap=True)``), one output file is built at a time and dropped (with the source handles) before
-the next. Output goes to a temporary directory beside the target, renamed into place only when complete.
+direction is bit-exact. Memory stays bounded: HF sources are read with plain file reads of just each
+rank's rows, MM sources through ``torch.load(mmap=True)`` with each tensor's mapped pages let go once
+copied, and one output file is built at a time and dropped before the next. Output goes to a temporary
+directory beside the target, renamed into place only when complete.
 
 The per-parameter mapping is `models.internvl.hf_mapping` and the per-rank slicing `parallel.sharding`, so a
 converted shard is by construction ``local_state_dict(hf_to_mm(source), spec, plan, tp_rank, stage)``.

@@ -615,10 +615,6 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + hlen
 
 
-def _check_safetensors_file(path: Path) -> None:
-    read_safetensors_header(path)
-
-
 _ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                     "U8": torch.uint8, "BOOL": torch.bool}
@@ -649,7 +645,7 @@ def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None) -> 
     from safetensors import safe_open
 
     path = Path(path)
-    _check_safetensors_file(path)
+    read_safetensors_header(path)  # validates: names the file if missing, truncated or corrupt
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
