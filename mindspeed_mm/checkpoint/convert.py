@@ -34,7 +34,7 @@ from mindspeed_mm.checkpoint.hf_formats import (
 from mindspeed_mm.checkpoint.mm_format import (
     META_FILE, TRACKER_FILE, MMCheckpointMeta, atomic_output_dir, check_output_dir, drop_resident_pages,
     iteration_dir,
-    load_rank_file, rank_file, read_meta, save_rank_file, write_meta,
+    checkpoint_meta, load_rank_file, rank_file, save_rank_file, write_meta,
 )
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
@@ -542,7 +542,7 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
 def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[str]
                    ) -> tuple[MMCheckpointMeta, InternVLSpec, LayoutPlan]:
     if (mm_dir / META_FILE).is_file():
-        meta = read_meta(mm_dir)
+        meta = checkpoint_meta(mm_dir)
         spec = meta.spec()
         plan = meta.plan(spec)
         if pc is not None:

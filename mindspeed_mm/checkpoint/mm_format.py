@@ -37,6 +37,7 @@ from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
 __all__ = [
     "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
     "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
+    "save_rank_object", "load_rank_object", "checkpoint_meta",
     "replace_dir", "atomic_output_dir", "check_output_dir",
 ]
 
@@ -113,6 +114,13 @@ def read_meta(mm_dir: Path) -> MMCheckpointMeta:
         raise CheckpointFormatError(f"{path}: invalid metadata: {e}") from None
 
 
+def checkpoint_meta(mm_dir: Path) -> MMCheckpointMeta:
+    """The metadata of the iteration the tracker names (each training save records its own layout, which may
+    differ from an earlier save's in the same directory), else the directory's."""
+    it = iteration_dir(mm_dir)
+    return read_meta(it) if (Path(it) / META_FILE).is_file() else read_meta(mm_dir)
+
+
 def iteration_dir(mm_dir: Path) -> Path:
     """`release/` or `iter_{N:07d}/`, as `latest_checkpointed_iteration.txt` says (release if it is absent)."""
     mm_dir = Path(mm_dir)
@@ -133,9 +141,13 @@ def iteration_dir(mm_dir: Path) -> Path:
 
 def save_rank_file(path: Path, chunks: list[dict[str, torch.Tensor]]) -> int:
     """Write one rank's chunks; returns the file size."""
+    return save_rank_object(path, {chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)})
+
+
+def save_rank_object(path: Path, obj: dict[str, Any]) -> int:
+    """Write one rank's file (chunks under `chunk_key` names plus, for training saves, optimizer state etc.)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    obj: dict[str, Any] = {chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)}
-    obj["checkpoint_version"] = CHECKPOINT_VERSION
+    obj = {**obj, "checkpoint_version": CHECKPOINT_VERSION}
     # The zip CRC32 that torch.save computes by default costs ~3x the write itself on this data (measured:
     # 0.38 GiB bf16 in 1.11 s with it, 0.30 s without); torch.load reads files either way.
     from torch.utils.serialization import config as serialization_config
@@ -148,18 +160,25 @@ def save_rank_file(path: Path, chunks: list[dict[str, torch.Tensor]]) -> int:
     return path.stat().st_size
 
 
-def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]:
-    """One rank's chunks, memory-mapped (tensors are read on first touch); never unpickles code."""
+def load_rank_object(path: Path) -> dict[str, Any]:
+    """One rank's whole file, memory-mapped (tensors are read on first touch); never unpickles code."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file is missing: {path}")
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise CheckpointFormatError(f"{path}: cannot read checkpoint file: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]:
+    """One rank's chunks, memory-mapped (tensors are read on first touch); never unpickles code."""
+    obj = load_rank_object(path)
     keys = [chunk_key(v, num_chunks) for v in range(num_chunks)]
-    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), dict) for k in keys):
-        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointFormatError(f"{path}: expected keys {keys} (vpp={num_chunks}), found {found}")
+    if any(not isinstance(obj.get(k), dict) for k in keys):
+        raise CheckpointFormatError(f"{path}: expected keys {keys} (vpp={num_chunks}), found {sorted(obj)}")
     extra = sorted(k for k in obj if k.startswith("model") and k not in keys)
     if extra:
         raise CheckpointFormatError(f"{path}: has {extra} beyond the {num_chunks} chunk(s) the layout says")

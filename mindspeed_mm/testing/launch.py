@@ -30,7 +30,9 @@ def run_torchrun(script_path: str | os.PathLike, nproc: int, args: Sequence[str]
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(script_path), *map(str, args)]
-    full_env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    # NVTE_*: megatron's GPTModel exports its attention-backend choice into os.environ and asserts that it
+    # agrees with the next model's; a model built in the test process must not decide for the workers.
+    full_env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("NVTE_")}
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_REPO_ROOT), full_env.get("PYTHONPATH")) if p)

@@ -23,6 +23,7 @@ from mindspeed_mm.parallel.layout import plan_layout
 from mindspeed_mm.parallel.sharding import full_state_dict
 from mindspeed_mm.testing.batches import make_microbatches
 from mindspeed_mm.training.pipeline import (build_model_chunks, forward_backward, load_converted_weights,
+                                           microbatch_losses,
                                            load_full_weights, local_tensors, train_step, wrap_ddp)
 
 
@@ -73,7 +74,7 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
 
     losses = []
     if args.adam_steps == 0:
-        losses.append(forward_backward(model, microbatches))
+        losses.append(microbatch_losses(forward_backward(model, microbatches)))
         what = "grad"
     else:
         optimizer = get_megatron_optimizer(
@@ -83,7 +84,7 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
                             params_dtype=torch.float32, use_distributed_optimizer=args.distributed_optimizer),
             model)
         for _ in range(args.adam_steps):
-            losses.append(train_step(model, optimizer, microbatches)[0])
+            losses.append(microbatch_losses(train_step(model, optimizer, microbatches)[0]))
         what = "param"
     return {
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),

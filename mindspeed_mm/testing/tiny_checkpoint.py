@@ -207,6 +207,10 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     # Deep enough for one layer per stage at PP4 x VPP2 (8 stages).
     "deep": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
                        vit_layers=4, llm_layers=4),
+    # Small rather than tiny, for benchmarks: 224-pixel tiles (64 tokens each), 4+4 layers of real-ish width.
+    "small": TinyPreset(vit_hidden=256, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False,
+                        vit_layers=4, vit_ffn=1024, image_size=224, llm_hidden=512, llm_layers=4, llm_heads=8,
+                        llm_kv_heads=2, llm_ffn=1408),
     # vit6b with 4 LLM query groups (4 heads, 4 kv heads), so that TP4 can split the LLM's attention.
     "tp4": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
                       llm_heads=4, llm_kv_heads=4),

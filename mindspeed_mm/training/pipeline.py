@@ -15,7 +15,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from mindspeed_mm.config.model_spec import InternVLSpec
-from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict, mean_loss
+from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
+from mindspeed_mm.training.loss import REPORT_KEY, LossMode, loss_func
 from mindspeed_mm.parallel.layout import LayoutPlan
 from mindspeed_mm.parallel.sharding import local_state_dict
 
@@ -50,7 +51,12 @@ def load_converted_weights(chunks: list[InternVLModel], mm_dir) -> None:
         load_full_state_dict(chunk, state)
 
 
-def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = False) -> list[DistributedDataParallel]:
+def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = False,
+             loss_mode: LossMode = LossMode.DEFAULT) -> list[DistributedDataParallel]:
+    """megatron's DDP around each chunk. The loss mode is fixed here: per-token loss needs gradients summed,
+    not averaged, over DP (megatron divides them by the global token count afterwards)."""
+    for chunk in chunks:
+        chunk.config.calculate_per_token_loss = loss_mode is LossMode.PER_TOKEN
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=use_distributed_optimizer)
     wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk,
@@ -61,20 +67,12 @@ def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = Fals
     return wrapped
 
 
-def _loss_func(labels: Tensor, per_token_loss: Tensor):
-    loss = mean_loss(per_token_loss, labels)  # this CP rank's share of the micro-batch mean
-    reported = loss.detach().clone()
-    if parallel_state.get_context_parallel_world_size() > 1:
-        torch.distributed.all_reduce(reported, group=parallel_state.get_context_parallel_group())
-    return loss, {"lm loss": reported}
-
-
-def forward_step(data_iterator, model):
+def forward_step(mode: LossMode, data_iterator, model):
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
     output = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                    image_flags=batch.get("image_flags"))
-    return output, partial(_loss_func, batch["labels"])
+    return output, partial(loss_func, mode, batch["labels"])
 
 
 def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
@@ -90,16 +88,20 @@ def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
                          f"{warmup // num_chunks} micro-batches per step")
 
 
-def forward_backward(model: list, microbatches: list[dict], forward_only: bool = False) -> list[float]:
+def forward_backward(model: list, microbatches: list[dict], forward_only: bool = False,
+                     per_sample_loss: bool = False) -> list[Tensor]:
     """Run megatron's schedule (no pipelining, 1F1B or interleaved, by the layout) over `microbatches`;
-    returns the micro-batch losses on the last pipeline stage, [] elsewhere."""
+    returns the micro-batch loss reports `[numerator, denominator]` on the last pipeline stage, [] elsewhere
+    (see training/loss.py). Per-token loss is the mode `wrap_ddp` fixed; per-sample is asked for here."""
+    per_token = model[0].config.calculate_per_token_loss
+    mode = LossMode.PER_TOKEN if per_token else LossMode.PER_SAMPLE if per_sample_loss else LossMode.DEFAULT
     _check_not_all_warmup(len(model), len(microbatches))
     for m in model:
         m.zero_grad_buffer() if hasattr(m, "zero_grad_buffer") else m.zero_grad()
     iterators = [iter(microbatches) for _ in model]
     first = microbatches[0]["input_ids"]
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=partial(forward_step, mode),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
@@ -107,20 +109,29 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
-    return [float(x["lm loss"]) for x in losses]
+    return [x[REPORT_KEY] for x in losses]
 
 
-def train_step(model: list, optimizer, microbatches: list[dict]) -> tuple[list[float], float]:
-    """One optimizer step over `microbatches`: the micro-batch losses (last stage) and the grad norm.
+def microbatch_losses(reports: list[Tensor]) -> list[float]:
+    return [float(r[0] / r[1]) for r in reports]
+
+
+def train_step(model: list, optimizer, microbatches: list[dict], per_sample_loss: bool = False
+               ) -> tuple[list[Tensor], float | None]:
+    """One optimizer step over `microbatches`: the micro-batch loss reports (last stage) and the grad norm.
 
     The optimizer's own zero_grad matters as much as the DDP buffer's: megatron's optimizers point
     `param.grad` at the gradient buffer, and a stale `param.grad` makes the next backward add the new
     gradient to the buffer twice."""
     optimizer.zero_grad()
-    losses = forward_backward(model, microbatches)
+    losses = forward_backward(model, microbatches, per_sample_loss=per_sample_loss)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
-        raise FloatingPointError("optimizer step skipped: gradients overflowed")
+        # fp16 with a dynamic loss scale skips a step on overflow and lowers the scale: expected, reported
+        # as grad norm None. Without a loss scaler an overflow means the weights would turn to NaN.
+        if getattr(optimizer, "grad_scaler", None) is None or optimizer.config.loss_scale is not None:
+            raise FloatingPointError("gradients are not finite (inf/NaN); the step was not applied")
+        return losses, None
     return losses, grad_norm
 
 

@@ -111,7 +111,8 @@ def test_original_and_native_identical(ckpts, tokenizer, preset):
     assert "auto_map" not in cfg and cfg["ps_version"] == "v2"
 
     mn, mo = load_native_model(native_dir), load_native_model(original_dir)
-    expected_inv_freq = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16))  # head dim 16, theta 1e6
+    head_dim = TINY_PRESETS[preset].llm_hidden // TINY_PRESETS[preset].llm_heads
+    expected_inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # theta 1e6
     for m in (mn, mo):
         assert torch.equal(m.model.language_model.rotary_emb.inv_freq, expected_inv_freq)
     sn, so = mn.state_dict(), mo.state_dict()

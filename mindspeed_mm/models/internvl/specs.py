@@ -8,7 +8,6 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -16,6 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mindspeed_mm.models.internvl.norm import TorchNorm
+from mindspeed_mm.models.internvl.sdpa_attention import SDPAttention
 from mindspeed_mm.models.internvl.vision import InternViTLayer, InternViTSelfAttention
 
 
@@ -25,7 +25,7 @@ def _mlp() -> ModuleSpec:
 
 
 def vit_layer_spec(qk_norm: bool, qkv_bias: bool, drop_path_rate: float, layer_scale_init: float,
-                   core_attention=DotProductAttention) -> ModuleSpec:
+                   core_attention=SDPAttention) -> ModuleSpec:
     attention = ModuleSpec(
         module=InternViTSelfAttention,
         params={"attn_mask_type": AttnMaskType.no_mask, "qk_norm": qk_norm,
@@ -43,10 +43,10 @@ def vit_layer_spec(qk_norm: bool, qkv_bias: bool, drop_path_rate: float, layer_s
 
 
 def llm_core_attention(cp: int, cp_algo: str):
-    """megatron's own attention without CP; ours (ring or Ulysses, gloo and nccl alike) with it, since
-    megatron-core has CP attention only through TransformerEngine."""
+    """torch's SDPA without CP; ours (ring or Ulysses, gloo and nccl alike) with it, since megatron-core has
+    CP attention only through TransformerEngine."""
     if cp == 1:
-        return DotProductAttention
+        return SDPAttention
     from mindspeed_mm.parallel.context_parallel import ContextParallelAttention
     return ModuleSpec(module=ContextParallelAttention, params={"cp_algo": cp_algo})
 

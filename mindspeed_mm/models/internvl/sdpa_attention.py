@@ -1,0 +1,60 @@
+"""Core attention through `torch.nn.functional.scaled_dot_product_attention`.
+
+A drop-in for megatron's `DotProductAttention` slot (same constructor and call), used for the ViT and for the
+LLM without context parallelism. torch picks the kernel for the device: flash / memory-efficient attention on
+CUDA (what `--use-flash-attn` asks for, without TransformerEngine), its fused flash kernel on CPU. megatron's
+own version materialises the [b, heads, s, s] scores in a baddbmm and a separate softmax, which on CPU made our
+training step slower than transformers' (whose attention is SDPA as well).
+
+Masks follow megatron's convention (True = masked). Causal attention with fewer queries than keys (decoding
+against a KV cache) is aligned to the last key, as the queries are the newest positions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+__all__ = ["SDPAttention"]
+
+
+class SDPAttention(MegatronModule):
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention has no context parallelism; the CP spec uses ContextParallelAttention")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention dropout {dropout} is not supported (InternVL3 trains without it)")
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.softmax_scale
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None) -> Tensor:
+        """query [sq, b, heads, d]; key/value [sk, b, groups, d] -> [sq, b, heads * d]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("packed sequences and attention bias are not supported")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b, heads, d = query.shape
+        sk = key.shape[0]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        allowed = None
+        causal = False
+        if attention_mask is not None:
+            allowed = ~attention_mask.to(torch.bool)
+        elif mask_type == AttnMaskType.causal:
+            if sq == sk:
+                causal = True
+            else:
+                allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal, scale=self.softmax_scale,
+                                             enable_gqa=k.shape[1] != heads)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)

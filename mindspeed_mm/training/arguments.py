@@ -1,0 +1,215 @@
+"""The command line of `pretrain_vlm.py`: the reference scripts' GPT_ARGS, MM_ARGS and OUTPUT_ARGS, as a typed
+dataclass.
+
+Every flag is a field of `TrainArgs` (``--lr-decay-style`` is ``lr_decay_style``), so the parser, the defaults
+and the checks live in one place. Flags the reference scripts pass that mean nothing to this stack (fusions that
+megatron-core does not need, ``--unaligned-linear`` which is always on) are accepted; a flag that cannot take
+effect on this device (``--use-flash-attn`` without CUDA) falls back with a one-line warning. Model flags that
+repeat the JSON model spec (``--vocab-size``, ``--rotary-base``, ...) must agree with it: the JSON is the one
+source of the model's shape and a contradiction is an error, not a silent winner. An unknown flag is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+__all__ = ["TrainArgs", "ArgumentError", "parse_args", "build_parser"]
+
+
+class ArgumentError(ValueError):
+    """A flag's value is invalid or contradicts another flag or the model spec."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    # ---- MM_ARGS
+    mm_model: str = _f(None, "model JSON spec (reference schema), e.g. examples/internvl3/model_8B.json")
+    mm_data: str = _f(None, "data JSON spec (reference schema), e.g. examples/internvl3/data_8B.json")
+    mm_tool: Optional[str] = _f(None, "profiler/memory tools JSON (accepted; its switches are all off in the "
+                                      "reference scripts)")
+    # ---- parallel layout
+    tensor_model_parallel_size: int = _f(1, "TP degree; ViT heads need not divide it (unaligned split)")
+    pipeline_model_parallel_size: int = _f(1, "PP degree; per-module stage lists come from the model JSON")
+    virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "VPP chunks per pipeline rank")
+    context_parallel_size: int = _f(1, "CP degree (the LLM's sequence is split; the ViT is not)")
+    context_parallel_algo: str = _f("megatron_cp_algo", "megatron_cp_algo (ring, zigzag) or ulysses_cp_algo",
+                                    choices=("megatron_cp_algo", "ulysses_cp_algo"))
+    sequence_parallel: bool = _f(False, "sequence parallelism in the TP regions (needs TP > 1)")
+    use_distributed_optimizer: bool = _f(False, "shard optimizer state over data-parallel ranks (ZeRO-1)")
+    distributed_backend: Optional[str] = _f(None, "nccl or gloo; default: nccl with CUDA, else gloo",
+                                            choices=("nccl", "gloo"))
+    unaligned_linear: bool = _f(False, "accepted for compatibility: unaligned ViT heads are always supported")
+    variable_seq_lengths: bool = _f(False, "accepted: shapes are always exchanged between pipeline stages")
+    # ---- batch and sequence
+    micro_batch_size: int = _f(1, "samples per micro-batch on one data-parallel rank")
+    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all DP ranks; a multiple of "
+                                                "micro-batch-size x DP (default: micro-batch-size x DP)")
+    seq_length: int = _f(4096, "maximum tokens per sample (image tokens included); longer samples get fewer "
+                               "tiles or are skipped, never cut inside an image")
+    num_workers: int = _f(2, "data-loader worker processes per rank")
+    seed: int = _f(1234, "seed for initialisation, data order and drop path")
+    # ---- model flags that repeat the JSON (checked against it)
+    tokenizer_type: Optional[str] = _f(None, "accepted (the tokenizer comes from the data JSON's tokenizer_config)")
+    vocab_size: Optional[int] = _f(None, "must equal text_decoder.vocab_size of the model JSON")
+    position_embedding_type: Optional[str] = _f(None, "must be rope (checked against the model JSON)")
+    rotary_base: Optional[float] = _f(None, "must equal text_decoder.rotary_base of the model JSON")
+    normalization: Optional[str] = _f(None, "must equal text_decoder.normalization of the model JSON")
+    swiglu: bool = _f(False, "the LLM must be gated SiLU in the model JSON")
+    max_position_embeddings: Optional[int] = _f(None, "must equal text_decoder.max_position_embeddings")
+    no_masked_softmax_fusion: bool = _f(False, "accepted: fused kernels are never required")
+    no_gradient_accumulation_fusion: bool = _f(False, "accepted: gradient-accumulation fusion is always off")
+    use_flash_attn: bool = _f(False, "flash attention: attention always goes through torch SDPA, which uses flash "
+                                     "kernels on CUDA (on CPU: its CPU kernel, with a warning)")
+    trust_remote_code: bool = _f(False, "accepted for compatibility; no code from a checkpoint is ever run")
+    use_cpu_initialization: bool = _f(False, "accepted: parameters are always initialised on the host")
+    # ---- optimizer and schedule
+    optimizer: str = _f("adam", "adam (decoupled weight decay: AdamW) or sgd", choices=("adam", "sgd"))
+    lr: float = _f(1e-5, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the decay")
+    lr_decay_style: str = _f("cosine", "constant, linear, cosine or inverse-square-root",
+                             choices=("constant", "linear", "cosine", "inverse-square-root"))
+    lr_decay_iters: Optional[int] = _f(None, "iterations of decay (default: train-iters)")
+    lr_warmup_iters: int = _f(0, "linear warm-up iterations")
+    lr_warmup_fraction: Optional[float] = _f(None, "warm-up as a fraction of the decay iterations")
+    lr_warmup_init: float = _f(0.0, "learning rate at the start of warm-up")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    sgd_momentum: float = _f(0.9, "SGD momentum")
+    bf16: bool = _f(False, "bf16 parameters with fp32 main parameters and gradients")
+    fp16: bool = _f(False, "fp16 parameters with fp32 main parameters and dynamic loss scaling")
+    loss_scale: Optional[float] = _f(None, "static loss scale for fp16 (default: dynamic)")
+    initial_loss_scale: float = _f(2.0 ** 32, "initial dynamic loss scale")
+    min_loss_scale: float = _f(1.0, "smallest dynamic loss scale")
+    loss_scale_window: int = _f(1000, "iterations without overflow before the loss scale grows")
+    hysteresis: int = _f(2, "overflows tolerated before the loss scale shrinks")
+    train_iters: int = _f(None, "optimizer steps to train for (required)")
+    exit_interval: Optional[int] = _f(None, "stop (after saving) once the iteration is a multiple of this")
+    # ---- loss
+    calculate_per_sample_loss: bool = _f(False, "each sample's token mean, then the mean over samples")
+    calculate_per_token_loss: bool = _f(False, "sum over the global batch's target tokens / their count "
+                                               "(independent of how the batch is split into micro-batches)")
+    # ---- recompute (the JSON's per-module settings win; these fill modules that set none)
+    recompute_granularity: Optional[str] = _f(None, "full or selective, for modules whose JSON sets none",
+                                              choices=("full", "selective"))
+    recompute_method: Optional[str] = _f(None, "uniform or block (with full)", choices=("uniform", "block"))
+    recompute_num_layers: Optional[int] = _f(None, "layers per recompute group (with full)")
+    # ---- checkpoints
+    load: Optional[str] = _f(None, "checkpoint to start from: an mm-convert output or a directory this loop saved")
+    save: Optional[str] = _f(None, "directory to save iter_XXXXXXX checkpoints into")
+    save_interval: Optional[int] = _f(None, "save every this many iterations (and at the end)")
+    ckpt_format: str = _f("torch", "torch: per-rank model_optim_rng.pt files in model space (reshardable)",
+                          choices=("torch",))
+    no_load_optim: bool = _f(False, "do not load the optimizer state and LR schedule")
+    no_load_rng: bool = _f(False, "do not load the RNG states")
+    no_save_optim: bool = _f(False, "do not save the optimizer state")
+    no_save_rng: bool = _f(False, "do not save the RNG states")
+    finetune: bool = _f(False, "load only the weights: iteration, optimizer, schedule and data position restart")
+    # ---- logging
+    log_interval: int = _f(1, "iterations between log lines")
+    log_tps: bool = _f(False, "accepted: tokens/s is always logged")
+    metrics_file: Optional[str] = _f(None, "append one JSON record per log line to this file")
+    tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here (needs the tensorboard package)")
+    eval_interval: Optional[int] = _f(None, "accepted; evaluation runs only if the data JSON has a validation set")
+    eval_iters: Optional[int] = _f(None, "accepted; see --eval-interval")
+    peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak)")
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def params_dtype_name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    def check(self) -> None:
+        """Checks that need no model or process group."""
+        if self.mm_model is None or self.mm_data is None:
+            raise ArgumentError("--mm-model and --mm-data are required")
+        if self.train_iters is None or self.train_iters < 1:
+            raise ArgumentError(f"--train-iters must be given and >= 1, got {self.train_iters}")
+        if self.bf16 and self.fp16:
+            raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+        if self.calculate_per_sample_loss and self.calculate_per_token_loss:
+            raise ArgumentError("--calculate-per-sample-loss and --calculate-per-token-loss are mutually exclusive")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        for name in ("micro_batch_size", "log_interval", "tensor_model_parallel_size",
+                     "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ArgumentError(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.num_workers < 0:
+            raise ArgumentError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain_vlm.py", allow_abbrev=False,
+                                description="Finetune InternVL3 with megatron-core (reference-compatible flags).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainArgs):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        if f.type in ("bool", bool):
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+                "Optional[str]": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        p.add_argument(_flag(f.name), dest=f.name, type=kind, default=f.default, help=help_text, **meta)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
+    ns = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    args = TrainArgs(**vars(ns))
+    args.check()
+    return args
+
+
+def reconcile_with_spec(args: TrainArgs, spec, cuda: bool):
+    """Check the model flags that repeat the JSON spec, fill per-module recompute settings the JSON leaves
+    unset, and say which flags fall back on this device. Returns (spec, warnings)."""
+    t = spec.text
+    repeats = {
+        "vocab_size": (args.vocab_size, t.vocab_size),
+        "rotary_base": (args.rotary_base, t.rotary_base),
+        "normalization": (args.normalization, t.normalization),
+        "max_position_embeddings": (args.max_position_embeddings, t.max_position_embeddings),
+        "position_embedding_type": (args.position_embedding_type, t.position_embedding_type),
+    }
+    for name, (flag, json_value) in repeats.items():
+        if flag is not None and flag != json_value:
+            raise ArgumentError(f"{_flag(name)} {flag!r} contradicts text_decoder.{name} {json_value!r} of "
+                                f"{args.mm_model}")
+    if args.swiglu and not (t.gated_linear_unit and t.activation_func == "silu"):
+        raise ArgumentError(f"--swiglu contradicts text_decoder (gated_linear_unit={t.gated_linear_unit}, "
+                            f"activation_func={t.activation_func!r}) of {args.mm_model}")
+    if t.params_dtype != args.params_dtype_name:
+        raise ArgumentError(f"text_decoder.params_dtype {t.params_dtype!r} of {args.mm_model} needs "
+                            f"{'--' + t.params_dtype if t.params_dtype != 'fp32' else 'neither --bf16 nor --fp16'}"
+                            f" (got {'--' + args.params_dtype_name if args.params_dtype_name != 'fp32' else 'fp32'})")
+    warnings = []
+    if args.use_flash_attn and not cuda:
+        warnings.append("--use-flash-attn: no CUDA flash kernel here; attention runs through torch SDPA's CPU kernel")
+    if args.recompute_granularity is not None:
+        fill = dict(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                    recompute_num_layers=args.recompute_num_layers)
+        if spec.text.recompute_granularity is None:
+            spec = dataclasses.replace(spec, text=dataclasses.replace(spec.text, **fill))
+        if spec.vision.recompute_granularity is None:
+            spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, **fill))
+    return spec, warnings

@@ -1,0 +1,219 @@
+"""`pretrain_vlm.py`: finetune InternVL3 with megatron-core from the reference recipe's flags and JSON specs.
+
+Flow: parse flags -> process groups -> model spec and layout plan -> this rank's model chunks in megatron DDP
+-> optimizer and schedule -> `--load` (any saved layout) -> the data of this DP rank -> steps, logged every
+`--log-interval`, saved every `--save-interval` and at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from mindspeed_mm.device import apply_device_adaptor
+
+__all__ = ["main", "train"]
+
+
+@dataclasses.dataclass
+class RunState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)
+    skipped_iterations: int = 0
+
+
+def _is_last_stage_rank() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def _broadcast_from_last_stage(value: float) -> float:
+    """The loss lives on the last pipeline stage; every rank logs the same number."""
+    from megatron.core import parallel_state
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(t, src=src, group=group)
+    return float(t.item())
+
+
+def _dp_sum(values: list[float]) -> list[float]:
+    from megatron.core import parallel_state
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.tolist()
+
+
+def _peak_tflops(args) -> Optional[float]:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    from mindspeed_mm.training.flops import PEAK_TFLOPS
+
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def train(args) -> RunState:
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    from mindspeed_mm.checkpoint.mm_format import MMCheckpointMeta
+    from mindspeed_mm.config.model_spec import load_model_spec
+    from mindspeed_mm.config.parallel import ParallelSizes
+    from mindspeed_mm.data.data_spec import load_data_spec
+    from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
+    from mindspeed_mm.parallel.layout import plan_layout
+    from mindspeed_mm.training.arguments import ArgumentError, reconcile_with_spec
+    from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
+    from mindspeed_mm.training.data import build_train_iterator
+    from mindspeed_mm.training.flops import step_flops
+    from mindspeed_mm.training.loss import LossMode, reduce_reported
+    from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
+    from mindspeed_mm.training.optim import build_optimizer
+    from mindspeed_mm.training.pipeline import build_model_chunks, train_step, wrap_ddp
+
+    t_start = time.perf_counter()
+    init_distributed(args.distributed_backend)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    logger = MetricsLogger(rank == 0, args.metrics_file, args.tensorboard_dir)
+    cuda = torch.distributed.get_backend() == "nccl"
+
+    spec = load_model_spec(args.mm_model)
+    spec, warnings = reconcile_with_spec(args, spec, cuda)
+    for w in warnings:
+        logger.info(f"warning: {w}")
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    vpp = args.virtual_pipeline_model_parallel_size
+    parallel = ParallelSizes.from_world_size(world, tp=tp, pp=pp, cp=cp, vpp=vpp, sp=args.sequence_parallel)
+    plan = plan_layout(spec, parallel, world)  # validates the JSON's stage lists before any group exists
+    initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp if vpp and vpp > 1 else None, seed=args.seed)
+    dp, dp_rank = parallel.dp, parallel_state.get_data_parallel_rank()
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    if gbs % (args.micro_batch_size * dp):
+        raise ArgumentError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
+                            f"{args.micro_batch_size} x data-parallel size {dp}")
+    num_micro = gbs // (args.micro_batch_size * dp)
+    loss_mode = LossMode.from_flags(args.calculate_per_sample_loss, args.calculate_per_token_loss)
+    logger.info(f"layout: world {world} = TP{tp} x PP{pp} x CP{cp} x DP{dp}"
+                f"{f' (VPP {vpp})' if vpp else ''}{' +SP' if args.sequence_parallel else ''}; "
+                f"global batch {gbs} = {args.micro_batch_size} x {num_micro} micro-batches x DP{dp}; "
+                f"loss {loss_mode.value}")
+
+    data_spec = load_data_spec(args.mm_data)
+    tok_dir = data_spec.tokenizer_config.from_pretrained
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+    img_ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if img_ctx != spec.img_context_token_id:
+        raise ArgumentError(f"{args.mm_model}: img_context_token_id {spec.img_context_token_id} but the tokenizer "
+                            f"at {tok_dir} maps <IMG_CONTEXT> to {img_ctx}")
+
+    chunks = build_model_chunks(spec, plan, args.context_parallel_algo)
+    model = wrap_ddp(chunks, args.use_distributed_optimizer, loss_mode)
+    optimizer, scheduler = build_optimizer(args, model)
+    state = RunState()
+    meta = MMCheckpointMeta.from_plan(plan, spec, source_format="native", source_hf_dir=str(Path(tok_dir).absolute()),
+                                      hf_config={})
+    if args.load:
+        loaded = load_checkpoint(args.load, model, plan, optimizer, scheduler, load_optim=not args.no_load_optim,
+                                 load_rng=not args.no_load_rng, finetune=args.finetune, log=logger.info)
+        state.iteration, state.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
+        meta = MMCheckpointMeta.from_plan(plan, spec, source_format=loaded.meta.source_format,
+                                          source_hf_dir=loaded.meta.source_hf_dir, hf_config=loaded.meta.hf_config)
+        if not loaded.optimizer_loaded and state.iteration:
+            scheduler.step(increment=state.iteration)  # the LR where the run left off
+    else:
+        logger.info("no --load: training from megatron's random initialisation")
+
+    batches = build_train_iterator(data_spec, tokenizer, spec, args, dp_rank, dp, state.consumed_train_samples)
+
+    def save():
+        save_checkpoint(args.save, state.iteration, model, plan, meta, optimizer, scheduler,
+                        state.consumed_train_samples, args.to_dict(), save_optim=not args.no_save_optim,
+                        save_rng=not args.no_save_rng, log=logger.info)
+
+    peak = _peak_tflops(args)
+    logger.info(f"start-up took {time.perf_counter() - t_start:.1f} s; training iterations "
+                f"{state.iteration + 1}..{args.train_iters}")
+    window = Counter()
+    last_saved = state.iteration if args.load else None
+    while state.iteration < args.train_iters:
+        t0 = time.perf_counter()
+        microbatches = [next(batches) for _ in range(num_micro)]
+        lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step applies
+        reports, grad_norm = train_step(model, optimizer, microbatches,
+                                        per_sample_loss=loss_mode is LossMode.PER_SAMPLE)
+        scheduler.step(increment=1)
+        state.iteration += 1
+        state.consumed_train_samples += gbs
+        if grad_norm is None:
+            state.skipped_iterations += 1
+        for mb in microbatches:
+            state.skipped.update(mb.get("skipped") or {})
+        seq_lens = [int(mb["input_ids"].shape[1]) for mb in microbatches for _ in range(mb["input_ids"].shape[0])]
+        tiles = sum(int(mb["pixel_values"].shape[0]) if mb.get("pixel_values") is not None else 0
+                    for mb in microbatches)
+        window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
+                      samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
+                      flops=step_flops(spec, tiles, seq_lens).total, time=time.perf_counter() - t0, steps=1)
+        loss = reduce_reported(reports) if _is_last_stage_rank() else float("nan")
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            loss = _broadcast_from_last_stage(loss)
+            tokens, samples, flops, skipped = _dp_sum([window["tokens"], window["samples"], window["flops"],
+                                                       sum(state.skipped.values())])
+            elapsed = window["time"]
+            record = {
+                "iteration": state.iteration, "loss": loss, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
+                "step_time_s": elapsed / window["steps"], "consumed_samples": state.consumed_train_samples,
+                "skipped_samples": int(skipped), "skipped_iterations": state.skipped_iterations,
+                "skipped_by_reason": dict(state.skipped) if dp == 1 else None,
+                **memory_stats(),
+            }
+            if cuda:
+                # every model-parallel rank saw the same micro-batches: count each DP rank's work once
+                tflops = flops / elapsed / 1e12 / (world // dp)
+                record["tflops_per_gpu"] = tflops
+                record["mfu"] = tflops / peak if peak else None
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"iteration {state.iteration}: loss is {loss}")
+            logger.log(record)
+            window = Counter()
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save()
+            last_saved = state.iteration
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            logger.info(f"exit interval: stopping after iteration {state.iteration}")
+            break
+    if args.save and last_saved != state.iteration:
+        save()
+    logger.close()
+    return state
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    apply_device_adaptor()
+    from mindspeed_mm.distributed import destroy_distributed
+    from mindspeed_mm.training.arguments import parse_args
+
+    args = parse_args(argv)
+    try:
+        train(args)
+    finally:
+        if torch.distributed.is_initialized():
+            destroy_distributed()
