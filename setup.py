@@ -22,6 +22,9 @@ setup(
         "einops>=0.7",
         "jsonargparse>=4.30",
         "tqdm>=4.60",
+        # Video frames: decord where it has wheels (x86_64), else PyAV, which also writes the test videos.
+        "decord>=0.6; platform_machine == 'x86_64'",
+        "av>=12",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-image>=0.22"],  # scikit-image: real sample photos for the tiling tests

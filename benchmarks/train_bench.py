@@ -10,7 +10,6 @@ over `--steps` steps after 2 warm-up steps; the ratio is ours / transformers (ta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import tempfile

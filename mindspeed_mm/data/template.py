@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_SYSTEM_MESSAGE",
     "image_token_string",
     "build_conversation",
+    "build_prompt",
 ]
 
 IGNORE_INDEX = -100
@@ -157,3 +158,24 @@ def build_conversation(
             input_ids += ids
             labels += lab
     return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def build_prompt(
+    conversations: list[dict],
+    tiles_per_image: list[int],
+    tokens_per_tile: int,
+    tokenizer,
+    system_message: str = DEFAULT_SYSTEM_MESSAGE,
+) -> torch.Tensor:
+    """Token ids for generation: a conversation that ends with a human turn, then ``<|im_start|>assistant\\n``
+    for the model to continue. Tokenised exactly as :func:`build_conversation` tokenises the same turns in
+    training (it does the work: the conversation gets an empty answer, which is then cut off again)."""
+    if not conversations or not isinstance(conversations[-1], dict) or conversations[-1].get("from") != "human":
+        raise ValueError("a prompt must end with a human turn")
+    ids, _ = build_conversation(list(conversations) + [{"from": "gpt", "value": ""}], tiles_per_image,
+                                tokens_per_tile, tokenizer, system_message)
+    empty_answer, _ = _assistant_turn(tokenizer, "")
+    if ids[-len(empty_answer):].tolist() != empty_answer:
+        raise AssertionError("the empty assistant turn is not the conversation's tail")  # turns are tokenised alone
+    prefix = torch.tensor(_encode(tokenizer, f"{IM_START}assistant\n"), dtype=torch.long)
+    return torch.cat([ids[: len(ids) - len(empty_answer)], prefix])

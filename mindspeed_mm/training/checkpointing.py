@@ -112,6 +112,8 @@ def optimizer_state_model_space(optimizer, chunks) -> dict[str, Any]:
             break
     if any(s.main is not p for p, s in slots.items()) and kinds:
         kinds.append(MAIN_PARAM)
+    group = _dp_group(optimizer)
+    sharded = group is not None and torch.distributed.get_world_size(group) > 1
     out: list[dict[str, dict[str, Tensor]]] = []
     pending: list[Tensor] = []  # model-space buffers filled from a DP shard, summed over DP below
     for chunk in chunks:
@@ -119,6 +121,13 @@ def optimizer_state_model_space(optimizer, chunks) -> dict[str, Any]:
         for name, p in _module(chunk).named_parameters():
             s = slots.get(p)
             if s is None:
+                if p.requires_grad and sharded:
+                    # the distributed optimizer left this DP rank no part of it: contribute zeros, so that
+                    # every DP rank reduces the same list of buffers
+                    for kind in kinds:
+                        buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                        per_kind[kind][name] = buf.view(p.shape)
+                        pending.append(buf)
                 continue  # frozen: no optimizer state
             for kind in kinds:
                 src = s.main.detach() if kind == MAIN_PARAM else s.inner.state[s.main][kind]
@@ -130,8 +139,7 @@ def optimizer_state_model_space(optimizer, chunks) -> dict[str, Any]:
                     per_kind[kind][name] = buf.view(p.shape)
                     pending.append(buf)
         out.append(per_kind)
-    group = _dp_group(optimizer)
-    if pending and group is not None and torch.distributed.get_world_size(group) > 1:
+    if pending and sharded:
         flat = torch.cat(pending)
         torch.distributed.all_reduce(flat, group=group)
         offset = 0

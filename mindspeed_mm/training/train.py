@@ -87,7 +87,6 @@ def train(args) -> RunState:
     from mindspeed_mm.training.optim import build_optimizer
     from mindspeed_mm.training.pipeline import build_model_chunks, train_step, wrap_ddp
 
-    t_start = time.perf_counter()
     init_distributed(args.distributed_backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logger = MetricsLogger(rank == 0, args.metrics_file, args.tensorboard_dir)
@@ -147,7 +146,9 @@ def train(args) -> RunState:
                         save_rng=not args.no_save_rng, log=logger.info)
 
     peak = _peak_tflops(args)
-    logger.info(f"start-up took {time.perf_counter() - t_start:.1f} s; training iterations "
+    import psutil
+
+    logger.info(f"start-up took {time.time() - psutil.Process().create_time():.1f} s; training iterations "
                 f"{state.iteration + 1}..{args.train_iters}")
     window = Counter()
     last_saved = state.iteration if args.load else None

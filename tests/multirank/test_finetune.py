@@ -222,11 +222,20 @@ def test_killed_save_leaves_the_previous_checkpoint(tiny, tmp_path):
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
+    """One epoch over a dataset with every kind of broken record: training never stops, every broken record is
+    skipped (replaced by the next good one) and counted under its reason."""
+    from mindspeed_mm.testing.tiny_dataset import BROKEN_REASONS
+
     run = prepare_tiny_run(tmp_path / "broken", preset="vit300m", seed=5, broken=True)
+    n_records = len(run.data_jsonl.read_text().splitlines())
     model = write_model_json(run.hf_dir, tmp_path / "model.json")
     metrics = tmp_path / "m.jsonl"
-    run_torchrun(PRETRAIN, 1, pretrain_args(run, model, iters=6, mbs=2, gbs=2, load=run.mm_dir, metrics=metrics),
-                 timeout=600)
+    iters = -(-n_records // 4)
+    run_torchrun(PRETRAIN, 1, pretrain_args(run, model, iters=iters, mbs=4, gbs=4, load=run.mm_dir,
+                                            metrics=metrics), timeout=600)
     rec = records(metrics)
-    assert len(rec) == 6 and all(r["loss"] == r["loss"] for r in rec)
-    assert rec[-1]["skipped_samples"] > 0, rec[-1]
+    assert len(rec) == iters and all(r["loss"] == r["loss"] for r in rec)
+    by_reason = rec[-1]["skipped_by_reason"]
+    for reason, n in BROKEN_REASONS.items():
+        assert by_reason.get(reason, 0) >= n, (reason, by_reason)
+    assert rec[-1]["skipped_samples"] == sum(by_reason.values())

@@ -1,0 +1,54 @@
+"""Micro-batch collation for InternVL samples (see :class:`~mindspeed_mm.data.dataset.InternVLChatDataset`).
+
+Sequences are right-padded to the micro-batch's longest one; images are not batched per sample but
+concatenated, because the model scatters all tiles' embeddings into the ``<IMG_CONTEXT>`` positions in order.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from mindspeed_mm.data.template import IGNORE_INDEX
+
+__all__ = ["collate_internvl"]
+
+
+def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
+    """``input_ids`` [b, S] padded with ``pad_id``, ``labels`` [b, S] padded with -100, ``attention_mask``
+    [b, S] bool, ``pixel_values`` [T, 3, H, W] (None when no sample has tiles), ``image_flags`` [T] (None
+    likewise), ``num_samples``, ``num_tokens`` (real tokens, image tokens included), ``num_image_tokens``,
+    ``skipped`` {reason: count} summed over the samples."""
+    if not samples:
+        raise ValueError("cannot collate an empty micro-batch")
+    lengths = [int(s["input_ids"].numel()) for s in samples]
+    b, width = len(samples), max(lengths)
+    input_ids = torch.full((b, width), int(pad_id), dtype=torch.long)
+    labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.bool)
+    for row, (s, n) in enumerate(zip(samples, lengths)):
+        if s["labels"].shape != s["input_ids"].shape:
+            raise ValueError(f"sample {row}: labels {tuple(s['labels'].shape)} vs input_ids "
+                             f"{tuple(s['input_ids'].shape)}")
+        input_ids[row, :n] = s["input_ids"]
+        labels[row, :n] = s["labels"]
+        attention_mask[row, :n] = True
+    pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None
+              and s["pixel_values"].shape[0] > 0]
+    flags = [s["image_flags"] for s in samples if s.get("pixel_values") is not None
+             and s["pixel_values"].shape[0] > 0]
+    skipped: Counter = Counter()
+    for s in samples:
+        skipped.update(s.get("skipped") or {})
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_flags": torch.cat(flags) if flags else None,
+        "num_samples": b,
+        "num_tokens": sum(lengths),
+        "num_image_tokens": sum(int(s["num_image_tokens"]) for s in samples),
+        "skipped": dict(skipped),
+    }

@@ -1,0 +1,360 @@
+"""Typed data spec: the ``data_*.json`` a user hands us, in the reference (MindSpeed-MM) schema.
+
+::
+
+    {"dataset_param": {"dataset_type": "multimodal",
+                       "basic_parameters": {"data_path", "data_folder", "repeat_time"} | [ {...}, ... ],
+                       "preprocess_parameters": {"image_reader_type", "train_pipeline": {"image": [...]}},
+                       "tokenizer_config": {"hub_backend", "autotokenizer_name", "from_pretrained", ...},
+                       "template_name": "internvl2_5", "image_size", "patch_size", "down_sample_ratio",
+                       "dynamic_image_size", "use_thumbnail", "min/max_dynamic_patch",
+                       "min/max_num_frame", "sampling_method", ...},
+     "dataloader_param": {"dataloader_mode": "sampler", "shuffle", "drop_last", "pin_memory",
+                          "sampler_type", "collate_param": {"model_name": "internvl", "pad_id"}}}
+
+Rules: values are type-checked (``bool`` is not an ``int``); a key nobody knows is an error naming its path,
+because a misspelt key silently falling back to a default is the most expensive kind of config bug. Keys the
+reference carries without effect here are accepted: ``use_text_processer``, ``group_by_length`` (no length
+grouping: batches are padded to their own longest sample), ``image_reader_type`` and the torchvision
+``train_pipeline`` (our tiling is bit-exact with InternVL's PIL path; only ``norm_fun``'s mean/std and the
+presence of ``Pad2Square`` are read, and a ``Resize`` must agree with ``image_size``). Every error is a :class:`DataSpecError` naming the file and the
+key path. Relative paths in the JSON are kept as written (resolved against the working directory, as in the
+reference scripts).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mindspeed_mm.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "SAMPLING_PATTERN",
+    "BasicParameters",
+    "CollateParam",
+    "DataSpec",
+    "DataSpecError",
+    "DataloaderParam",
+    "DatasetParam",
+    "TokenizerConfig",
+    "data_spec_from_dict",
+    "load_data_spec",
+]
+
+# "rand", "middle", or "fps<rate>" (frames sampled at <rate> frames per second, e.g. "fps0.5").
+SAMPLING_PATTERN = re.compile(r"^(rand|middle|fps(\d+(\.\d*)?|\.\d+))$")
+
+_MISSING = object()
+
+
+class DataSpecError(ValueError):
+    """A data spec is malformed. ``key_path`` names the offending key, ``source`` the file (if any)."""
+
+    def __init__(self, key_path: str, message: str, source: str | None = None):
+        self.key_path, self.detail, self.source = key_path, message, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key_path}: {message}" if key_path else f"{where}{message}")
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+class _Section:
+    """Reads one JSON object: typed ``get`` per known key, then ``done`` rejects whatever was not read."""
+
+    def __init__(self, raw: Any, path: str):
+        if not isinstance(raw, Mapping):
+            raise DataSpecError(path, f"expected an object, got {type(raw).__name__} {raw!r}")
+        self.raw, self.path, self.seen = raw, path, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type, default: Any = _MISSING, choices: tuple[Any, ...] = (),
+            nullable: bool = False) -> Any:
+        self.seen.add(name)
+        if name not in self.raw:
+            if default is _MISSING:
+                raise DataSpecError(self.key(name), "required key is missing")
+            return default
+        value = self.raw[name]
+        if value is None and nullable:
+            return None
+        if not _type_ok(value, kind):
+            want = {float: "number", int: "int", bool: "bool", str: "string", list: "list", dict: "object"}
+            raise DataSpecError(self.key(name), f"expected {want.get(kind, kind.__name__)}, "
+                                f"got {type(value).__name__} {json.dumps(value)}")
+        if choices and value not in choices:
+            raise DataSpecError(self.key(name), f"{json.dumps(value)} is not supported; expected "
+                                f"{' or '.join(json.dumps(c) for c in choices)}")
+        return float(value) if kind is float else value
+
+    def accept(self, *names: str) -> None:
+        """Keys the reference carries that have no effect here."""
+        self.seen.update(names)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen)
+        if unknown:
+            raise DataSpecError(self.key(unknown[0]) if len(unknown) == 1 else self.path or "<top level>",
+                                f"unknown key(s) {unknown}; known keys here: {sorted(self.seen)}")
+
+
+@dataclass(frozen=True)
+class BasicParameters:
+    """One annotation file. ``repeat_time`` >= 1 must be an integer (the file is repeated); in (0, 1) it keeps
+    that fraction of the file's first samples. ``data_folder`` null: paths are relative to the file's folder."""
+
+    data_path: str
+    data_folder: str | None = None
+    repeat_time: float = 1.0
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    from_pretrained: str
+    hub_backend: str = "hf"
+    autotokenizer_name: str = "AutoTokenizer"
+    add_eos_token: bool = False
+    use_fast: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetParam:
+    basic_parameters: tuple[BasicParameters, ...]
+    tokenizer_config: TokenizerConfig
+    dataset_type: str = "multimodal"
+    template_name: str = "internvl2_5"
+    image_size: int = 448
+    patch_size: int = 14
+    down_sample_ratio: float = 0.5
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    min_num_frame: int = 4
+    max_num_frame: int = 12
+    sampling_method: str = "rand"
+    norm_mean: tuple[float, float, float] = IMAGENET_MEAN
+    norm_std: tuple[float, float, float] = IMAGENET_STD
+    # The pipeline's Pad2Square: pads images that are not tiled (video frames, dynamic_image_size false) to a
+    # square of the mean colour before resizing, as the reference does; tiles are square already.
+    pad_to_square: bool = False
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int((self.image_size // self.patch_size) ** 2 * self.down_sample_ratio ** 2)
+
+
+@dataclass(frozen=True)
+class CollateParam:
+    pad_id: int
+    model_name: str = "internvl"
+
+
+@dataclass(frozen=True)
+class DataloaderParam:
+    collate_param: CollateParam
+    dataloader_mode: str = "sampler"
+    shuffle: bool = True
+    drop_last: bool = True
+    pin_memory: bool = False
+    sampler_type: str = "BaseRandomBatchSampler"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset_param: DatasetParam
+    dataloader_param: DataloaderParam
+    source: str | None = field(default=None, compare=False)
+
+    @property
+    def tokenizer_config(self) -> TokenizerConfig:
+        return self.dataset_param.tokenizer_config
+
+
+def _basic(raw: Any, path: str) -> BasicParameters:
+    s = _Section(raw, path)
+    data_path = s.get("data_path", str)
+    folder = s.get("data_folder", str, None, nullable=True)
+    repeat = s.get("repeat_time", float, 1.0)
+    s.done()
+    if not data_path:
+        raise DataSpecError(s.key("data_path"), "must not be empty")
+    if not Path(data_path).suffix.lower() in (".json", ".jsonl"):
+        raise DataSpecError(s.key("data_path"), f"{data_path!r}: only .json (a list) and .jsonl files are read")
+    if repeat <= 0 or (repeat > 1 and repeat != int(repeat)):
+        raise DataSpecError(s.key("repeat_time"), f"must be an integer >= 1 or a fraction in (0, 1), got {repeat!r}")
+    return BasicParameters(data_path, folder, repeat)
+
+
+def _norm_from_pipeline(pre: _Section, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    """Mean/std from the ``norm_fun`` step of ``train_pipeline.image`` and whether it pads to square; the other
+    steps are checked, not run."""
+    mean, std, pad = IMAGENET_MEAN, IMAGENET_STD, False
+    pipeline = pre.get("train_pipeline", dict, None, nullable=True)
+    if pipeline is None:
+        return mean, std, pad
+    pipe = _Section(pipeline, pre.key("train_pipeline"))
+    steps = pipe.get("image", list, [])
+    pipe.accept("video")  # the reference's per-frame pipeline; frames go through the same tiling here
+    pipe.done()
+    known = ("Pad2Square", "Resize", "ToTensor", "norm_fun")
+    for i, raw_step in enumerate(steps):
+        step = _Section(raw_step, f"{pipe.key('image')}[{i}]")
+        kind = step.get("trans_type", str, choices=known)
+        pad = pad or kind == "Pad2Square"
+        param = _Section(step.get("param", dict, {}), step.key("param"))
+        step.done()
+        if kind == "norm_fun":
+            values = []
+            for name in ("mean", "std"):
+                v = param.get(name, list)
+                if len(v) != 3 or not all(_type_ok(x, float) for x in v):
+                    raise DataSpecError(param.key(name), f"expected 3 numbers, got {json.dumps(v)}")
+                values.append(tuple(float(x) for x in v))
+            mean, std = values
+            if any(x <= 0 for x in std):
+                raise DataSpecError(param.key("std"), f"must be positive, got {list(std)}")
+        elif kind == "Resize":
+            size = param.get("size", list)
+            if size != [image_size, image_size]:
+                raise DataSpecError(param.key("size"), f"{size} disagrees with image_size {image_size}")
+            param.accept("interpolation", "antialias")
+        param.accept("mean")  # Pad2Square's fill colour: a no-op on square tiles
+        param.done()
+    return mean, std, pad
+
+
+def _dataset_param(raw: Any, path: str) -> DatasetParam:
+    s = _Section(raw, path)
+    dataset_type = s.get("dataset_type", str, "multimodal", choices=("multimodal",))
+    basic_raw = s.get("basic_parameters", object)
+    if isinstance(basic_raw, list):
+        if not basic_raw:
+            raise DataSpecError(s.key("basic_parameters"), "an empty list names no data")
+        basics = tuple(_basic(b, f"{s.key('basic_parameters')}[{i}]") for i, b in enumerate(basic_raw))
+    else:
+        basics = (_basic(basic_raw, s.key("basic_parameters")),)
+
+    tok = _Section(s.get("tokenizer_config", dict), s.key("tokenizer_config"))
+    tokenizer = TokenizerConfig(
+        from_pretrained=tok.get("from_pretrained", str),
+        hub_backend=tok.get("hub_backend", str, "hf", choices=("hf",)),
+        autotokenizer_name=tok.get("autotokenizer_name", str, "AutoTokenizer", choices=("AutoTokenizer",)),
+        add_eos_token=tok.get("add_eos_token", bool, False),
+        use_fast=tok.get("use_fast", bool, False),
+    )
+    tok.done()
+
+    image_size = s.get("image_size", int, 448)
+    pre = _Section(s.get("preprocess_parameters", dict, {}), s.key("preprocess_parameters"))
+    pre.get("image_reader_type", str, "torchvision", choices=("torchvision", "PIL", "CV2"))
+    mean, std, pad = _norm_from_pipeline(pre, image_size)
+    pre.done()
+
+    kwargs = {
+        "basic_parameters": basics,
+        "tokenizer_config": tokenizer,
+        "dataset_type": dataset_type,
+        "template_name": s.get("template_name", str, "internvl2_5", choices=("internvl2_5",)),
+        "image_size": image_size,
+        "patch_size": s.get("patch_size", int, 14),
+        "down_sample_ratio": s.get("down_sample_ratio", float, 0.5),
+        "dynamic_image_size": s.get("dynamic_image_size", bool, True),
+        "use_thumbnail": s.get("use_thumbnail", bool, True),
+        "min_dynamic_patch": s.get("min_dynamic_patch", int, 1),
+        "max_dynamic_patch": s.get("max_dynamic_patch", int, 12),
+        "min_num_frame": s.get("min_num_frame", int, 4),
+        "max_num_frame": s.get("max_num_frame", int, 12),
+        "sampling_method": s.get("sampling_method", str, "rand"),
+        "norm_mean": mean,
+        "norm_std": std,
+        "pad_to_square": pad,
+    }
+    s.get("group_by_length", bool, False)
+    s.get("use_text_processer", bool, False)
+    if s.get("use_packed_ds", bool, False):
+        raise DataSpecError(s.key("use_packed_ds"), "packing is not implemented; set it to false")
+    s.done()
+
+    for name in ("image_size", "patch_size", "min_dynamic_patch", "min_num_frame"):
+        if kwargs[name] < 1:
+            raise DataSpecError(s.key(name), f"must be >= 1, got {kwargs[name]}")
+    if image_size % kwargs["patch_size"]:
+        raise DataSpecError(s.key("image_size"), f"{image_size} is not a multiple of patch_size {kwargs['patch_size']}")
+    if not 0 < kwargs["down_sample_ratio"] <= 1:
+        raise DataSpecError(s.key("down_sample_ratio"), f"must be in (0, 1], got {kwargs['down_sample_ratio']}")
+    grid = image_size // kwargs["patch_size"] * kwargs["down_sample_ratio"]
+    if grid != int(grid):
+        raise DataSpecError(s.key("down_sample_ratio"), f"{kwargs['down_sample_ratio']} does not divide the "
+                            f"{image_size // kwargs['patch_size']}-patch grid of a tile evenly")
+    if kwargs["max_dynamic_patch"] < kwargs["min_dynamic_patch"]:
+        raise DataSpecError(s.key("max_dynamic_patch"), f"{kwargs['max_dynamic_patch']} is below "
+                            f"min_dynamic_patch {kwargs['min_dynamic_patch']}")
+    if kwargs["max_num_frame"] < kwargs["min_num_frame"]:
+        raise DataSpecError(s.key("max_num_frame"), f"{kwargs['max_num_frame']} is below "
+                            f"min_num_frame {kwargs['min_num_frame']}")
+    if not SAMPLING_PATTERN.match(kwargs["sampling_method"]) or kwargs["sampling_method"] in ("fps0", "fps0."):
+        raise DataSpecError(s.key("sampling_method"), f"{json.dumps(kwargs['sampling_method'])} is not supported; "
+                            'expected "rand", "middle" or "fps<rate>" (e.g. "fps0.5")')
+    return DatasetParam(**kwargs)
+
+
+def _dataloader_param(raw: Any, path: str) -> DataloaderParam:
+    s = _Section(raw, path)
+    col = _Section(s.get("collate_param", dict), s.key("collate_param"))
+    collate = CollateParam(pad_id=col.get("pad_id", int), model_name=col.get("model_name", str, "internvl",
+                                                                           choices=("internvl",)))
+    col.done()
+    if collate.pad_id < 0:
+        raise DataSpecError(col.key("pad_id"), f"must be a token id >= 0, got {collate.pad_id}")
+    out = DataloaderParam(
+        collate_param=collate,
+        dataloader_mode=s.get("dataloader_mode", str, "sampler", choices=("sampler",)),
+        shuffle=s.get("shuffle", bool, True),
+        drop_last=s.get("drop_last", bool, True),
+        pin_memory=s.get("pin_memory", bool, False),
+        sampler_type=s.get("sampler_type", str, "BaseRandomBatchSampler",
+                           choices=("BaseRandomBatchSampler", "SequentialSampler")),
+    )
+    s.done()
+    return out
+
+
+def data_spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> DataSpec:
+    try:
+        top = _Section(raw, "")
+        spec = DataSpec(_dataset_param(top.get("dataset_param", dict), "dataset_param"),
+                        _dataloader_param(top.get("dataloader_param", dict), "dataloader_param"), source)
+        top.done()
+    except DataSpecError as e:
+        if source and not e.source:
+            raise DataSpecError(e.key_path, e.detail, source) from None
+        raise
+    return spec
+
+
+def load_data_spec(src: str | Path | Mapping[str, Any]) -> DataSpec:
+    """Parse and validate a data spec from a JSON file or a dict; errors name the file and the key path."""
+    if isinstance(src, Mapping):
+        return data_spec_from_dict(src)
+    path = Path(src)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataSpecError("", f"cannot read the data spec: {e.strerror or e}", str(path)) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataSpecError("", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", str(path)) from None
+    return data_spec_from_dict(raw, source=str(path))
