@@ -95,6 +95,9 @@ LAYOUTS = {
     "cp2_ring": (2, None, None, ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo"]),
     "cp2_ulysses": (2, None, None, ["--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo"]),
     "dp2_distopt": (2, None, None, ["--use-distributed-optimizer"]),
+    "tp2_pp2_recompute": (4, [[4, 0]], [[1, 3]], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
+                                                  "2", "--recompute-granularity", "full", "--recompute-method",
+                                                  "uniform", "--recompute-num-layers", "1"]),
 }
 
 
@@ -112,6 +115,34 @@ def test_first_three_losses_agree_across_layouts(tiny, tmp_path, single_rank_los
     assert len(got) == 3
     for g, w in zip(got, single_rank_losses):
         assert abs(g - w) <= LOSS_RTOL * abs(w), (layout, got, single_rank_losses)
+
+
+def test_frozen_vit_stays_unchanged(tiny, tmp_path):
+    model = write_model_json(tiny.hf_dir, tmp_path / "frozen.json", freeze_vit=True)
+    train(tiny, tmp_path, "frozen", 1, model, 2, load=tiny.mm_dir, save=tmp_path / "frozen")
+    before = _merged_weights(tiny.mm_dir)
+    after = _merged_weights(tmp_path / "frozen")
+    vit = [k for k in before if k.startswith("image_encoder.encoder.")]
+    llm = [k for k in before if k.startswith("text_decoder.")]
+    assert vit and all(torch.equal(before[k], after[k]) for k in vit)
+    assert any(not torch.equal(before[k], after[k]) for k in llm)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_trains_and_resumes(tiny, tmp_path, dtype):
+    """bf16 / fp16 parameters (fp16 with dynamic loss scaling) with fp32 main weights: the loss falls, and a
+    resume reproduces the uninterrupted run exactly."""
+    model = write_model_json(tiny.hf_dir, tmp_path / f"{dtype}.json", params_dtype=dtype)
+    raw = json.loads(model.read_text())
+    raw["image_encoder"]["vision_encoder"]["params_dtype"] = dtype
+    model.write_text(json.dumps(raw))
+    flags = [f"--{dtype}", "--initial-loss-scale", "1024"]
+    full = records(train(tiny, tmp_path, "full", 1, model, 6, load=tiny.mm_dir, lr=2e-3, extra=flags))
+    first = records(train(tiny, tmp_path, "a", 1, model, 6, load=tiny.mm_dir, lr=2e-3, save=tmp_path / "ck",
+                          extra=[*flags, "--exit-interval", "3"]))
+    second = records(train(tiny, tmp_path, "b", 1, model, 6, load=tmp_path / "ck", lr=2e-3, extra=flags))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
+    assert full[-1]["loss"] < full[0]["loss"]
 
 
 def test_per_token_loss_independent_of_microbatch_split(tiny, tmp_path):
