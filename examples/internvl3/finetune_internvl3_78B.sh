@@ -1,91 +1,9 @@
 #!/usr/bin/env bash
-# Finetune InternVL3-78B on GPUs (the reference recipe's flags, accepted as written).
-# Convert first:
+# Finetune InternVL3-78B: 4 nodes x 8 GPUs, TP8 (the ViT's 25 heads split unevenly) + SP x PP2, micro-batch 1 x 32
+# accumulation steps. Convert first:
 #   mm-convert InternVLConverter hf_to_mm --cfg.mm_dir ckpt/mm_path/internvl3-78B --cfg.hf_config.hf_dir $HF_DIR \
 #     --cfg.parallel_config.llm_pp_layers [[40,40]] --cfg.parallel_config.vit_pp_layers [[45,0]] \
 #     --cfg.parallel_config.tp_size 8
-# (any other layout loads too: --load reshards a checkpoint saved at a different TP/PP on the fly).
-# Nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or run the same command under srun / mpirun: ranks are
-# read from SLURM_* / OMPI_* variables when torchrun's are absent).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-
-NPUS_PER_NODE=${NPUS_PER_NODE:-8}
-NNODES=${NNODES:-4}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
-
-MM_DATA=${MM_DATA:-examples/internvl3/data_78B.json}
-MM_MODEL=${MM_MODEL:-examples/internvl3/model_78B.json}
-LOAD_PATH=${LOAD_PATH:-ckpt/mm_path/internvl3-78B}
-SAVE_PATH=${SAVE_PATH:-save_dir}
-
-TP=${TP:-8}
-PP=${PP:-2}
-CP=${CP:-1}
-MBS=${MBS:-1}
-GRAD_ACC_STEP=${GRAD_ACC_STEP:-32}
-DP=$((WORLD_SIZE / TP / PP / CP))
-GBS=$((MBS * GRAD_ACC_STEP * DP))
-
-DISTRIBUTED_ARGS="--nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
-  --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
-
-GPT_ARGS="
-    --use-distributed-optimizer
-    --unaligned-linear
-    --sequence-parallel
-    --tensor-model-parallel-size ${TP}
-    --pipeline-model-parallel-size ${PP}
-    --context-parallel-size ${CP}
-    --micro-batch-size ${MBS}
-    --global-batch-size ${GBS}
-    --tokenizer-type NullTokenizer
-    --vocab-size 151674
-    --seq-length 4096
-    --position-embedding-type rope
-    --rotary-base 1000000
-    --swiglu
-    --no-masked-softmax-fusion
-    --lr 2e-5
-    --min-lr 0.0
-    --train-iters 5000
-    --lr-decay-style cosine
-    --weight-decay 0.05
-    --clip-grad 1.0
-    --adam-beta1 0.9
-    --adam-beta2 0.999
-    --no-gradient-accumulation-fusion
-    --no-load-optim
-    --no-load-rng
-    --no-save-optim
-    --no-save-rng
-    --use-flash-attn
-    --bf16
-    --load $LOAD_PATH
-    --variable-seq-lengths
-    --normalization RMSNorm
-    --num-workers 4
-"
-
-MM_ARGS="
-    --mm-data $MM_DATA
-    --mm-model $MM_MODEL
-"
-
-OUTPUT_ARGS="
-    --log-interval 1
-    --save-interval 5000
-    --eval-interval 5000
-    --eval-iters 5000
-    --save $SAVE_PATH
-    --ckpt-format torch
-    --log-tps
-    --metrics-file $SAVE_PATH/metrics.jsonl
-"
-
-mkdir -p logs
-torchrun $DISTRIBUTED_ARGS pretrain_vlm.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS --distributed-backend nccl \
-  2>&1 | tee logs/train_internvl3_78B.log
+export MODEL=78B NNODES=${NNODES:-4} TP=${TP:-8} PP=${PP:-2} GRAD_ACC_STEP=${GRAD_ACC_STEP:-32}
+export EXTRA_ARGS=${EXTRA_ARGS:-"--unaligned-linear --sequence-parallel"}
+exec bash "$(dirname "$0")/finetune_internvl3.sh" "$@"

@@ -11,22 +11,39 @@ from mindspeed_mm.training.arguments import ArgumentError, parse_args, reconcile
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "internvl3"
 
 
-def script_argv(name: str, **values) -> list[str]:
-    """The GPT_ARGS / MM_ARGS / OUTPUT_ARGS of an example script, with its shell variables filled in."""
-    src = (EXAMPLES / name).read_text()
+def script_argv(**values) -> list[str]:
+    """The GPT_ARGS / MM_ARGS / OUTPUT_ARGS of the example launcher, with its shell variables filled in."""
+    src = (EXAMPLES / "finetune_internvl3.sh").read_text()
+
+    def fill(m):
+        name = m.group(1) or m.group(3)
+        return str(values.get(name, "x"))
+
     argv = []
     for block in ("GPT_ARGS", "MM_ARGS", "OUTPUT_ARGS"):
-        argv += shlex.split(re.search(block + r'="(.*?)"', src, re.S).group(1))
-    return [re.sub(r"\$\{?(\w+)\}?", lambda m: str(values.get(m.group(1), "x")), a) for a in argv]
+        text = re.search(block + r'="(.*?)"', src, re.S).group(1)
+        argv += shlex.split(re.sub(r"\$\{(\w+)(:-[^}]*)?\}|\$(\w+)", fill, text))
+    return argv
+
+
+def wrapper_env(script: str) -> dict:
+    """The defaults a model's wrapper script exports (MODEL, TP, PP, EXTRA_ARGS)."""
+    src = (EXAMPLES / script).read_text()
+    env = {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=\$\{\w+:-([^}]*)\}", src)}
+    env.update({m.group(1): m.group(2) for m in re.finditer(r"export (MODEL)=(\w+)", src)})
+    env["EXTRA_ARGS"] = env.get("EXTRA_ARGS", "").strip('"')
+    return env
 
 
 @pytest.mark.parametrize("script,model,tp", [("finetune_internvl3_8B.sh", "model_8B.json", 1),
                                              ("finetune_internvl3_78B.sh", "model_78B.json", 8)])
 def test_reference_scripts_parse_and_agree_with_their_model_json(script, model, tp):
-    argv = script_argv(script, TP=tp, PP=2, CP=1, MBS=1, GBS=64, MM_DATA=EXAMPLES / "data_8B.json",
+    env = wrapper_env(script)
+    argv = script_argv(**env, CP=1, MBS=1, GBS=64, MM_DATA=EXAMPLES / f"data_{env['MODEL']}.json",
                        MM_MODEL=EXAMPLES / model)
     args = parse_args(argv)
     assert args.bf16 and args.use_distributed_optimizer and args.tensor_model_parallel_size == tp
+    assert args.sequence_parallel == (tp > 1)
     spec, warnings = reconcile_with_spec(args, load_model_spec(args.mm_model), cuda=False)
     assert warnings == ["--use-flash-attn: no CUDA flash kernel here; attention runs through torch SDPA's CPU kernel"]
     assert reconcile_with_spec(args, spec, cuda=True)[1] == []

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Finetune InternVL3 on GPUs with the reference recipe's flags; finetune_internvl3_8B.sh and _78B.sh set the
+# model's defaults and run this. Every default below can be overridden from the environment.
+# Nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or run the same command under srun / mpirun: ranks are
+# read from SLURM_* / OMPI_* variables when torchrun's are absent).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MODEL=${MODEL:-8B}
+
+NPUS_PER_NODE=${NPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+
+MM_DATA=${MM_DATA:-examples/internvl3/data_${MODEL}.json}
+MM_MODEL=${MM_MODEL:-examples/internvl3/model_${MODEL}.json}
+LOAD_PATH=${LOAD_PATH:-ckpt/mm_path/internvl3-${MODEL}}
+SAVE_PATH=${SAVE_PATH:-save_dir}
+
+TP=${TP:-1}
+PP=${PP:-4}
+CP=${CP:-1}
+MBS=${MBS:-1}
+GRAD_ACC_STEP=${GRAD_ACC_STEP:-64}
+DP=$((WORLD_SIZE / TP / PP / CP))
+GBS=$((MBS * GRAD_ACC_STEP * DP))
+
+DISTRIBUTED_ARGS="--nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
+  --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
+
+GPT_ARGS="
+    --use-distributed-optimizer ${EXTRA_ARGS:-}
+    --tensor-model-parallel-size ${TP}
+    --pipeline-model-parallel-size ${PP}
+    --context-parallel-size ${CP}
+    --micro-batch-size ${MBS}
+    --global-batch-size ${GBS}
+    --tokenizer-type NullTokenizer
+    --vocab-size 151674
+    --seq-length 4096
+    --position-embedding-type rope
+    --rotary-base 1000000
+    --swiglu
+    --no-masked-softmax-fusion
+    --lr 2e-5
+    --min-lr 0.0
+    --train-iters 5000
+    --lr-decay-style cosine
+    --weight-decay 0.05
+    --clip-grad 1.0
+    --adam-beta1 0.9
+    --adam-beta2 0.999
+    --no-gradient-accumulation-fusion
+    --no-load-optim
+    --no-load-rng
+    --no-save-optim
+    --no-save-rng
+    --use-flash-attn
+    --bf16
+    --load $LOAD_PATH
+    --variable-seq-lengths
+    --normalization RMSNorm
+    --num-workers 4
+"
+
+MM_ARGS="
+    --mm-data $MM_DATA
+    --mm-model $MM_MODEL
+"
+
+OUTPUT_ARGS="
+    --log-interval 1
+    --save-interval 5000
+    --eval-interval 5000
+    --eval-iters 5000
+    --save $SAVE_PATH
+    --ckpt-format torch
+    --log-tps
+    --metrics-file $SAVE_PATH/metrics.jsonl
+"
+
+mkdir -p logs
+torchrun $DISTRIBUTED_ARGS pretrain_vlm.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS --distributed-backend nccl \
+  2>&1 | tee logs/train_internvl3_${MODEL}.log
