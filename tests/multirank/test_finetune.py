@@ -250,6 +250,12 @@ def test_killed_save_leaves_the_previous_checkpoint(tiny, tmp_path):
     assert [r["iteration"] for r in rec] == [2, 3]
     assert not (save / ".iter_0000002.tmp").exists()
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
+    # --finetune takes only the weights: iterations, schedule and data restart
+    rec = records(train(tiny, tmp_path, "ft", 1, model, 1, load=save, extra=["--finetune"]))
+    assert [r["iteration"] for r in rec] == [1] and rec[0]["consumed_samples"] == 4
+    # --no-load-optim keeps the position but starts the optimizer afresh, at the LR where the run left off
+    rec = records(train(tiny, tmp_path, "noopt", 1, model, 4, load=save, extra=["--no-load-optim", "--no-load-rng"]))
+    assert [r["iteration"] for r in rec] == [4] and rec[0]["consumed_samples"] == 16
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
