@@ -6,7 +6,8 @@
 #   3. finetune it with pretrain_vlm.py on 2 ranks at TP2 + SP with the distributed optimizer (--load reshards
 #      the TP1 conversion), stopping half-way after a save (--exit-interval);
 #   4. resume from that save at another layout (PP2) and train to the end;
-#   5. convert the final save back to an HF checkpoint that transformers loads.
+#   5. ask the finetuned model (the PP2 save, on 2 ranks, KV-cache decoding) about pictures it was trained on;
+#   6. convert the final save back to an HF checkpoint that transformers loads.
 # Set OUT to choose the output directory, SKIP_INSTALL=1 to use the current environment.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,6 +43,24 @@ echo "== finetune at TP2 + SP, distributed optimizer; stop after iteration $((IT
 echo "== resume at PP2 from $OUT/save"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 pretrain_vlm.py $ARGS --mm-model "$OUT/model_pp2.json" \
   --pipeline-model-parallel-size 2 --load "$OUT/save"
+
+echo "== inference with the finetuned checkpoint ($OUT/save, its PP2 layout)"
+"$PY" - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+cfg = json.load(open("examples/internvl3/inference_tiny.json"))
+cfg.update(file_path=f"{out}/data/images/red_1.jpg", prompts=["What colour is this picture?"], requests_file=None,
+           output_path=f"{out}/answers.jsonl", from_pretrained=f"{out}/save", tokenizer={"from_pretrained": f"{out}/hf"})
+cfg["generation_config"]["max_new_tokens"] = 16
+json.dump(cfg, open(f"{out}/inference.json", "w"), indent=2)
+with open(f"{out}/requests.jsonl", "w") as f:
+    for colour, path in (("blue", "blue_0.png"), ("green", "green_1.jpg")):
+        f.write(json.dumps({"prompt": "What colour is this picture?", "infer_data_type": "image",
+                            "file_path": f"{out}/data/images/{path}"}) + "\n")
+cfg["requests_file"] = f"{out}/requests.jsonl"
+json.dump(cfg, open(f"{out}/inference.json", "w"), indent=2)
+PY
+"$PY" -m torch.distributed.run --standalone --nproc_per_node 2 inference_vlm.py --mm-model "$OUT/inference.json"
 
 "$PY" -m mindspeed_mm.cli.mm_convert InternVLConverter mm_to_hf --cfg.mm_dir "$OUT/save" --cfg.save_hf_dir "$OUT/hf_finetuned"
 "$PY" - "$OUT" <<'PY'

@@ -1,0 +1,366 @@
+"""The inference JSON, typed and validated.
+
+Schema (the reference system's ``inference_8B.json`` plus ``output_path``, ``requests_file``, ``seed`` and a
+few optional knobs)::
+
+    {
+      "infer_data_type": "image" | "video" | "text",
+      "file_path": str | [str, ...],        image(s) of one request, or one video; absent for text
+      "prompts": str | [str, ...],          one request per prompt (each with the same file(s))
+      "requests_file": "reqs.jsonl",        or/also: one JSON request per line (see `RequestSpec`)
+      "pipeline_class": "InternVLPipeline", "template": "internvl2_5",
+      "dtype": "bf16" | "fp16" | "fp32",    "device": "cuda" | "cpu" | "auto",
+      "num_segments": 8,                    video frames (one tile each)
+      "max_tiles": 12,                      tiles of one image, thumbnail excluded (alias max_dynamic_patch)
+      "from_pretrained": "ckpt/mm_path/internvl3-8B"   mm-convert output dir, or one rank's .pt file
+      "tokenizer": {"from_pretrained": "<HF dir>", ...},
+      "generation_config": {"do_sample": false, "max_new_tokens": 1024, "temperature": 1.0, "top_k": 50,
+                            "top_p": 1.0, "eos_token_id": 151645, "use_cache": true, ...},
+      "output_path": "results.jsonl", "seed": 1234, "batch_size": 1,
+      "text_decoder": {...}, "image_encoder": {...}, ...   the model keys, as in the model JSON (optional
+                                                           with a converted dir: its metadata has them)
+    }
+
+Every error is an :class:`InferenceConfigError` whose message starts with the key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATA_TYPES",
+    "GenerationConfig",
+    "InferenceConfig",
+    "InferenceConfigError",
+    "RequestSpec",
+    "TokenizerConfig",
+    "load_inference_config",
+]
+
+DATA_TYPES = ("image", "video", "text")
+DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
+PIPELINES = ("InternVLPipeline",)
+TEMPLATES = ("internvl2_5",)
+# Top-level keys of the model JSON that may sit in the inference JSON (the reference merges the two).
+MODEL_KEYS = ("model_id", "img_context_token_id", "downsample_ratio", "select_layer", "ps_version",
+              "pre_process", "post_process", "add_text_encoder", "text_encoder", "video_encoder",
+              "img_embedding_idx", "add_rmsnorm_offset", "text_decoder", "image_encoder")
+# The reference's inference JSON names the LLM "Qwen2.5llm"; it is the same module as training's "internllm".
+_TEXT_MODEL_ALIASES = {"Qwen2.5llm": "internllm"}
+
+
+class InferenceConfigError(ValueError):
+    def __init__(self, key_path: str, message: str):
+        self.key_path = key_path
+        super().__init__(f"{key_path}: {message}" if key_path else message)
+
+
+def _type_error(path: str, want: str, value: Any) -> InferenceConfigError:
+    return InferenceConfigError(path, f"expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _int(path: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(path, "int", value)
+    if minimum is not None and value < minimum:
+        raise InferenceConfigError(path, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(path: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(path, "number", value)
+    return float(value)
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error(path, "bool", value)
+    return value
+
+
+def _str(path: str, value: Any, choices: tuple[str, ...] = ()) -> str:
+    if not isinstance(value, str):
+        raise _type_error(path, "string", value)
+    if choices and value not in choices:
+        raise InferenceConfigError(path, f"{value!r} is not supported; expected one of {list(choices)}")
+    return value
+
+
+def _str_list(path: str, value: Any) -> tuple[str, ...]:
+    """A string or a list of strings."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list):
+        raise _type_error(path, "a string or a list of strings", value)
+    return tuple(_str(f"{path}[{i}]", v) for i, v in enumerate(value))
+
+
+def _unknown(path: str, raw: Mapping[str, Any], known) -> None:
+    for key in raw:
+        if key not in known:
+            raise InferenceConfigError(f"{path}.{key}" if path else key, f"unknown key (value {raw[key]!r:.60})")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """HF-style generation settings. ``eos_token_id`` null: stop at the tokenizer's ``<|im_end|>`` (and its
+    eos); ``[]`` never stops early (max_new_tokens only). ``num_beams`` must be 1 (no beam search)."""
+
+    do_sample: bool = False
+    num_beams: int = 1
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: tuple[int, ...] | None = None
+    bos_token_id: int | None = None  # unused: prompts start with the system turn, as in training
+    pad_token_id: int | None = None
+    use_cache: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: str = "generation_config") -> GenerationConfig:
+        if not isinstance(raw, Mapping):
+            raise _type_error(path, "an object", raw)
+        names = {f.name for f in dataclasses.fields(cls)}
+        _unknown(path, raw, names)
+        kw: dict[str, Any] = {}
+        for key, value in raw.items():
+            p = f"{path}.{key}"
+            if key in ("do_sample", "use_cache"):
+                kw[key] = _bool(p, value)
+            elif key in ("num_beams", "max_new_tokens"):
+                kw[key] = _int(p, value, 1)
+            elif key == "top_k":
+                kw[key] = _int(p, value, 0)
+            elif key in ("temperature", "top_p"):
+                kw[key] = _float(p, value)
+            elif key == "eos_token_id":
+                if value is None:
+                    kw[key] = None
+                elif isinstance(value, list):
+                    kw[key] = tuple(_int(f"{p}[{i}]", v, 0) for i, v in enumerate(value))
+                else:
+                    kw[key] = (_int(p, value, 0),)
+            else:  # bos/pad token ids
+                kw[key] = None if value is None else _int(p, value, 0)
+        out = cls(**kw)
+        if out.num_beams != 1:
+            raise InferenceConfigError(f"{path}.num_beams", f"only 1 is supported (no beam search), got {out.num_beams}")
+        if out.do_sample and out.temperature <= 0:
+            raise InferenceConfigError(f"{path}.temperature", f"must be > 0 when sampling, got {out.temperature}")
+        if not 0.0 < out.top_p <= 1.0:
+            raise InferenceConfigError(f"{path}.top_p", f"must be in (0, 1], got {out.top_p}")
+        return out
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """``from_pretrained``: an HF directory (the one the checkpoint was converted from). The other reference
+    keys are accepted; ``hub_backend``/``autotokenizer_name`` can only be "hf"/"AutoTokenizer"."""
+
+    from_pretrained: str
+    use_fast: bool = True
+    trust_remote_code: bool = False
+    add_eos_token: bool = False
+    hub_backend: str = "hf"
+    autotokenizer_name: str = "AutoTokenizer"
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: str = "tokenizer") -> TokenizerConfig:
+        if not isinstance(raw, Mapping):
+            raise _type_error(path, "an object", raw)
+        _unknown(path, raw, {f.name for f in dataclasses.fields(cls)})
+        if "from_pretrained" not in raw:
+            raise InferenceConfigError(f"{path}.from_pretrained", "missing required key (the HF directory)")
+        kw: dict[str, Any] = {"from_pretrained": _str(f"{path}.from_pretrained", raw["from_pretrained"])}
+        for key in ("use_fast", "trust_remote_code", "add_eos_token"):
+            if key in raw:
+                kw[key] = _bool(f"{path}.{key}", raw[key])
+        if "hub_backend" in raw:
+            kw["hub_backend"] = _str(f"{path}.hub_backend", raw["hub_backend"], ("hf",))
+        if "autotokenizer_name" in raw:
+            kw["autotokenizer_name"] = _str(f"{path}.autotokenizer_name", raw["autotokenizer_name"],
+                                            ("AutoTokenizer",))
+        if kw.get("add_eos_token"):
+            raise InferenceConfigError(f"{path}.add_eos_token", "true would end every prompt with eos; use false")
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One generation request: a prompt, its data type and its files (images of one request, or one video)."""
+
+    prompt: str
+    infer_data_type: str = "text"
+    file_path: tuple[str, ...] = ()
+    id: str | None = None
+    max_new_tokens: int | None = None  # overrides generation_config.max_new_tokens
+
+    source: str = ""  # where it was written: "" (the top-level keys) or "requests_file line N."
+
+    def check_files(self) -> None:
+        """Missing files and wrong counts, before any model is loaded."""
+        key = f"{self.source}file_path"
+        if self.infer_data_type == "text":
+            if self.file_path:
+                raise InferenceConfigError(key, f"infer_data_type 'text' takes no files, got {list(self.file_path)}")
+            return
+        if not self.file_path:
+            raise InferenceConfigError(key, f"infer_data_type {self.infer_data_type!r} needs a file")
+        if self.infer_data_type == "video" and len(self.file_path) != 1:
+            raise InferenceConfigError(key, f"a video request takes one file, got {list(self.file_path)}")
+        for i, f in enumerate(self.file_path):
+            if not Path(f).is_file():
+                where = key + (f"[{i}]" if len(self.file_path) > 1 else "")
+                raise InferenceConfigError(where, f"file not found: {f}")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    from_pretrained: str
+    tokenizer: TokenizerConfig
+    requests: tuple[RequestSpec, ...]
+    generation_config: GenerationConfig = field(default_factory=GenerationConfig)
+    pipeline_class: str = "InternVLPipeline"
+    template: str = "internvl2_5"
+    dtype: str = "bf16"
+    device: str = "auto"
+    num_segments: int = 8
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    system_message: str | None = None  # null: the template's default
+    batch_size: int = 1
+    seed: int = 1234
+    seq_length: int | None = None  # prompt + new tokens limit; null: the model's max_position_embeddings
+    output_path: str | None = None
+    model: dict | None = None  # the model keys, reference schema; None: from the checkpoint metadata
+    source: str = "<dict>"
+
+
+_TOP_KEYS = ("infer_data_type", "file_path", "prompts", "requests_file", "pipeline_class", "template", "dtype",
+             "device", "num_segments", "max_tiles", "max_dynamic_patch", "use_thumbnail", "system_message",
+             "batch_size", "seed", "seq_length", "output_path", "from_pretrained", "tokenizer",
+             "generation_config")
+
+
+def _model_dict(raw: Mapping[str, Any]) -> dict | None:
+    model = {k: raw[k] for k in MODEL_KEYS if k in raw}
+    if "text_decoder" not in model and "image_encoder" not in model:
+        return None
+    text = model.get("text_decoder")
+    if isinstance(text, Mapping) and text.get("model_id") in _TEXT_MODEL_ALIASES:
+        model["text_decoder"] = {**text, "model_id": _TEXT_MODEL_ALIASES[text["model_id"]]}
+    return model
+
+
+def _requests_from_file(path: str, default_type: str) -> list[RequestSpec]:
+    """JSONL: {"prompt": str, "infer_data_type"?: str, "file_path"?: str | [str], "id"?: str,
+    "max_new_tokens"?: int} per line (blank lines skipped). The type defaults to the top-level one for a line
+    with files and to "text" for one without."""
+    p = Path(path)
+    if not p.is_file():
+        raise InferenceConfigError("requests_file", f"file not found: {path}")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"requests_file line {n}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InferenceConfigError(where, f"invalid JSON: {e.msg}") from None
+        if not isinstance(raw, Mapping):
+            raise _type_error(where, "an object", raw)
+        _unknown(where, raw, ("prompt", "infer_data_type", "file_path", "id", "max_new_tokens"))
+        if "prompt" not in raw:
+            raise InferenceConfigError(f"{where}.prompt", "missing required key")
+        files = _str_list(f"{where}.file_path", raw["file_path"]) if raw.get("file_path") else ()
+        out.append(RequestSpec(
+            prompt=_str(f"{where}.prompt", raw["prompt"]),
+            infer_data_type=_str(f"{where}.infer_data_type",
+                                 raw.get("infer_data_type", default_type if files else "text"), DATA_TYPES),
+            file_path=files,
+            id=None if raw.get("id") is None else str(raw["id"]),
+            max_new_tokens=None if raw.get("max_new_tokens") is None
+            else _int(f"{where}.max_new_tokens", raw["max_new_tokens"], 1),
+            source=f"{where}."))
+    return out
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files: bool = True) -> InferenceConfig:
+    if not isinstance(raw, Mapping):
+        raise _type_error("<root>", "a JSON object", raw)
+    _unknown("", raw, _TOP_KEYS + MODEL_KEYS)
+    for key in ("from_pretrained", "tokenizer"):
+        if key not in raw:
+            raise InferenceConfigError(key, "missing required key")
+    data_type = _str("infer_data_type", raw.get("infer_data_type", "text"), DATA_TYPES)
+    requests: list[RequestSpec] = []
+    if raw.get("prompts") is not None:
+        files = _str_list("file_path", raw["file_path"]) if raw.get("file_path") else ()
+        for i, prompt in enumerate(_str_list("prompts", raw["prompts"])):
+            requests.append(RequestSpec(prompt, data_type, files, id=str(i)))
+    elif raw.get("file_path"):
+        raise InferenceConfigError("prompts", "missing: file_path is given but no prompt for it")
+    if raw.get("requests_file") is not None:
+        path = _str("requests_file", raw["requests_file"])
+        if check_files or Path(path).is_file():  # unchecked (a config read ahead of its inputs): skipped if absent
+            requests += _requests_from_file(path, data_type)
+    if not requests:
+        raise InferenceConfigError("prompts", "no requests: give prompts (with file_path) or requests_file")
+    requests = [r if r.id is not None else dataclasses.replace(r, id=str(i)) for i, r in enumerate(requests)]
+    if check_files:
+        for r in requests:
+            r.check_files()
+    kw: dict[str, Any] = {
+        "from_pretrained": _str("from_pretrained", raw["from_pretrained"]),
+        "tokenizer": TokenizerConfig.from_dict(raw["tokenizer"]),
+        "requests": tuple(requests),
+        "model": _model_dict(raw),
+        "source": source,
+    }
+    if "generation_config" in raw:
+        kw["generation_config"] = GenerationConfig.from_dict(raw["generation_config"])
+    choices = {"pipeline_class": PIPELINES, "template": TEMPLATES, "dtype": DTYPES, "device": DEVICES}
+    for key, allowed in choices.items():
+        if key in raw:
+            value = raw[key]
+            if key == "device" and value == "npu":
+                raise InferenceConfigError("device", "'npu' is not supported by mindspeed_mm; use 'cuda', 'cpu' or "
+                                           "'auto'")
+            kw[key] = _str(key, value, allowed)
+    if "max_tiles" in raw and "max_dynamic_patch" in raw and raw["max_tiles"] != raw["max_dynamic_patch"]:
+        raise InferenceConfigError("max_dynamic_patch", f"{raw['max_dynamic_patch']!r} disagrees with max_tiles "
+                                   f"{raw['max_tiles']!r}")
+    for key, minimum in (("num_segments", 1), ("max_tiles", 1), ("max_dynamic_patch", 1), ("batch_size", 1),
+                         ("seed", 0), ("seq_length", 1)):
+        if raw.get(key) is not None:
+            kw["max_tiles" if key == "max_dynamic_patch" else key] = _int(key, raw[key], minimum)
+    if "use_thumbnail" in raw:
+        kw["use_thumbnail"] = _bool("use_thumbnail", raw["use_thumbnail"])
+    for key in ("system_message", "output_path"):
+        if raw.get(key) is not None:
+            kw[key] = _str(key, raw[key])
+    return InferenceConfig(**kw)
+
+
+def load_inference_config(path: str | Path, check_files: bool = True) -> InferenceConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"inference config not found: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InferenceConfigError("", f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    try:
+        return config_from_dict(raw, source=str(path), check_files=check_files)
+    except InferenceConfigError as e:
+        raise InferenceConfigError(e.key_path, f"{str(e)[len(e.key_path) + 2:] if e.key_path else e} (in {path})"
+                                   ) from None

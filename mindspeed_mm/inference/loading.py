@@ -1,0 +1,150 @@
+"""The checkpoint to generate with: its model and layout, checked against the run, built and loaded.
+
+`from_pretrained` is an `mm-convert` output directory (any TP/PP/VPP layout, read from its
+`mm_convert_meta.json`) or one rank's `model_optim_rng.pt` of a single-rank conversion (the reference's way;
+the model keys must then be in the inference JSON). The run's layout is the checkpoint's: torchrun must start
+tp * pp processes, and a run of another size stops before building anything, saying what to launch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec, to_dict
+from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.inference.config import InferenceConfigError
+from mindspeed_mm.inference.stages import StageRunner
+from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
+
+__all__ = ["CheckpointInfo", "LayoutMismatch", "build_runner", "inspect_checkpoint"]
+
+# Model keys that may differ between the inference JSON and the checkpoint: they do not change the weights
+# or the maths of a forward pass in eval mode.
+_FREE_KEYS = {"freeze", "pipeline_num_layers", "params_dtype", "drop_path_rate", "init_method_std",
+              "initializer_factor", "recompute_granularity", "recompute_method", "recompute_num_layers",
+              "variable_seq_lengths", "max_position_embeddings", "pre_process", "post_process", "rope_scaling"}
+
+
+class LayoutMismatch(ValueError):
+    """The checkpoint's TP x PP layout needs another number of processes than the run has."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    kind: str  # "mm_dir" | "rank_file"
+    spec: InternVLSpec
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    vit_pp_layers: list | None = None
+    llm_pp_layers: list | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def describe(self) -> str:
+        return f"TP{self.tp} x PP{self.pp}" + (f" x VPP{self.vpp}" if self.vpp > 1 else "")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: str) -> None:
+    mine, theirs = _flat(to_dict(json_spec)), _flat(to_dict(ckpt_spec))
+    for key in sorted(mine):
+        if key.rsplit(".", 1)[-1] in _FREE_KEYS:
+            continue
+        if mine[key] != theirs.get(key):
+            raise InferenceConfigError(key, f"{mine[key]!r} in the inference JSON, but the checkpoint {where} has "
+                                       f"{theirs.get(key)!r}")
+
+
+def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -> CheckpointInfo:
+    """What the checkpoint holds and how it is split, without loading weights. `model`: the inference JSON's
+    model keys (reference schema), checked against a converted checkpoint's own, required for a .pt file."""
+    from mindspeed_mm.checkpoint.mm_format import (
+        META_FILE,
+        checkpoint_meta,
+        iteration_dir,
+        rank_file,
+    )
+
+    path = Path(from_pretrained)
+    json_spec = load_model_spec(model) if model is not None else None
+    if path.is_file():
+        if json_spec is None:
+            raise InferenceConfigError("text_decoder", f"from_pretrained is a single file ({path}): the inference "
+                                       f"JSON must give the model keys (text_decoder, image_encoder, ...)")
+        return CheckpointInfo(path, "rank_file", json_spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"from_pretrained: no checkpoint at {path}")
+    has_meta = (path / META_FILE).is_file() or (iteration_dir(path) / META_FILE).is_file()
+    if not has_meta:
+        # A reference-converted directory: readable when it is one rank's file.
+        single = rank_file(iteration_dir(path), 0, 0, 1)
+        if json_spec is None or not single.is_file():
+            raise InferenceConfigError("from_pretrained", f"{path} has no {META_FILE} (not written by mm-convert): "
+                                       f"only a single-rank checkpoint ({single}) with the model keys in the "
+                                       f"inference JSON can be read without it")
+        return CheckpointInfo(single, "rank_file", json_spec)
+    meta = checkpoint_meta(path)
+    spec = meta.spec()
+    if json_spec is not None:
+        _check_same_model(json_spec, spec, str(path))
+        spec = dataclasses.replace(spec, text=dataclasses.replace(
+            spec.text, max_position_embeddings=json_spec.text.max_position_embeddings))
+    return CheckpointInfo(path, "mm_dir", spec, meta.tp, meta.pp, meta.vpp, meta.vit_pp_layers, meta.llm_pp_layers)
+
+
+def check_world(info: CheckpointInfo, world_size: int) -> None:
+    if world_size != info.world_size:
+        raise LayoutMismatch(
+            f"{info.path} is split {info.describe()} ({info.world_size} process(es)), but this run has "
+            f"{world_size}: launch `torchrun --nproc_per_node {info.world_size} ...`, or reshard it with "
+            f"`mm-convert InternVLConverter resplit` to the layout you want to run")
+
+
+def _with_dtype(spec: InternVLSpec, dtype: str) -> InternVLSpec:
+    return dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, params_dtype=dtype),
+                               text=dataclasses.replace(spec.text, params_dtype=dtype))
+
+
+def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
+    """Megatron's groups for the checkpoint's layout, this rank's chunks built and loaded, in eval mode.
+    Needs the default process group (`init_distributed`) of exactly `info.world_size` processes."""
+    from mindspeed_mm.checkpoint.mm_format import load_rank_file
+    from mindspeed_mm.distributed import initialize_model_parallel
+    from mindspeed_mm.models.internvl.model import load_full_state_dict
+    from mindspeed_mm.training.pipeline import (
+        build_model_chunks,
+        load_converted_weights,
+    )
+
+    check_world(info, torch.distributed.get_world_size())
+    vpp = info.vpp if info.vpp > 1 else None
+    initialize_model_parallel(tp=info.tp, pp=info.pp, vpp=vpp)
+    spec = _with_dtype(info.spec, dtype)
+    plan: LayoutPlan = plan_layout(spec, ParallelSizes(tp=info.tp, pp=info.pp, vpp=vpp), info.world_size,
+                                   info.vit_pp_layers, info.llm_pp_layers)
+    chunks = build_model_chunks(spec, plan)
+    if info.kind == "mm_dir":
+        load_converted_weights(chunks, info.path)
+    else:
+        (state,) = load_rank_file(info.path, 1)
+        load_full_state_dict(chunks[0], state)
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return StageRunner(chunks)
