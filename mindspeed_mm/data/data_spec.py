@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mindspeed_mm.data.tokenizer import TokenizerConfig
 from mindspeed_mm.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -117,15 +118,6 @@ class BasicParameters:
     data_path: str
     data_folder: str | None = None
     repeat_time: float = 1.0
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    from_pretrained: str
-    hub_backend: str = "hf"
-    autotokenizer_name: str = "AutoTokenizer"
-    add_eos_token: bool = False
-    use_fast: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,6 +245,7 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
         autotokenizer_name=tok.get("autotokenizer_name", str, "AutoTokenizer", choices=("AutoTokenizer",)),
         add_eos_token=tok.get("add_eos_token", bool, False),
         use_fast=tok.get("use_fast", bool, False),
+        trust_remote_code=tok.get("trust_remote_code", bool, False),
     )
     tok.done()
 

@@ -46,26 +46,12 @@ def _device(name: str) -> str:
     return name
 
 
-def load_tokenizer(cfg, spec):
-    from transformers import AutoTokenizer
-
-    from mindspeed_mm.data.template import IMG_CONTEXT_TOKEN
-
-    t = cfg.tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(t.from_pretrained, use_fast=t.use_fast,
-                                              trust_remote_code=t.trust_remote_code)
-    img = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    if img != spec.img_context_token_id:
-        raise ValueError(f"tokenizer.from_pretrained: {t.from_pretrained} maps {IMG_CONTEXT_TOKEN} to {img}, but the "
-                         f"model's img_context_token_id is {spec.img_context_token_id}: not this model's tokenizer")
-    return tokenizer
-
-
 def run(cfg) -> list[dict]:
     """Generate for `cfg` (an InferenceConfig) on this process's share of the model; all ranks return the
     results. Expects the default process group (init_distributed) of the checkpoint's size."""
     import torch
 
+    from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.inference.loading import (
         build_runner,
         check_world,
@@ -75,7 +61,7 @@ def run(cfg) -> list[dict]:
 
     info = inspect_checkpoint(cfg.from_pretrained, cfg.model)
     check_world(info, torch.distributed.get_world_size())
-    tokenizer = load_tokenizer(cfg, info.spec)
+    tokenizer = load_tokenizer(cfg.tokenizer, info.spec.img_context_token_id)
     runner = build_runner(info, cfg.dtype)
     max_length = cfg.seq_length or info.spec.text.max_position_embeddings
     return InternVLPipeline(runner, tokenizer, cfg, max_length).run(cfg.requests)

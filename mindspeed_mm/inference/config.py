@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mindspeed_mm.data.tokenizer import TokenizerConfig
+
 __all__ = [
     "DATA_TYPES",
     "GenerationConfig",
@@ -160,37 +162,25 @@ class GenerationConfig:
         return out
 
 
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """``from_pretrained``: an HF directory (the one the checkpoint was converted from). The other reference
-    keys are accepted; ``hub_backend``/``autotokenizer_name`` can only be "hf"/"AutoTokenizer"."""
-
-    from_pretrained: str
-    use_fast: bool = True
-    trust_remote_code: bool = False
-    add_eos_token: bool = False
-    hub_backend: str = "hf"
-    autotokenizer_name: str = "AutoTokenizer"
-
-    @classmethod
-    def from_dict(cls, raw: Any, path: str = "tokenizer") -> TokenizerConfig:
-        if not isinstance(raw, Mapping):
-            raise _type_error(path, "an object", raw)
-        _unknown(path, raw, {f.name for f in dataclasses.fields(cls)})
-        if "from_pretrained" not in raw:
-            raise InferenceConfigError(f"{path}.from_pretrained", "missing required key (the HF directory)")
-        kw: dict[str, Any] = {"from_pretrained": _str(f"{path}.from_pretrained", raw["from_pretrained"])}
-        for key in ("use_fast", "trust_remote_code", "add_eos_token"):
-            if key in raw:
-                kw[key] = _bool(f"{path}.{key}", raw[key])
-        if "hub_backend" in raw:
-            kw["hub_backend"] = _str(f"{path}.hub_backend", raw["hub_backend"], ("hf",))
-        if "autotokenizer_name" in raw:
-            kw["autotokenizer_name"] = _str(f"{path}.autotokenizer_name", raw["autotokenizer_name"],
-                                            ("AutoTokenizer",))
-        if kw.get("add_eos_token"):
-            raise InferenceConfigError(f"{path}.add_eos_token", "true would end every prompt with eos; use false")
-        return cls(**kw)
+def _tokenizer_config(raw: Any, path: str = "tokenizer") -> TokenizerConfig:
+    """The reference's `tokenizer` keys; ``hub_backend``/``autotokenizer_name`` can only be "hf"/"AutoTokenizer"."""
+    if not isinstance(raw, Mapping):
+        raise _type_error(path, "an object", raw)
+    _unknown(path, raw, {f.name for f in dataclasses.fields(TokenizerConfig)})
+    if "from_pretrained" not in raw:
+        raise InferenceConfigError(f"{path}.from_pretrained", "missing required key (the HF directory)")
+    kw: dict[str, Any] = {"from_pretrained": _str(f"{path}.from_pretrained", raw["from_pretrained"])}
+    for key in ("use_fast", "trust_remote_code", "add_eos_token"):
+        if key in raw:
+            kw[key] = _bool(f"{path}.{key}", raw[key])
+    if "hub_backend" in raw:
+        kw["hub_backend"] = _str(f"{path}.hub_backend", raw["hub_backend"], ("hf",))
+    if "autotokenizer_name" in raw:
+        kw["autotokenizer_name"] = _str(f"{path}.autotokenizer_name", raw["autotokenizer_name"],
+                                        ("AutoTokenizer",))
+    if kw.get("add_eos_token"):
+        raise InferenceConfigError(f"{path}.add_eos_token", "true would end every prompt with eos; use false")
+    return TokenizerConfig(**kw)
 
 
 @dataclass(frozen=True)
@@ -321,7 +311,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files
             r.check_files()
     kw: dict[str, Any] = {
         "from_pretrained": _str("from_pretrained", raw["from_pretrained"]),
-        "tokenizer": TokenizerConfig.from_dict(raw["tokenizer"]),
+        "tokenizer": _tokenizer_config(raw["tokenizer"]),
         "requests": tuple(requests),
         "model": _model_dict(raw),
         "source": source,

@@ -70,12 +70,11 @@ def _peak_tflops(args) -> Optional[float]:
 
 def train(args) -> RunState:
     from megatron.core import parallel_state
-    from transformers import AutoTokenizer
-
     from mindspeed_mm.checkpoint.mm_format import MMCheckpointMeta
     from mindspeed_mm.config.model_spec import load_model_spec
     from mindspeed_mm.config.parallel import ParallelSizes
     from mindspeed_mm.data.data_spec import load_data_spec
+    from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
     from mindspeed_mm.parallel.layout import plan_layout
     from mindspeed_mm.training.arguments import ArgumentError, reconcile_with_spec
@@ -115,11 +114,7 @@ def train(args) -> RunState:
 
     data_spec = load_data_spec(args.mm_data)
     tok_dir = data_spec.tokenizer_config.from_pretrained
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
-    img_ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    if img_ctx != spec.img_context_token_id:
-        raise ArgumentError(f"{args.mm_model}: img_context_token_id {spec.img_context_token_id} but the tokenizer "
-                            f"at {tok_dir} maps <IMG_CONTEXT> to {img_ctx}")
+    tokenizer = load_tokenizer(data_spec.tokenizer_config, spec.img_context_token_id)
 
     chunks = build_model_chunks(spec, plan, args.context_parallel_algo)
     model = wrap_ddp(chunks, args.use_distributed_optimizer, loss_mode)
