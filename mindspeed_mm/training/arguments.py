@@ -119,8 +119,9 @@ class TrainArgs:
     log_tps: bool = _f(False, "accepted: tokens/s is always logged")
     metrics_file: Optional[str] = _f(None, "append one JSON record per log line to this file")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here (needs the tensorboard package)")
-    eval_interval: Optional[int] = _f(None, "accepted; evaluation runs only if the data JSON has a validation set")
-    eval_iters: Optional[int] = _f(None, "accepted; see --eval-interval")
+    eval_interval: Optional[int] = _f(None, "accepted and unused: no evaluation is run (the reference recipe's data "
+                                            "JSON defines no validation set)")
+    eval_iters: Optional[int] = _f(None, "accepted and unused; see --eval-interval")
     peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak)")
 
     # ------------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def train(args) -> RunState:
     from mindspeed_mm.config.model_spec import load_model_spec
     from mindspeed_mm.config.parallel import ParallelSizes
     from mindspeed_mm.data.data_spec import load_data_spec
+    from mindspeed_mm.data.dataset import SKIP_REASONS
     from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
     from mindspeed_mm.parallel.layout import plan_layout
@@ -169,16 +170,17 @@ def train(args) -> RunState:
         loss = reduce_reported(reports) if _is_last_stage_rank() else float("nan")
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             loss = _broadcast_from_last_stage(loss)
-            tokens, samples, flops, skipped = _dp_sum([window["tokens"], window["samples"], window["flops"],
-                                                       sum(state.skipped.values())])
+            tokens, samples, flops, *skipped = _dp_sum([window["tokens"], window["samples"], window["flops"],
+                                                        *(state.skipped[r] for r in SKIP_REASONS)])
+            skipped_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
             elapsed = window["time"]
             record = {
                 "iteration": state.iteration, "loss": loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
                 "step_time_s": elapsed / window["steps"], "consumed_samples": state.consumed_train_samples,
-                "skipped_samples": int(skipped), "skipped_iterations": state.skipped_iterations,
-                "skipped_by_reason": dict(state.skipped) if dp == 1 else None,
+                "skipped_samples": sum(skipped_by_reason.values()), "skipped_iterations": state.skipped_iterations,
+                "skipped_by_reason": skipped_by_reason,
                 **memory_stats(),
             }
             if cuda:
