@@ -363,9 +363,16 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
     if not load_dir.is_dir():
         raise FileNotFoundError(f"--load {load_dir}: no such directory")
     it_dir = iteration_dir(load_dir)
-    meta = checkpoint_meta(load_dir)
-    spec = chunks and _module(chunks[0]).spec
-    old = meta.plan(spec)
+    spec = _module(chunks[0]).spec
+    if (it_dir / META_FILE).is_file() or (load_dir / META_FILE).is_file():
+        meta = checkpoint_meta(load_dir)
+        old = meta.plan(spec)
+    else:
+        # Written by another tool (the reference system's converter or trainer): it records no layout, so it
+        # must be this run's, as there; a mismatch shows up as the rank file's missing or unexpected names.
+        log(f"note: {load_dir} has no {META_FILE}; reading it as saved at this run's layout")
+        meta = MMCheckpointMeta.from_plan(plan, spec, source_format="native", source_hf_dir=None, hf_config={})
+        old = plan
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     same = (old.parallel.tp, old.parallel.pp, old.num_chunks, old.vit_pp_layers, old.llm_pp_layers) == (

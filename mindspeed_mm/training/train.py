@@ -128,7 +128,8 @@ def train(args) -> RunState:
                                  load_rng=not args.no_load_rng, finetune=args.finetune, log=logger.info)
         state.iteration, state.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
         meta = MMCheckpointMeta.from_plan(plan, spec, source_format=loaded.meta.source_format,
-                                          source_hf_dir=loaded.meta.source_hf_dir, hf_config=loaded.meta.hf_config)
+                                          source_hf_dir=loaded.meta.source_hf_dir or meta.source_hf_dir,
+                                          hf_config=loaded.meta.hf_config)
         if not loaded.optimizer_loaded and state.iteration:
             scheduler.step(increment=state.iteration)  # the LR where the run left off
     else:

@@ -117,6 +117,20 @@ def test_first_three_losses_agree_across_layouts(tiny, tmp_path, single_rank_los
         assert abs(g - w) <= LOSS_RTOL * abs(w), (layout, got, single_rank_losses)
 
 
+def test_loads_a_checkpoint_without_our_metadata(tiny, tmp_path):
+    """The reference system's converter writes the same layout without mm_convert_meta.json: it loads at the
+    run's layout and trains to the same loss as our own conversion."""
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny.mm_dir, foreign)
+    (foreign / "mm_convert_meta.json").unlink()
+    model = model_json(tiny, tmp_path, "foreign")
+    ours = losses(train(tiny, tmp_path, "ours", 1, model, 1, load=tiny.mm_dir))
+    theirs = losses(train(tiny, tmp_path, "theirs", 1, model, 1, load=foreign))
+    assert ours == theirs
+
+
 def test_frozen_vit_stays_unchanged(tiny, tmp_path):
     model = write_model_json(tiny.hf_dir, tmp_path / "frozen.json", freeze_vit=True)
     train(tiny, tmp_path, "frozen", 1, model, 2, load=tiny.mm_dir, save=tmp_path / "frozen")
