@@ -12,6 +12,8 @@ starts the pass.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -104,9 +106,23 @@ def use_plain_linears(chunk: torch.nn.Module) -> None:
     """Give every Column/RowParallelLinear of a generation-only chunk the plain forward (`_inference_linear`)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    tp1 = parallel_state.get_tensor_model_parallel_world_size() == 1
     for module in chunk.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not module.sequence_parallel:
             module._forward_impl = _inference_linear
+            if tp1:
+                # without TP the scatter/gather/reduce around the matmul are identities, each still an
+                # autograd Function call (~5 us): the whole layer is one F.linear
+                module.forward = functools.partial(_tp1_linear_forward, module)
+
+
+def _tp1_linear_forward(module, input_: Tensor, weight: Tensor | None = None, runtime_gather_output=None):
+    """Column/RowParallelLinear.forward at TP1 without SP: (output, bias returned separately or None)."""
+    w = module.weight if weight is None else weight
+    bias = getattr(module, "bias", None)
+    if module.skip_bias_add:
+        return torch.nn.functional.linear(input_, w), bias
+    return torch.nn.functional.linear(input_, w, bias), None
 
 
 class StageRunner:
