@@ -92,8 +92,6 @@ def bench_step(preset: str, steps: int, tiles: int, text: int) -> dict:
 def bench_loader(workers: int, seconds: float = 10.0) -> dict:
     """The data pipeline at the real tile size (448 px, up to 12 tiles + thumbnail, 256 tokens per tile) on the
     tiny dataset written at that size (images up to 1344 px, several images per sample, videos, text)."""
-    import json
-
     from mindspeed_mm.data.data_spec import load_data_spec
     from mindspeed_mm.data.dataset import InternVLChatDataset
     from mindspeed_mm.data.sampler import build_dataloader
@@ -105,8 +103,6 @@ def bench_loader(workers: int, seconds: float = 10.0) -> dict:
     tokenizer = build_tiny_tokenizer(tmp / "tok")
     jsonl = write_tiny_dataset(tmp / "data", image_size=448)
     spec_path = write_data_json(tmp / "data.json", jsonl, tmp / "tok", image_size=448, max_dynamic_patch=12)
-    raw = json.loads(spec_path.read_text())
-    spec_path.write_text(json.dumps(raw))
     dataset = InternVLChatDataset(load_data_spec(spec_path), tokenizer, seq_length=8192)
     it = iter(build_dataloader(dataset, micro_batch_size=4, dp_rank=0, dp_size=1, seed=0, consumed_samples=0,
                                num_workers=workers, pad_id=0))

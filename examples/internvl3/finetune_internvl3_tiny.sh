@@ -49,16 +49,15 @@ echo "== inference with the finetuned checkpoint ($OUT/save, its PP2 layout)"
 import json, sys
 out = sys.argv[1]
 cfg = json.load(open("examples/internvl3/inference_tiny.json"))
-cfg.update(file_path=f"{out}/data/images/red_1.jpg", prompts=["What colour is this picture?"], requests_file=None,
-           output_path=f"{out}/answers.jsonl", from_pretrained=f"{out}/save", tokenizer={"from_pretrained": f"{out}/hf"})
+cfg.update(file_path=f"{out}/data/images/red_1.jpg", prompts=["What colour is this picture?"],
+           requests_file=f"{out}/requests.jsonl", output_path=f"{out}/answers.jsonl",
+           from_pretrained=f"{out}/save", tokenizer={"from_pretrained": f"{out}/hf"})
 cfg["generation_config"]["max_new_tokens"] = 16
 json.dump(cfg, open(f"{out}/inference.json", "w"), indent=2)
 with open(f"{out}/requests.jsonl", "w") as f:
-    for colour, path in (("blue", "blue_0.png"), ("green", "green_1.jpg")):
+    for path in ("blue_0.png", "green_1.jpg"):
         f.write(json.dumps({"prompt": "What colour is this picture?", "infer_data_type": "image",
                             "file_path": f"{out}/data/images/{path}"}) + "\n")
-cfg["requests_file"] = f"{out}/requests.jsonl"
-json.dump(cfg, open(f"{out}/inference.json", "w"), indent=2)
 PY
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 inference_vlm.py --mm-model "$OUT/inference.json"
 

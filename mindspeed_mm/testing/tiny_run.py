@@ -37,7 +37,7 @@ def write_model_json(hf_dir: Path, path: Path, vit_pp_layers=None, llm_pp_layers
 
 
 def write_data_json(path: Path, data_jsonl: Path, tokenizer_dir: Path, image_size: int, max_dynamic_patch: int = 6,
-                    shuffle: bool = True) -> Path:
+                    shuffle: bool = True, pad_id: int = 0) -> Path:
     raw = {
         "dataset_param": {
             "dataset_type": "multimodal",
@@ -53,7 +53,7 @@ def write_data_json(path: Path, data_jsonl: Path, tokenizer_dir: Path, image_siz
         },
         "dataloader_param": {"dataloader_mode": "sampler", "shuffle": shuffle, "drop_last": True,
                              "pin_memory": False, "sampler_type": "BaseRandomBatchSampler",
-                             "collate_param": {"model_name": "internvl", "pad_id": 0}},
+                             "collate_param": {"model_name": "internvl", "pad_id": pad_id}},
     }
     path.write_text(json.dumps(raw, indent=2) + "\n")
     return path
@@ -76,11 +76,8 @@ def prepare_tiny_run(root: Path, preset: str = "vit6b", seed: int = 0, broken: b
                                                              vit_pp_layers=[[spec.vision.num_layers]]),
                               progress=False, overwrite=True))
     data_jsonl = write_tiny_dataset(root / "data", image_size=spec.vision.image_size, seed=seed, broken=broken)
-    pad_id = _pad_id(hf_dir)
-    data_json = write_data_json(root / "data.json", data_jsonl, hf_dir, spec.vision.image_size, shuffle=shuffle)
-    raw = json.loads(data_json.read_text())
-    raw["dataloader_param"]["collate_param"]["pad_id"] = pad_id
-    data_json.write_text(json.dumps(raw, indent=2) + "\n")
+    data_json = write_data_json(root / "data.json", data_jsonl, hf_dir, spec.vision.image_size, shuffle=shuffle,
+                                pad_id=_pad_id(hf_dir))
     return TinyRun(root, hf_dir, mm_dir, data_jsonl, data_json)
 
 

@@ -61,8 +61,8 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor):
         loss = per_sample[has_target].sum() / has_target.sum().clamp(min=1)
     else:
         loss = mean_loss(per_token_loss, labels)
-    reported = _cp_sum(torch.stack([loss.detach().clone(), torch.ones((), device=loss.device)]))
-    reported[1] = 1.0  # one micro-batch, however many CP ranks contributed shares
+    # one micro-batch, however many CP ranks contributed shares of its loss
+    reported = torch.stack([_cp_sum(loss.detach().clone()), torch.ones((), device=loss.device)])
     return loss, {REPORT_KEY: reported}
 
 

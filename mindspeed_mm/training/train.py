@@ -162,12 +162,13 @@ def train(args) -> RunState:
             state.skipped_iterations += 1
         for mb in microbatches:
             state.skipped.update(mb.get("skipped") or {})
-        seq_lens = [int(mb["input_ids"].shape[1]) for mb in microbatches for _ in range(mb["input_ids"].shape[0])]
-        tiles = sum(int(mb["pixel_values"].shape[0]) if mb.get("pixel_values") is not None else 0
-                    for mb in microbatches)
         window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
                       samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
-                      flops=step_flops(spec, tiles, seq_lens).total, time=time.perf_counter() - t0, steps=1)
+                      time=time.perf_counter() - t0, steps=1)
+        if cuda:
+            seq_lens = [int(mb["input_ids"].shape[1]) for mb in microbatches for _ in range(mb["input_ids"].shape[0])]
+            tiles = sum(int(mb["pixel_values"].shape[0]) for mb in microbatches if mb.get("pixel_values") is not None)
+            window.update(flops=step_flops(spec, tiles, seq_lens).total)
         loss = reduce_reported(reports) if _is_last_stage_rank() else float("nan")
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             loss = _broadcast_from_last_stage(loss)

@@ -28,12 +28,12 @@ def model_json(tiny, tmp_path: Path, name: str, vit=None, llm=None) -> Path:
     return write_model_json(tiny.hf_dir, tmp_path / f"model_{name}.json", vit, llm)
 
 
-def losses(metrics: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines())]
-
-
 def records(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def losses(metrics: Path) -> list[float]:
+    return [r["loss"] for r in records(metrics)]
 
 
 def train(tiny, tmp_path: Path, name: str, nproc: int, model: Path, iters: int, extra=(), **kw) -> Path:
