@@ -1,11 +1,14 @@
 """mm-convert benchmark on an InternVL3-2B-shaped bf16 checkpoint (random weights, native format).
 
 Prints hf_to_mm (TP2 PP4) and resplit (-> TP1 PP2) wall time against a plain copy of the same bytes, and each
-step's peak RSS against its largest output file. Each step runs in a fresh subprocess that reports its own
-peak RSS. Every timed step (the copies too) ends with os.sync() and starts after one, so each pays for its own
-writes to disk and none for another's.
+step's peak RSS against its largest output file. Each step runs in a fresh subprocess (so its time includes
+starting Python and importing torch) that reports its own peak RSS. Every timed step, the copies too, starts
+after and ends with os.sync(), so each pays for its own writes to disk and none for another's.
 
-    python benchmarks/convert_bench.py [--workdir DIR] [--keep]
+On a VM the copy itself can vary 3-5x from one run to the next (the host backs guest memory lazily), so the
+copy and the step alternate `--reps` times and the ratio is of the medians.
+
+    python benchmarks/convert_bench.py [--reps 3] [--workdir DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -102,10 +105,12 @@ def run_step(args: list[str]) -> tuple[float, int]:
     os.sync()
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", _CHILD, "InternVLConverter", *args, "--cfg.progress", "false"],
-                         check=True, stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True)
     os.sync()
     dt = time.perf_counter() - t0
-    sys.stderr.write("".join(l for l in res.stderr.splitlines(True) if not l.startswith("VmHWM_kB")))
+    if res.returncode != 0:
+        sys.stderr.write(res.stderr)
+        raise SystemExit(f"mm-convert {args[0]} failed (exit {res.returncode})")
     hwm = [l for l in res.stderr.splitlines() if l.startswith("VmHWM_kB")][0].split()[1]
     return dt, int(hwm) * 1024
 
@@ -118,9 +123,35 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], label: str) -> None:
+    """`reps` rounds of (copy `src`, run the step into `out`); prints each round and the medians."""
+    copies, steps, rss = [], [], []
+    for i in range(reps):
+        shutil.rmtree(copy_dst, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        copies.append(timed_copy(src, copy_dst))
+        dt, peak = run_step(args)
+        steps.append(dt)
+        rss.append(peak)
+        print(f"  round {i + 1}: copy {copies[-1]:.2f}s, {label} {dt:.2f}s ({dt / copies[-1]:.2f}x), "
+              f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
+    shutil.rmtree(copy_dst, ignore_errors=True)
+    big = biggest(out)
+    print(f"{label}: median {median(steps):.2f}s = {median(steps) / median(copies):.2f}x the median copy "
+          f"({median(copies):.2f}s of {dir_bytes(src) / 2**30:.2f} GiB); peak RSS {max(rss) / 2**30:.2f} GiB "
+          f"(max of {reps}), largest output file {big / 2**30:.2f} GiB, RSS - largest file = "
+          f"{(max(rss) - big) / 2**30:.2f} GiB (target <= 1)")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="convert_bench-"))
@@ -129,23 +160,16 @@ def main() -> None:
         total = synthesize(work / "hf")
         print(f"synthesized {total / 2**30:.2f} GiB bf16 InternVL3-2B-shaped checkpoint in "
               f"{time.perf_counter() - t0:.1f}s")
-        copy_s = timed_copy(work / "hf", work / "hf_copy")
-        print(f"plain copy of the HF files: {copy_s:.2f}s")
-        dt, rss = run_step(["hf_to_mm", "--cfg.mm_dir", str(work / "mm"), "--cfg.hf_config.hf_dir", str(work / "hf"),
-                            "--cfg.parallel_config.llm_pp_layers", "[[6,8,8,6]]",
-                            "--cfg.parallel_config.vit_pp_layers", "[[24,0,0,0]]",
-                            "--cfg.parallel_config.tp_size", "2"])
-        big = biggest(work / "mm")
-        print(f"hf_to_mm TP2 PP4: {dt:.2f}s ({dt / copy_s:.1f}x copy); peak RSS {rss / 2**30:.2f} GiB, largest "
-              f"output file {big / 2**30:.2f} GiB ({rss / big:.2f}x), output {dir_bytes(work / 'mm') / 2**30:.2f} GiB")
-        copy_mm = timed_copy(work / "mm", work / "mm_copy")
-        dt, rss = run_step(["resplit", "--cfg.mm_dir", str(work / "mm"), "--cfg.save_mm_dir", str(work / "mm2"),
-                            "--cfg.parallel_config.llm_pp_layers", "[[14,14]]",
-                            "--cfg.parallel_config.vit_pp_layers", "[[24,0]]",
-                            "--cfg.parallel_config.tp_size", "1"])
-        big = biggest(work / "mm2")
-        print(f"resplit TP2 PP4 -> TP1 PP2: {dt:.2f}s ({dt / copy_mm:.1f}x a {copy_mm:.2f}s copy of the MM dir); "
-              f"peak RSS {rss / 2**30:.2f} GiB, largest output file {big / 2**30:.2f} GiB")
+        alternate(a.reps, work / "hf", work / "hf_copy", work / "mm",
+                  ["hf_to_mm", "--cfg.mm_dir", str(work / "mm"), "--cfg.hf_config.hf_dir", str(work / "hf"),
+                   "--cfg.parallel_config.llm_pp_layers", "[[6,8,8,6]]",
+                   "--cfg.parallel_config.vit_pp_layers", "[[24,0,0,0]]",
+                   "--cfg.parallel_config.tp_size", "2"], "hf_to_mm TP2 PP4")
+        alternate(a.reps, work / "mm", work / "mm_copy", work / "mm2",
+                  ["resplit", "--cfg.mm_dir", str(work / "mm"), "--cfg.save_mm_dir", str(work / "mm2"),
+                   "--cfg.parallel_config.llm_pp_layers", "[[14,14]]",
+                   "--cfg.parallel_config.vit_pp_layers", "[[24,0]]",
+                   "--cfg.parallel_config.tp_size", "1"], "resplit TP2 PP4 -> TP1 PP2")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,23 +2,30 @@
 
 Every function takes a typed config (the dataclasses below, which are also the `mm-convert` CLI's options)
 and returns a :class:`ConvertSummary`. Tensors are only sliced and concatenated, never cast, so every
-direction is bit-exact. Memory stays bounded: HF sources are read with plain file reads of just each
-rank's rows, MM sources through ``torch.load(mmap=True)`` with each tensor's mapped pages let go once
-copied, and one output file is built at a time and dropped before the next. Output goes to a temporary
-directory beside the target, renamed into place only when complete.
+direction is bit-exact. Memory stays bounded by a few tensors, not a file: each rank file is streamed
+(`streaming_save`), its records produced in a second thread while earlier ones are stored. HF sources are
+memory-mapped and read only as each rank's rows; row pieces go from the source file to the output file
+inside the kernel (`copy_file_range`, as `cp` does) and never through this process's memory; column slices
+are gathered in memory. MM sources are read through ``torch.load(mmap=True)`` with each tensor's mapped
+pages let go once copied. Output goes to a temporary directory beside the target, renamed into place only
+when complete.
 
 The per-parameter mapping is `models.internvl.hf_mapping` and the per-rank slicing `parallel.sharding`, so a
 converted shard is by construction ``local_state_dict(hf_to_mm(source), spec, plan, tp_rank, stage)``.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
@@ -27,8 +34,8 @@ import torch
 from torch import Tensor
 
 from mindspeed_mm.checkpoint.hf_formats import (
-    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, CheckpointFormatError, detect_format, read_safetensors_header,
-    read_safetensors_rows,
+    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, ST_TORCH_DTYPES, CheckpointFormatError, safetensors_dtype_name, detect_format, read_safetensors_header,
+    safetensors_rows,
     native_config_to_original, normalize_native_key, original_config_to_native, read_hf_config, read_json,
 )
 from mindspeed_mm.checkpoint.mm_format import (
@@ -36,9 +43,10 @@ from mindspeed_mm.checkpoint.mm_format import (
     iteration_dir,
     checkpoint_meta, load_rank_file, rank_file, save_rank_file, write_meta,
 )
+from mindspeed_mm.checkpoint.streaming_save import LazyTensor, owned
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
-from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, take_from_parts
+from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, pieces_from_parts
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_layout
 from mindspeed_mm.parallel.sharding import Slice, merge_tensor, shard_slice, stage_name, take
 
@@ -237,14 +245,6 @@ def _check_shape(name: str, t: Tensor, shapes: dict, where: str) -> None:
         raise CheckpointFormatError(f"{where}: {name} has shape {tuple(t.shape)}, the model config needs {want}")
 
 
-def _owned(t: Tensor) -> Tensor:
-    """A compact tensor owning exactly its bytes (a view would make torch.save write its whole storage)."""
-    if (not t.is_contiguous() or t.storage_offset() != 0
-            or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
-        return t.clone(memory_format=torch.contiguous_format)
-    return t
-
-
 def _placement(rules: list[Rule], plan: LayoutPlan) -> list[list[Rule]]:
     """The rules each stage holds; every parameter must land on exactly one stage."""
     per_stage: list[list[Rule]] = [[] for _ in plan.stages]
@@ -259,9 +259,6 @@ def _placement(rules: list[Rule], plan: LayoutPlan) -> list[list[Rule]]:
 # ------------------------------------------------------------------------------------------------------------
 # Sources
 # ------------------------------------------------------------------------------------------------------------
-
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
 
 class HFSource:
     """An HF checkpoint directory read lazily: names, shapes and dtypes from the headers, tensors on demand."""
@@ -306,30 +303,66 @@ class HFSource:
                 if name in self.files:
                     raise CheckpointFormatError(f"{path}: tensor {k!r} also appears in {self.files[name]}")
                 self.files[name], self.stored[name] = path, k
-                self.dtypes[_ST_DTYPES.get(header[k]["dtype"], header[k]["dtype"])] += 1
-        self._handles: dict[Path, object] = {}
+                self.dtypes[safetensors_dtype_name(header[k]["dtype"])] += 1
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._ranges: dict[Path, tuple[int, int]] = {}
+        self._files: dict[Path, object] = {}
+        self._lock = threading.Lock()
 
     def _entry(self, name: str) -> tuple[dict, int]:
         header, data_start = self.headers[self.files[name]]
         return header[self.stored[name]], data_start
 
+    def dtype(self, rule: Rule) -> torch.dtype:
+        """The dtype of our tensor `rule.mm`: that of its HF parts, which must agree (nothing is cast)."""
+        codes = {k: self._entry(k)[0]["dtype"] for k in rule.hf}
+        for k, code in codes.items():
+            if code not in ST_TORCH_DTYPES:
+                raise CheckpointFormatError(f"{self.files[k]}: tensor {self.stored[k]!r} has dtype {code}, which "
+                                            f"is not supported (supported: {sorted(ST_TORCH_DTYPES)})")
+        if len(set(codes.values())) > 1:
+            raise CheckpointFormatError(f"{self.files[rule.hf[0]]}: tensors {[self.stored[k] for k in rule.hf]}, "
+                                        f"which form one parameter, have different dtypes {list(codes.values())}")
+        return ST_TORCH_DTYPES[codes[rule.hf[0]]]
+
     def read(self, name: str, dim: int = 0, start: int | None = None, end: int | None = None) -> Tensor:
-        """Tensor `name`, or only its index range [start, end) along `dim` (0 or 1). Rows are read with plain
-        file reads (no mapping of the file stays resident); a column range reads whole rows and keeps the
-        columns."""
+        """Tensor `name`, or only its index range [start, end) along `dim` (0 or 1), as a view of the mapped
+        file: nothing is read until the writer touches it, and `drop_pages` lets the pages go after."""
         path = self.files[name]
-        f = self._handles.get(path)
-        if f is None:
-            f = self._handles[path] = open(path, "rb")
+        mapped = self._maps.get(path)
+        if mapped is None:
+            f = open(path, "rb")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+            with self._lock:  # the writer thread looks mappings up (`locate`, `drop_pages`) meanwhile
+                self._maps[path], self._ranges[path], self._files[path] = mapped, (base, base + len(mapped)), f
         entry, data_start = self._entry(name)
         try:
             if dim == 0:
-                return read_safetensors_rows(f, entry, data_start, start, end)
-            return read_safetensors_rows(f, entry, data_start)[:, start:end].clone()
-        except CheckpointFormatError:
-            raise
+                return safetensors_rows(mapped, entry, data_start, start, end)
+            return safetensors_rows(mapped, entry, data_start)[:, start:end]
         except Exception as e:
             raise CheckpointFormatError(f"{path}: cannot read tensor {self.stored[name]!r}: {e}") from e
+
+    def locate(self, t: Tensor) -> Optional[tuple[int, int]]:
+        """(fd, offset) of a contiguous view of one of our mappings, so the writer can copy it file to file."""
+        ptr = t.data_ptr()
+        with self._lock:
+            ranges = list(self._ranges.items())
+        for path, (lo, hi) in ranges:
+            if lo <= ptr and ptr + t.numel() * t.element_size() <= hi and t.is_contiguous():
+                return self._files[path].fileno(), ptr - lo
+        return None
+
+    def drop_pages(self, t: Tensor) -> None:
+        """Let the kernel drop the mapped pages under `t` once written (touched pages of a mapping would
+        otherwise stay resident until it is unmapped: a whole rank file's worth). Tensors not in one of our
+        mappings are left alone."""
+        ptr = t.untyped_storage().data_ptr()
+        with self._lock:
+            ranges = list(self._ranges.values())
+        if any(lo <= ptr < hi for lo, hi in ranges):
+            drop_resident_pages(t)
 
     def check_parts(self, rule: Rule, mm_shape: tuple[int, ...]) -> None:
         """The HF tensors of `rule` have the shapes the model config implies (checked from the headers)."""
@@ -340,9 +373,12 @@ class HFSource:
                                         f"config needs {want} (for {rule.mm})")
 
     def release(self) -> None:
-        for f in self._handles.values():
+        # Unmapped when the last tensor viewing a mapping is gone (closing one that is viewed would raise).
+        self._maps.clear()
+        self._ranges.clear()
+        for f in self._files.values():
             f.close()
-        self._handles.clear()
+        self._files.clear()
 
     def check_rules(self, rules: list[Rule]) -> None:
         wanted = [k for r in rules for k in r.hf]
@@ -421,6 +457,10 @@ class MMSource:
             drop_resident_pages(shard)
         return full
 
+    def dtype(self, name: str) -> torch.dtype:
+        stage, local = self.where[name]
+        return self._chunk(0, stage)[2][local].dtype
+
     def release(self) -> None:
         self._open.clear()
 
@@ -429,10 +469,14 @@ class MMSource:
 # Writers
 # ------------------------------------------------------------------------------------------------------------
 
-def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan, get_slice: Callable[[str, Slice], Tensor],
-              release: Callable[[], None], progress: bool, desc: str) -> tuple[int, int]:
+def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
+              get_slice: Callable[[str, Slice], Union[Tensor, list[Tensor]]],
+              dtype_of: Callable[[str], torch.dtype], release: Callable[[], None], progress: bool,
+              desc: str, locate: Optional[Callable[[Tensor], Optional[tuple[int, int]]]] = None,
+              after_write: Optional[Callable[[Tensor], None]] = None) -> tuple[int, int]:
     """Write every rank file of `plan` into `tmp/release`, one at a time; returns (files, bytes).
-    `get_slice(name, sl)` reads just a rank's part of a full tensor, so no full tensor need be in memory."""
+    `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
+    need be in memory; it runs in the writer's producer thread, ahead of the write (`save_streaming`)."""
     shapes = mm_param_shapes(spec)
     per_stage = _placement(mapping_rules(spec, NATIVE), plan)
     tp, pp = plan.parallel.tp, plan.parallel.pp
@@ -446,7 +490,10 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan, get_slice: Callab
             sd: dict[str, Tensor] = {}
             for r in per_stage[stage.stage]:
                 sl = shard_slice(r.mm, shapes[r.mm], spec, tp, tp_rank, plan.padded_vocab_size)
-                sd[stage_name(r.mm, stage)] = _owned(get_slice(r.mm, sl))  # type: ignore[index]
+                local = stage_name(r.mm, stage)
+                sd[local] = LazyTensor(sl.shape(shapes[r.mm]), dtype_of(r.mm),  # type: ignore[index]
+                                       partial(get_slice, r.mm, sl), f"{r.mm} (tp_rank {tp_rank})", locate,
+                                       after_write)
             chunks.append(sd)
         n_bytes += save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks)
         del chunks
@@ -516,16 +563,26 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
     used: Counter = Counter()
 
     shapes = mm_param_shapes(spec)
-    for r in rules:
+    for r in rules:  # shapes and dtypes from the headers, before anything is written
         src.check_parts(r, shapes[r.mm])
+        src.dtype(r)
 
-    def get_slice(name: str, sl: Slice) -> Tensor:
+    def get_slice(name: str, sl: Slice) -> list[Tensor]:
+        """Row pieces are views of the mapped source, stored as they are and let go by `after_write`;
+        a column slice is gathered into memory of its own first, and its source pages let go at once."""
         r = by_mm[name]
         used.update(r.hf)
-        return take_from_parts(r, sl, src.read)
+        pieces = pieces_from_parts(r, sl, src.read)
+        if sl.dim == 0:
+            return pieces
+        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
+        for p in pieces:
+            src.drop_pages(p)
+        return [out]
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, src.release, cfg.progress, "hf_to_mm")
+        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, lambda name: src.dtype(by_mm[name]), src.release,
+                                   cfg.progress, "hf_to_mm", locate=src.locate, after_write=src.drop_pages)
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
         if set(used) != set(src.files) or wrong:
@@ -602,7 +659,7 @@ def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
         for r in bar:
             full = src.get(r.mm)
             _check_shape(r.mm, full, shapes, str(src.iter_dir))
-            out = {k: _owned(t) for k, t in zip(r.hf, r.op.split(full))}
+            out = {k: owned(t) for k, t in zip(r.hf, r.op.split(full))}
             del full
             nb = sum(t.numel() * t.element_size() for t in out.values())
             if cur and cur_bytes + nb > max_bytes:
@@ -652,8 +709,8 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     src = MMSource(mm_dir, meta, spec, plan_a)
     _log(f"{mm_dir}: MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}")
     with atomic_output_dir(cfg.save_mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan_b, lambda name, sl: take(src.get(name), sl), src.release,
-                                   cfg.progress, "resplit")
+        files, n_bytes = _write_mm(tmp, spec, plan_b, lambda name, sl: take(src.get(name), sl), src.dtype,
+                                   src.release, cfg.progress, "resplit")
         if src.unused:
             path, v, k = sorted(src.unused)[0]
             raise CheckpointFormatError(f"{path}: {len(src.unused)} tensor(s) were not used, e.g. chunk {v} {k!r}")

@@ -615,29 +615,34 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + hlen
 
 
-_ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                     "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors_rows(f, entry: dict, data_start: int, start: int | None = None,
-                          end: int | None = None) -> torch.Tensor:
-    """Rows [start, end) of one tensor (all rows by default) read with plain file reads from the open binary
-    file `f`: only those bytes are read, into memory the caller owns (no mapped pages of the whole file)."""
-    shape, dtype = list(entry["shape"]), _ST_TORCH_DTYPES[entry["dtype"]]
+def safetensors_dtype_name(code: str) -> str:
+    """"BF16" -> "bfloat16"; an unknown code is returned as it is."""
+    return str(ST_TORCH_DTYPES[code]).removeprefix("torch.") if code in ST_TORCH_DTYPES else code
+
+
+def safetensors_rows(mapped, entry: dict, data_start: int, start: int | None = None,
+                     end: int | None = None) -> torch.Tensor:
+    """Rows [start, end) of one tensor (all rows by default) of a safetensors file mapped with `mmap`
+    (`ACCESS_COPY`), as a tensor over exactly those bytes of the mapping: nothing is copied, and only the
+    pages touched are read."""
+    shape, dtype = list(entry["shape"]), ST_TORCH_DTYPES[entry["dtype"]]
     begin = data_start + int(entry["data_offsets"][0])
     if not shape:
         start, end = 0, 1
     start, end = (0 if start is None else start), (shape[0] if end is None and shape else end)
-    row = dtype.itemsize
+    row = 1
     for n in shape[1:]:
         row *= n
-    out = torch.empty([end - start] + shape[1:], dtype=dtype)
-    f.seek(begin + start * row)
-    buf = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-    if f.readinto(buf) != len(buf):
-        raise CheckpointFormatError(f"{f.name}: short read of rows {start}:{end}")
-    return out.reshape(shape) if not shape else out
+    out_shape = [end - start] + shape[1:]
+    if (end - start) * row == 0:
+        return torch.empty(out_shape, dtype=dtype)
+    t = torch.frombuffer(mapped, dtype=dtype, count=(end - start) * row, offset=begin + start * row * dtype.itemsize)
+    return t.reshape(out_shape if shape else [])
 
 
 def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

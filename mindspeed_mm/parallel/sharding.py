@@ -60,6 +60,12 @@ class Slice:
     spans: tuple[tuple[int, int], ...]
     pad: int = 0
 
+    def shape(self, full_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this slice of a tensor shaped `full_shape`."""
+        out = list(full_shape)
+        out[self.dim] = sum(b - a for a, b in self.spans) + self.pad
+        return tuple(out)
+
 
 def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
                 padded_vocab: int) -> Slice:

@@ -11,7 +11,10 @@ from mindspeed_mm.checkpoint.convert import (
     HFConfig, HFToMMConfig, MMToHFConfig, ParallelConfig, ResplitConfig, hf_to_mm, mm_to_hf, resplit,
 )
 from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError, load_hf_checkpoint
-from mindspeed_mm.checkpoint.mm_format import META_FILE, chunk_key, iteration_dir, rank_file, read_meta
+from mindspeed_mm.checkpoint.mm_format import (
+    META_FILE, chunk_key, iteration_dir, rank_file, read_meta, save_rank_object,
+)
+from mindspeed_mm.checkpoint.streaming_save import owned
 from mindspeed_mm.cli.mm_convert import main
 from mindspeed_mm.config.model_spec import spec_from_hf_dir
 from mindspeed_mm.models.internvl import hf_mapping
@@ -86,6 +89,17 @@ def test_round_trip_bit_exact_and_shards_match_model_slices(ckpts, tmp_path, nam
     full = hf_mapping.hf_to_mm(state, spec, src_fmt)
     for (t, s), sd in shards.items():
         _assert_same(sd, local_state_dict(full, spec, plan, t, plan.stages[s]))
+    # each rank file is, byte for byte, what torch.save writes for those tensors (the converter streams it)
+    it = iteration_dir(tmp_path / "mm")
+    for t in range(meta.tp):
+        for pp_rank in range(meta.pp):
+            path = rank_file(it, t, pp_rank, meta.pp)
+            chunks = [{k: owned(x) for k, x in local_state_dict(full, spec, plan, t, plan.stage(pp_rank, v)).items()}
+                      for v in range(plan.num_chunks)]
+            ref = tmp_path / "ref" / path.relative_to(it)
+            ref.parent.mkdir(parents=True)
+            save_rank_object(ref, {chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)})
+            assert path.read_bytes() == ref.read_bytes(), path
     mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm"), save_hf_dir=str(tmp_path / "back"), hf_format=fmt,
                           progress=False, max_shard_size=50_000))
     back_cfg, back_fmt, back = load_hf_checkpoint(tmp_path / "back")
@@ -126,6 +140,10 @@ def test_resplit_equals_direct_conversion(ckpts, tmp_path, a, b):
     assert direct.keys() == split.keys()
     for k in direct:
         _assert_same(split[k], direct[k])
+    files = sorted(p.relative_to(tmp_path / "direct") for p in (tmp_path / "direct").rglob("*.pt"))
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.pt"))
+    for f in files:
+        assert (tmp_path / "b" / f).read_bytes() == (tmp_path / "direct" / f).read_bytes(), f
     assert (meta_b.tp, meta_b.pp, meta_b.vpp, meta_b.llm_pp_layers) == (meta_d.tp, meta_d.pp, meta_d.vpp,
                                                                          meta_d.llm_pp_layers)
 
@@ -189,6 +207,17 @@ def test_unknown_key_is_named(tmp_path):
     sd["vision_model.extra.weight"] = torch.zeros(2)
     save_file(sd, hf / "model.safetensors")
     _fails(hf, tmp_path / "out", CheckpointFormatError, "vision_model.extra.weight")
+
+
+def test_mixed_dtypes_within_one_parameter_are_named(tmp_path):
+    """native q/k/v form one fused parameter; they are copied, never cast, so they must share a dtype."""
+    from safetensors.torch import load_file, save_file
+    hf = write_tiny_checkpoint(tmp_path / "hf", "native", "tp4", seed=0)
+    sd = load_file(hf / "model.safetensors")
+    k = next(k for k in sd if k.endswith("self_attn.k_proj.weight") and "language_model" in k)
+    sd[k] = sd[k].double()
+    save_file(sd, hf / "model.safetensors")
+    _fails(hf, tmp_path / "out", CheckpointFormatError, "different dtypes")
 
 
 @pytest.mark.parametrize("pc,match", [

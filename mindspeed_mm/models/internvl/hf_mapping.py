@@ -32,8 +32,8 @@ class Copy:
     def split(self, t: Tensor) -> list[Tensor]:
         return [t]
 
-    def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> Tensor:
-        return read(names[0], dim, a, b)
+    def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> list[Tensor]:
+        return [read(names[0], dim, a, b)]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Concat:
     def split(self, t: Tensor) -> list[Tensor]:
         return [p.contiguous() for p in torch.split(t, list(self.sizes), dim=0)]
 
-    def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> Tensor:
+    def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> list[Tensor]:
         assert dim == 0, "row blocks are only ever cut along rows"
         out, offset = [], 0
         for name, size in zip(names, self.sizes):
@@ -56,7 +56,7 @@ class Concat:
             if lo < hi:
                 out.append(read(name, 0, lo - offset, hi - offset))
             offset += size
-        return out[0] if len(out) == 1 else torch.cat(out, dim=0)
+        return out
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,17 @@ class GroupInterleave:
         q, k, v = torch.split(t.reshape(g, (self.q_per_group + 2) * d, *rest), [self.q_per_group * d, d, d], dim=1)
         return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
 
-    def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> Tensor:
-        """Rows [a, b) of the interleaved tensor, which tensor parallelism cuts at group boundaries."""
+    def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> list[Tensor]:
+        """Rows [a, b) of the interleaved tensor, which tensor parallelism cuts at group boundaries: per group
+        its q rows, k rows and v rows (`merge`'s order)."""
         rows = (self.q_per_group + 2) * self.head_dim
         assert dim == 0 and a % rows == 0 and b % rows == 0, (dim, a, b, rows)
-        g0, g1 = a // rows, b // rows
         qd, d = self.q_per_group * self.head_dim, self.head_dim
-        parts = [read(names[0], 0, g0 * qd, g1 * qd), read(names[1], 0, g0 * d, g1 * d),
-                 read(names[2], 0, g0 * d, g1 * d)]
-        return GroupInterleave(g1 - g0, self.q_per_group, d).merge(parts)
+        out = []
+        for g in range(a // rows, b // rows):
+            out += [read(names[0], 0, g * qd, (g + 1) * qd), read(names[1], 0, g * d, (g + 1) * d),
+                    read(names[2], 0, g * d, (g + 1) * d)]
+        return out
 
 
 @dataclass(frozen=True)
@@ -195,15 +197,16 @@ def convert(rules: list[Rule], source: Mapping[str, Tensor], to_mm: bool,
     return out
 
 
-def take_from_parts(rule: Rule, sl, read: PartReader) -> Tensor:
-    """A rank's slice (`parallel.sharding.Slice`) of our tensor `rule.mm`, read range by range from the HF
-    tensors it is made of: the whole tensor is never assembled."""
-    pieces = [rule.op.read(read, rule.hf, sl.dim, a, b) for a, b in sl.spans]
+def pieces_from_parts(rule: Rule, sl, read: PartReader) -> list[Tensor]:
+    """A rank's slice (`parallel.sharding.Slice`) of our tensor `rule.mm` as the pieces whose concatenation
+    along `sl.dim` it is, each read range by range from the HF tensors it is made of: the whole tensor is
+    never assembled, and a writer can store row pieces one after another without concatenating them."""
+    pieces = [p for a, b in sl.spans for p in rule.op.read(read, rule.hf, sl.dim, a, b)]
     if sl.pad:
         shape = list(pieces[0].shape)
         shape[sl.dim] = sl.pad
         pieces.append(pieces[0].new_zeros(shape))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=sl.dim)
+    return pieces
 
 
 def hf_to_mm(hf_state: Mapping[str, Tensor], spec: InternVLSpec, fmt: str) -> dict[str, Tensor]:
