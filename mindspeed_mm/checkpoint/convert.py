@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from mindspeed_mm.checkpoint.hf_formats import (
-    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, ST_TORCH_DTYPES, CheckpointFormatError, safetensors_dtype_name, detect_format, read_safetensors_header,
-    safetensors_rows,
+    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, ST_TORCH_DTYPES, CheckpointFormatError, detect_format,
+    read_safetensors_header, safetensors_dtype_name, safetensors_rows,
     native_config_to_original, normalize_native_key, original_config_to_native, read_hf_config, read_json,
 )
 from mindspeed_mm.checkpoint.mm_format import (

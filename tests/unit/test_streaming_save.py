@@ -84,7 +84,7 @@ def test_pieces_located_in_a_file(tmp_path, monkeypatch, kernel_copy):
     assert (tmp_path / "b" / "r.pt").read_bytes() == want
     assert located == [24, 40]
     assert len(stored) == (0 if ss._kernel_copy[0] else 2)
-    del full
+    full = None  # the mapping cannot close while a view of it lives
     m.close()
     f.close()
 
