@@ -28,7 +28,7 @@ from collections import Counter
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import BinaryIO, Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -260,6 +260,24 @@ def _placement(rules: list[Rule], plan: LayoutPlan) -> list[list[Rule]]:
 # Sources
 # ------------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Mapped:
+    """A source file mapped copy-on-write, with the address range of its bytes in this process."""
+    file: BinaryIO
+    data: mmap.mmap
+    lo: int
+
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.data)
+
+    @staticmethod
+    def open(path: Path) -> "_Mapped":
+        f = open(path, "rb")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return _Mapped(f, data, ctypes.addressof(ctypes.c_char.from_buffer(data)))
+
+
 class HFSource:
     """An HF checkpoint directory read lazily: names, shapes and dtypes from the headers, tensors on demand."""
 
@@ -304,9 +322,7 @@ class HFSource:
                     raise CheckpointFormatError(f"{path}: tensor {k!r} also appears in {self.files[name]}")
                 self.files[name], self.stored[name] = path, k
                 self.dtypes[safetensors_dtype_name(header[k]["dtype"])] += 1
-        self._maps: dict[Path, mmap.mmap] = {}
-        self._ranges: dict[Path, tuple[int, int]] = {}
-        self._files: dict[Path, object] = {}
+        self._maps: dict[Path, _Mapped] = {}
         self._lock = threading.Lock()
 
     def _entry(self, name: str) -> tuple[dict, int]:
@@ -329,18 +345,16 @@ class HFSource:
         """Tensor `name`, or only its index range [start, end) along `dim` (0 or 1), as a view of the mapped
         file: nothing is read until the writer touches it, and `drop_pages` lets the pages go after."""
         path = self.files[name]
-        mapped = self._maps.get(path)
-        if mapped is None:
-            f = open(path, "rb")
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        m = self._maps.get(path)
+        if m is None:
+            m = _Mapped.open(path)
             with self._lock:  # the writer thread looks mappings up (`locate`, `drop_pages`) meanwhile
-                self._maps[path], self._ranges[path], self._files[path] = mapped, (base, base + len(mapped)), f
+                self._maps[path] = m
         entry, data_start = self._entry(name)
         try:
             if dim == 0:
-                return safetensors_rows(mapped, entry, data_start, start, end)
-            return safetensors_rows(mapped, entry, data_start)[:, start:end]
+                return safetensors_rows(m.data, entry, data_start, start, end)
+            return safetensors_rows(m.data, entry, data_start)[:, start:end]
         except Exception as e:
             raise CheckpointFormatError(f"{path}: cannot read tensor {self.stored[name]!r}: {e}") from e
 
@@ -348,10 +362,10 @@ class HFSource:
         """(fd, offset) of a contiguous view of one of our mappings, so the writer can copy it file to file."""
         ptr = t.data_ptr()
         with self._lock:
-            ranges = list(self._ranges.items())
-        for path, (lo, hi) in ranges:
-            if lo <= ptr and ptr + t.numel() * t.element_size() <= hi and t.is_contiguous():
-                return self._files[path].fileno(), ptr - lo
+            maps = list(self._maps.values())
+        for m in maps:
+            if m.lo <= ptr and ptr + t.numel() * t.element_size() <= m.hi and t.is_contiguous():
+                return m.file.fileno(), ptr - m.lo
         return None
 
     def drop_pages(self, t: Tensor) -> None:
@@ -360,8 +374,8 @@ class HFSource:
         mappings are left alone."""
         ptr = t.untyped_storage().data_ptr()
         with self._lock:
-            ranges = list(self._ranges.values())
-        if any(lo <= ptr < hi for lo, hi in ranges):
+            maps = list(self._maps.values())
+        if any(m.lo <= ptr < m.hi for m in maps):
             drop_resident_pages(t)
 
     def check_parts(self, rule: Rule, mm_shape: tuple[int, ...]) -> None:
@@ -374,11 +388,9 @@ class HFSource:
 
     def release(self) -> None:
         # Unmapped when the last tensor viewing a mapping is gone (closing one that is viewed would raise).
+        for m in self._maps.values():
+            m.file.close()
         self._maps.clear()
-        self._ranges.clear()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
 
     def check_rules(self, rules: list[Rule]) -> None:
         wanted = [k for r in rules for k in r.hf]
@@ -563,9 +575,10 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
     used: Counter = Counter()
 
     shapes = mm_param_shapes(spec)
+    dtypes = {}
     for r in rules:  # shapes and dtypes from the headers, before anything is written
         src.check_parts(r, shapes[r.mm])
-        src.dtype(r)
+        dtypes[r.mm] = src.dtype(r)
 
     def get_slice(name: str, sl: Slice) -> list[Tensor]:
         """Row pieces are views of the mapped source, stored as they are and let go by `after_write`;
@@ -581,7 +594,7 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
         return [out]
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, lambda name: src.dtype(by_mm[name]), src.release,
+        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, src.release,
                                    cfg.progress, "hf_to_mm", locate=src.locate, after_write=src.drop_pages)
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}

@@ -641,7 +641,8 @@ def safetensors_rows(mapped, entry: dict, data_start: int, start: int | None = N
     out_shape = [end - start] + shape[1:]
     if (end - start) * row == 0:
         return torch.empty(out_shape, dtype=dtype)
-    t = torch.frombuffer(mapped, dtype=dtype, count=(end - start) * row, offset=begin + start * row * dtype.itemsize)
+    t = torch.frombuffer(mapped, dtype=dtype, count=(end - start) * row,
+                         offset=begin + start * row * dtype.itemsize)
     return t.reshape(out_shape if shape else [])
 
 
