@@ -1,4 +1,4 @@
-"""mm-convert benchmark on an InternVL3-2B-shaped bf16 checkpoint (random weights, native format).
+"""mm-convert benchmark on an InternVL3-2B-shaped (or `--shape 8b`) bf16 checkpoint (random weights, native format).
 
 Prints hf_to_mm (TP2 PP4) and resplit (-> TP1 PP2) wall time against a plain copy of the same bytes, and each
 step's peak RSS against its largest output file. Each step runs in a fresh subprocess (so its time includes
@@ -8,7 +8,7 @@ after and ends with os.sync(), so each pays for its own writes to disk and none 
 On a VM the copy itself can vary 3-5x from one run to the next (the host backs guest memory lazily), so the
 copy and the step alternate `--reps` times and the ratio is of the medians.
 
-    python benchmarks/convert_bench.py [--reps 3] [--workdir DIR] [--keep]
+    python benchmarks/convert_bench.py [--reps 3] [--shape 2b|8b] [--workdir DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -25,7 +25,16 @@ from pathlib import Path
 MAX_SHARD = 2 * 10**9
 
 
-def synthesize(hf_dir: Path) -> int:
+# LLM sizes of the InternVL3 checkpoints (shared/reference/internvl3-formats.md section 3); both use InternViT-300M.
+LLM_SHAPES = {
+    "2b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+               intermediate_size=8960),
+    "8b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944),
+}
+
+
+def synthesize(hf_dir: Path, shape: str = "2b") -> int:
     import torch
     from safetensors.torch import save_file
 
@@ -37,8 +46,7 @@ def synthesize(hf_dir: Path) -> int:
     cfg = tiny_native_config("vit300m")
     cfg["vision_config"].update(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                                 image_size=[448, 448], patch_size=[14, 14])
-    cfg["text_config"].update(vocab_size=151674, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                              num_key_value_heads=2, intermediate_size=8960, max_window_layers=28)
+    cfg["text_config"].update(vocab_size=151674, max_window_layers=28, **LLM_SHAPES[shape])
     cfg["image_seq_length"] = 256
     cfg["dtype"] = cfg["text_config"]["dtype"] = "bfloat16"
     hf_dir.mkdir(parents=True)
@@ -132,9 +140,13 @@ def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], 
     """`reps` rounds of (copy `src`, run the step into `out`); prints each round and the medians."""
     copies, steps, rss = [], [], []
     for i in range(reps):
+        # Each side deletes its own previous output just before it runs, so each writes into the page-cache
+        # memory that output freed. Deleting both first handed the copy the freshly freed memory and left
+        # the step memory the guest had meanwhile returned to the host (free page reporting), which made the
+        # same step 2x slower (measured: 2.45 s vs 4.3-5.3 s of conversion proper).
         shutil.rmtree(copy_dst, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
         copies.append(timed_copy(src, copy_dst))
+        shutil.rmtree(out, ignore_errors=True)
         dt, peak = run_step(args)
         steps.append(dt)
         rss.append(peak)
@@ -153,12 +165,14 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--shape", choices=sorted(LLM_SHAPES), default="2b",
+                    help="InternVL3 size to imitate (8b: 15 GiB; needs ~4x that on disk)")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="convert_bench-"))
     try:
         t0 = time.perf_counter()
-        total = synthesize(work / "hf")
-        print(f"synthesized {total / 2**30:.2f} GiB bf16 InternVL3-2B-shaped checkpoint in "
+        total = synthesize(work / "hf", a.shape)
+        print(f"synthesized {total / 2**30:.2f} GiB bf16 InternVL3-{a.shape.upper()}-shaped checkpoint in "
               f"{time.perf_counter() - t0:.1f}s")
         alternate(a.reps, work / "hf", work / "hf_copy", work / "mm",
                   ["hf_to_mm", "--cfg.mm_dir", str(work / "mm"), "--cfg.hf_config.hf_dir", str(work / "hf"),

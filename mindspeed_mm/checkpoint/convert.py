@@ -3,12 +3,13 @@
 Every function takes a typed config (the dataclasses below, which are also the `mm-convert` CLI's options)
 and returns a :class:`ConvertSummary`. Tensors are only sliced and concatenated, never cast, so every
 direction is bit-exact. Memory stays bounded by a few tensors, not a file: each rank file is streamed
-(`streaming_save`), its records produced in a second thread while earlier ones are stored. HF sources are
-memory-mapped and read only as each rank's rows; row pieces go from the source file to the output file
-inside the kernel (`copy_file_range`, as `cp` does) and never through this process's memory; column slices
-are gathered in memory. MM sources are read through ``torch.load(mmap=True)`` with each tensor's mapped
-pages let go once copied. Output goes to a temporary directory beside the target, renamed into place only
-when complete.
+(`streaming_save`), its records produced in a second thread while earlier ones are stored, and several rank
+files are written at once (`workers`). Sources are memory-mapped (HF safetensors directly, MM rank files
+through ``torch.load(mmap=True)``) and read only as each output rank's pieces: row pieces go from the source
+file to the output file inside the kernel (`copy_file_range`, as `cp` does) and never through this process's
+memory; column slices are gathered in memory, their source pages let go at once. resplit cuts each new
+shard straight from the old shards (`parallel.sharding.slice_from_shards`), never building a full tensor.
+Output goes to a temporary directory beside the target, renamed into place only when complete.
 
 The per-parameter mapping is `models.internvl.hf_mapping` and the per-rank slicing `parallel.sharding`, so a
 converted shard is by construction ``local_state_dict(hf_to_mm(source), spec, plan, tp_rank, stage)``.
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +43,14 @@ from mindspeed_mm.checkpoint.hf_formats import (
 from mindspeed_mm.checkpoint.mm_format import (
     META_FILE, TRACKER_FILE, MMCheckpointMeta, atomic_output_dir, check_output_dir, drop_resident_pages,
     iteration_dir,
-    checkpoint_meta, load_rank_file, rank_file, save_rank_file, write_meta,
+    checkpoint_meta, load_rank_file, mapping_base, rank_file, save_rank_file, write_meta,
 )
-from mindspeed_mm.checkpoint.streaming_save import LazyTensor, owned
+from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, owned
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, pieces_from_parts
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_layout
-from mindspeed_mm.parallel.sharding import Slice, merge_tensor, shard_slice, stage_name, take
+from mindspeed_mm.parallel.sharding import Slice, shard_slice, slice_from_shards, stage_name
 
 __all__ = [
     "HFConfig", "ParallelConfig", "HFToMMConfig", "MMToHFConfig", "ResplitConfig", "ConvertSummary",
@@ -62,6 +64,10 @@ __all__ = [
 
 def _h(text: str, **kw):
     return field(metadata={"help": text}, **kw)
+
+
+_WORKERS_HELP = ("Rank files written at once (0: one per CPU core, at most 8), sharing one memory budget. "
+                 "`cp` copies on one core; several files at once use the others.")
 
 
 @dataclass
@@ -97,6 +103,7 @@ class HFToMMConfig:
     overwrite: bool = _h("Replace a non-empty output directory (only once the new one is complete).",
                          default=False)
     progress: bool = _h("Show a progress bar.", default=True)
+    workers: int = _h(_WORKERS_HELP, default=0)
 
 
 @dataclass
@@ -125,6 +132,7 @@ class ResplitConfig:
     parallel_config: ParallelConfig = _h("The new layout.", default_factory=ParallelConfig)
     overwrite: bool = _h("Replace a non-empty output directory.", default=False)
     progress: bool = _h("Show a progress bar.", default=True)
+    workers: int = _h(_WORKERS_HELP, default=0)
 
 
 @dataclass
@@ -144,6 +152,12 @@ class ConvertSummary:
 
 def _log(msg: str) -> None:
     print(f"mm-convert: {msg}", file=sys.stderr, flush=True)
+
+
+def _workers(n: int) -> int:
+    if n < 0:
+        raise ValueError(f"workers: must be >= 0 (0 = one per CPU core), got {n}")
+    return n or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -260,22 +274,45 @@ def _placement(rules: list[Rule], plan: LayoutPlan) -> list[list[Rule]]:
 # Sources
 # ------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Mapped:
-    """A source file mapped copy-on-write, with the address range of its bytes in this process."""
-    file: BinaryIO
-    data: mmap.mmap
-    lo: int
+class MappedFiles:
+    """Source files mapped into this process, so that a tensor viewing one can be found on disk: the writer
+    copies such a tensor file to file (`locate`) and lets its pages go once stored (`drop_pages`). Writer
+    threads look mappings up while readers add them."""
 
-    @property
-    def hi(self) -> int:
-        return self.lo + len(self.data)
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ranges: dict[Path, tuple[BinaryIO, int, int]] = {}  # path -> (open file, lo, hi address)
 
-    @staticmethod
-    def open(path: Path) -> "_Mapped":
-        f = open(path, "rb")
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return _Mapped(f, data, ctypes.addressof(ctypes.c_char.from_buffer(data)))
+    def add(self, path: Path, lo: int, size: int) -> None:
+        with self._lock:
+            if path not in self._ranges:
+                self._ranges[path] = (open(path, "rb"), lo, lo + size)
+
+    def _find(self, ptr: int, n: int) -> Optional[tuple[BinaryIO, int]]:
+        with self._lock:
+            ranges = list(self._ranges.values())
+        for f, lo, hi in ranges:
+            if lo <= ptr and ptr + n <= hi:
+                return f, lo
+        return None
+
+    def locate(self, t: Tensor) -> Optional[tuple[int, int]]:
+        """(fd, offset) of a contiguous tensor lying in one of the mapped files."""
+        hit = self._find(t.data_ptr(), t.numel() * t.element_size()) if t.is_contiguous() else None
+        return None if hit is None else (hit[0].fileno(), t.data_ptr() - hit[1])
+
+    def drop_pages(self, t: Tensor) -> None:
+        """Let the kernel drop the mapped pages under `t` once stored (touched pages of a mapping stay resident
+        until it is unmapped: a whole file's worth). Tensors outside the mapped files are left alone."""
+        storage = t.untyped_storage()
+        if self._find(storage.data_ptr(), storage.nbytes()) is not None:
+            drop_resident_pages(t)
+
+    def close(self) -> None:
+        with self._lock:
+            for f, _, _ in self._ranges.values():
+                f.close()
+            self._ranges.clear()
 
 
 class HFSource:
@@ -322,8 +359,9 @@ class HFSource:
                     raise CheckpointFormatError(f"{path}: tensor {k!r} also appears in {self.files[name]}")
                 self.files[name], self.stored[name] = path, k
                 self.dtypes[safetensors_dtype_name(header[k]["dtype"])] += 1
-        self._maps: dict[Path, _Mapped] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self.mapped = MappedFiles()
 
     def _entry(self, name: str) -> tuple[dict, int]:
         header, data_start = self.headers[self.files[name]]
@@ -345,38 +383,19 @@ class HFSource:
         """Tensor `name`, or only its index range [start, end) along `dim` (0 or 1), as a view of the mapped
         file: nothing is read until the writer touches it, and `drop_pages` lets the pages go after."""
         path = self.files[name]
-        m = self._maps.get(path)
-        if m is None:
-            m = _Mapped.open(path)
-            with self._lock:  # the writer thread looks mappings up (`locate`, `drop_pages`) meanwhile
-                self._maps[path] = m
+        with self._lock:  # writer threads read at once
+            m = self._maps.get(path)
+            if m is None:
+                with open(path, "rb") as f:
+                    m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self.mapped.add(path, ctypes.addressof(ctypes.c_char.from_buffer(m)), len(m))
         entry, data_start = self._entry(name)
         try:
             if dim == 0:
-                return safetensors_rows(m.data, entry, data_start, start, end)
-            return safetensors_rows(m.data, entry, data_start)[:, start:end]
+                return safetensors_rows(m, entry, data_start, start, end)
+            return safetensors_rows(m, entry, data_start)[:, start:end]
         except Exception as e:
             raise CheckpointFormatError(f"{path}: cannot read tensor {self.stored[name]!r}: {e}") from e
-
-    def locate(self, t: Tensor) -> Optional[tuple[int, int]]:
-        """(fd, offset) of a contiguous view of one of our mappings, so the writer can copy it file to file."""
-        ptr = t.data_ptr()
-        with self._lock:
-            maps = list(self._maps.values())
-        for m in maps:
-            if m.lo <= ptr and ptr + t.numel() * t.element_size() <= m.hi and t.is_contiguous():
-                return m.file.fileno(), ptr - m.lo
-        return None
-
-    def drop_pages(self, t: Tensor) -> None:
-        """Let the kernel drop the mapped pages under `t` once written (touched pages of a mapping would
-        otherwise stay resident until it is unmapped: a whole rank file's worth). Tensors not in one of our
-        mappings are left alone."""
-        ptr = t.untyped_storage().data_ptr()
-        with self._lock:
-            maps = list(self._maps.values())
-        if any(m.lo <= ptr < m.hi for m in maps):
-            drop_resident_pages(t)
 
     def check_parts(self, rule: Rule, mm_shape: tuple[int, ...]) -> None:
         """The HF tensors of `rule` have the shapes the model config implies (checked from the headers)."""
@@ -388,8 +407,7 @@ class HFSource:
 
     def release(self) -> None:
         # Unmapped when the last tensor viewing a mapping is gone (closing one that is viewed would raise).
-        for m in self._maps.values():
-            m.file.close()
+        self.mapped.close()
         self._maps.clear()
 
     def check_rules(self, rules: list[Rule]) -> None:
@@ -415,6 +433,9 @@ class MMSource:
         self.spec, self.plan, self.meta = spec, plan, meta
         self.tp, self.pp, self.vpp = plan.parallel.tp, plan.parallel.pp, plan.num_chunks
         self._open: dict[tuple[int, int], list[dict[str, Tensor]]] = {}
+        self._lock = threading.Lock()
+        self.mapped = MappedFiles()
+        self.shapes = mm_param_shapes(spec)
         self.where: dict[str, tuple[int, str]] = {}  # global name -> (stage index, local name)
         self.unused: set[tuple[Path, int, str]] = set()
         self.dtypes: Counter = Counter()
@@ -447,26 +468,43 @@ class MMSource:
     def _chunk(self, tp_rank: int, stage: int) -> tuple[Path, int, dict[str, Tensor]]:
         pp_rank, v = stage % self.pp, stage // self.pp
         path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
-        if (tp_rank, pp_rank) not in self._open:
-            self._open[(tp_rank, pp_rank)] = load_rank_file(path, self.vpp)
-        return path, v, self._open[(tp_rank, pp_rank)][v]
+        with self._lock:  # writer threads read at once
+            if (tp_rank, pp_rank) not in self._open:
+                chunks = self._open[(tp_rank, pp_rank)] = load_rank_file(path, self.vpp)
+                base = mapping_base(path, chunks)
+                if base is not None:
+                    self.mapped.add(path, base, path.stat().st_size)
+            return path, v, self._open[(tp_rank, pp_rank)][v]
 
-    def get(self, name: str) -> Tensor:
+    def pieces(self, name: str, sl: Slice) -> list[Tensor]:
+        """Slice `sl` (of another layout) of the full tensor `name`, as views of this checkpoint's shards whose
+        concatenation along dim 0 it is (`slice_from_shards`): row pieces go file to file like an HF
+        source's, while a column slice is gathered into memory of its own."""
         stage, local = self.where[name]
         shards = []
         for tp_rank in range(self.tp):
             path, v, sd = self._chunk(tp_rank, stage)
             shards.append(sd[local])
-            self.unused.discard((path, v, local))
+            with self._lock:
+                self.unused.discard((path, v, local))
         try:
-            full = merge_tensor(name, shards, self.spec)
-        except RuntimeError as e:
-            raise CheckpointFormatError(f"{self.iter_dir}: cannot merge the TP shards of {name} "
-                                        f"(shapes {[tuple(s.shape) for s in shards]}): {e}") from None
-        if any(full.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in shards):
-            full = full.clone()  # own the bytes before the mapped source pages are let go
+            dim, pieces = slice_from_shards(name, self.shapes[name], self.spec, shards,
+                                            self.plan.padded_vocab_size, sl)
+        except ValueError as e:
+            raise CheckpointFormatError(f"{self.iter_dir}: {e}") from None
+        if dim == 0:
+            return pieces
+        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].clone()
         for shard in shards:
-            drop_resident_pages(shard)
+            self.mapped.drop_pages(shard)
+        return [out]
+
+    def get(self, name: str) -> Tensor:
+        """The full tensor `name`, in memory of its own (the mapped source pages are let go)."""
+        pieces = self.pieces(name, Slice(0, ((0, self.shapes[name][0]),)))
+        full = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0].clone()
+        for p in pieces:
+            self.mapped.drop_pages(p)
         return full
 
     def dtype(self, name: str) -> torch.dtype:
@@ -475,6 +513,7 @@ class MMSource:
 
     def release(self) -> None:
         self._open.clear()
+        self.mapped.close()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -483,19 +522,22 @@ class MMSource:
 
 def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
               get_slice: Callable[[str, Slice], Union[Tensor, list[Tensor]]],
-              dtype_of: Callable[[str], torch.dtype], release: Callable[[], None], progress: bool,
-              desc: str, locate: Optional[Callable[[Tensor], Optional[tuple[int, int]]]] = None,
+              dtype_of: Callable[[str], torch.dtype], progress: bool, desc: str, workers: int,
+              locate: Optional[Callable[[Tensor], Optional[tuple[int, int]]]] = None,
               after_write: Optional[Callable[[Tensor], None]] = None) -> tuple[int, int]:
-    """Write every rank file of `plan` into `tmp/release`, one at a time; returns (files, bytes).
+    """Write every rank file of `plan` into `tmp/release`, `workers` files at a time; returns (files, bytes).
     `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
-    need be in memory; it runs in the writer's producer thread, ahead of the write (`save_streaming`)."""
+    need be in memory; it runs in each writer's producer thread, ahead of the write (`save_streaming`), and
+    must be thread-safe. Files are written concurrently because `cp` uses one core: the kernel copies and
+    stores of several files overlap, and the memory budget is shared among them."""
     shapes = mm_param_shapes(spec)
     per_stage = _placement(mapping_rules(spec, NATIVE), plan)
     tp, pp = plan.parallel.tp, plan.parallel.pp
     iter_dir = tmp / "release"
     jobs = [(tp_rank, pp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
-    n_bytes = 0
-    for tp_rank, pp_rank in _progress(jobs, len(jobs), desc, progress):
+    workers = max(1, min(workers, len(jobs)))
+
+    def write(tp_rank: int, pp_rank: int) -> int:
         chunks = []
         for v in range(plan.num_chunks):
             stage = plan.stage(pp_rank, v)
@@ -507,9 +549,20 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
                                        partial(get_slice, r.mm, sl), f"{r.mm} (tp_rank {tp_rank})", locate,
                                        after_write)
             chunks.append(sd)
-        n_bytes += save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks)
-        del chunks
-        release()
+        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, DEFAULT_BUDGET // workers)
+
+    n_bytes = 0
+    bar = _progress(None, len(jobs), desc, progress)
+    with ThreadPoolExecutor(workers, thread_name_prefix="write_mm") as pool:
+        futures = [pool.submit(write, *job) for job in jobs]
+        try:
+            for f in as_completed(futures):
+                n_bytes += f.result()
+                bar.update(1)
+        finally:
+            for f in futures:
+                f.cancel()
+            bar.close()
     (tmp / TRACKER_FILE).write_text("release")
     return len(jobs), n_bytes
 
@@ -573,6 +626,7 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
     plan = plan_from_parallel_config(spec, cfg.parallel_config)
     by_mm = {r.mm: r for r in rules}
     used: Counter = Counter()
+    used_lock = threading.Lock()
 
     shapes = mm_param_shapes(spec)
     dtypes = {}
@@ -584,18 +638,21 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
         """Row pieces are views of the mapped source, stored as they are and let go by `after_write`;
         a column slice is gathered into memory of its own first, and its source pages let go at once."""
         r = by_mm[name]
-        used.update(r.hf)
+        with used_lock:
+            used.update(r.hf)
         pieces = pieces_from_parts(r, sl, src.read)
         if sl.dim == 0:
             return pieces
         out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
         for p in pieces:
-            src.drop_pages(p)
+            src.mapped.drop_pages(p)
         return [out]
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, src.release,
-                                   cfg.progress, "hf_to_mm", locate=src.locate, after_write=src.drop_pages)
+        files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, cfg.progress, "hf_to_mm",
+                                   _workers(cfg.workers), locate=src.mapped.locate,
+                                   after_write=src.mapped.drop_pages)
+        src.release()
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
         if set(used) != set(src.files) or wrong:
@@ -722,8 +779,10 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     src = MMSource(mm_dir, meta, spec, plan_a)
     _log(f"{mm_dir}: MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}")
     with atomic_output_dir(cfg.save_mm_dir, cfg.overwrite) as tmp:
-        files, n_bytes = _write_mm(tmp, spec, plan_b, lambda name, sl: take(src.get(name), sl), src.dtype,
-                                   src.release, cfg.progress, "resplit")
+        files, n_bytes = _write_mm(tmp, spec, plan_b, src.pieces, src.dtype, cfg.progress, "resplit",
+                                   _workers(cfg.workers), locate=src.mapped.locate,
+                                   after_write=src.mapped.drop_pages)
+        src.release()
         if src.unused:
             path, v, k = sorted(src.unused)[0]
             raise CheckpointFormatError(f"{path}: {len(src.unused)} tensor(s) were not used, e.g. chunk {v} {k!r}")

@@ -30,7 +30,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
-from mindspeed_mm.checkpoint.streaming_save import LazyTensor, no_crc32, save_streaming
+from mindspeed_mm.checkpoint.streaming_save import (
+    DEFAULT_BUDGET, LazyTensor, no_crc32, record_spans, save_streaming,
+)
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
@@ -38,7 +40,7 @@ from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
 __all__ = [
     "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
     "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
-    "save_rank_object", "load_rank_object", "checkpoint_meta",
+    "save_rank_object", "load_rank_object", "checkpoint_meta", "mapping_base",
     "replace_dir", "atomic_output_dir", "check_output_dir",
 ]
 
@@ -140,12 +142,12 @@ def iteration_dir(mm_dir: Path) -> Path:
     return out
 
 
-def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]]) -> int:
+def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], budget_bytes: int = DEFAULT_BUDGET) -> int:
     """Write one rank's chunks, each tensor produced while earlier ones are written; returns the file size.
     The file is what `save_rank_object` would write for the same tensors (byte for byte)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_streaming(path, {**{chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)},
-                                 "checkpoint_version": CHECKPOINT_VERSION})
+                                 "checkpoint_version": CHECKPOINT_VERSION}, budget_bytes)
 
 
 def save_rank_object(path: Path, obj: dict[str, Any]) -> int:
@@ -180,6 +182,21 @@ def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]
     if extra:
         raise CheckpointFormatError(f"{path}: has {extra} beyond the {num_chunks} chunk(s) the layout says")
     return [obj[k] for k in keys]
+
+
+def mapping_base(path: Path, chunks: list[dict[str, torch.Tensor]]) -> Optional[int]:
+    """The address at which `load_rank_file` mapped `path`, so that a tensor's place in the file is its address
+    minus this (torch maps the whole file once and each storage views its record). None where the storages
+    do not line up with the file's records one to one (not mapped, or not a layout we know)."""
+    storages = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                       for sd in chunks for t in sd.values() if t.untyped_storage().nbytes()})
+    records = sorted(span for name, span in record_spans(path).items() if name.startswith("data/") and span[1])
+    if not storages or len(storages) != len(records):
+        return None
+    base = storages[0][0] - records[0][0]
+    if any(ptr - base != offset or n != size for (ptr, n), (offset, size) in zip(storages, records)):
+        return None
+    return base
 
 
 def drop_resident_pages(t: torch.Tensor) -> None:

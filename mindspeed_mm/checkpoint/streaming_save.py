@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["LazyTensor", "save_streaming", "materialize", "owned", "no_crc32"]
+__all__ = ["LazyTensor", "save_streaming", "materialize", "owned", "no_crc32", "record_spans"]
 
 DEFAULT_BUDGET = 512 * 2**20
 
@@ -152,20 +152,31 @@ def _writer_available(obj: Any) -> bool:
             and not any(t.dtype in new_dtypes for t in _iter_lazy(obj)))
 
 
-def _record_offsets(path: Path, keys: list[str], sizes: list[int]) -> list[int]:
-    """Where each reserved `data/<key>` record's bytes start, from the zip's central directory and each
-    record's local header (whose extra field pads the data to torch's storage alignment)."""
-    out = []
+def record_spans(path: str | Path) -> dict[str, tuple[int, int]]:
+    """Where each record of a `torch.save` zip file lies: name without the archive folder (`data/0`,
+    `data.pkl`, ...) -> (offset of its bytes, size), from the central directory and each record's local header
+    (whose extra field pads the data to torch's storage alignment). Records are stored uncompressed."""
+    out = {}
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        infos = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
-        for key, size in zip(keys, sizes):
-            info = infos[f"data/{key}"]
+        for info in z.infolist():
             f.seek(info.header_offset)
             head = f.read(30)
-            if head[:4] != b"PK\x03\x04" or info.file_size != size:
-                raise RuntimeError(f"{path}: unexpected zip record data/{key} from torch's writer")
+            if head[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+                raise RuntimeError(f"{path}: unexpected zip record {info.filename}")
             name_len, extra_len = struct.unpack("<HH", head[26:30])
-            out.append(info.header_offset + 30 + name_len + extra_len)
+            out[info.filename.split("/", 1)[-1]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return out
+
+
+def _record_offsets(path: Path, keys: list[str], sizes: list[int]) -> list[int]:
+    """Where each reserved `data/<key>` record's bytes start."""
+    spans = record_spans(path)
+    out = []
+    for key, size in zip(keys, sizes):
+        offset, n = spans[f"data/{key}"]
+        if n != size:
+            raise RuntimeError(f"{path}: unexpected zip record data/{key} from torch's writer")
+        out.append(offset)
     return out
 
 
@@ -226,7 +237,8 @@ def _produce_all(refs: list[_StorageRef], budget: int, out: collections.deque, c
 @contextmanager
 def no_crc32() -> Iterator[None]:
     """torch.save's zip CRC32 costs ~3x the write itself (measured: 0.38 GiB bf16 in 1.11 s with it, 0.30 s
-    without); torch.load reads files either way."""
+    without); torch.load reads files either way. torch keeps the setting per thread (a ContextVar), so each
+    thread that writes must switch it off itself."""
     from torch.utils.serialization import config as serialization_config
 
     crc, serialization_config.save.compute_crc32 = serialization_config.save.compute_crc32, False

@@ -136,6 +136,61 @@ def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
     raise AssertionError(kind)
 
 
+def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, shards: list[Tensor],
+                      padded_vocab: int, want: Slice) -> tuple[int, list[Tensor]]:
+    """`take(merge_tensor(name, shards, spec), want)` as (dim, pieces): the pieces concatenated along `dim`
+    are that slice, each a view of one shard (plus a zero block for `want.pad`). Moving to another TP size
+    thus never builds the full tensor, and row pieces stay views of whatever the shards map (a file, for
+    the converter). `dim` is the shards' dim, which differs from `want.dim` only where `want` is whole.
+
+    `shards` are the TP ranks' slices at tp = len(shards), with `padded_vocab` the vocabulary padding of
+    that layout; `want` is a slice at any TP size (`shard_slice`)."""
+    tp = len(shards)
+    have = [shard_slice(name, full_shape, spec, tp, r, padded_vocab) for r in range(tp)]
+    for r, (sl, t) in enumerate(zip(have, shards)):
+        if tuple(t.shape) != sl.shape(full_shape):
+            raise ValueError(f"{name}: TP rank {r} of {tp} has shape {tuple(t.shape)}, expected "
+                             f"{sl.shape(full_shape)} for a full shape {tuple(full_shape)}")
+    d = have[0].dim
+
+    def whole(sl: Slice) -> bool:
+        return not sl.pad and sl.spans == ((0, full_shape[sl.dim]),)
+
+    if want.dim != d:  # one side is whole (TP 1, a replicated tensor): cut it along the other's dim instead
+        if all(whole(sl) for sl in have):
+            d = want.dim
+            have = [Slice(d, ((0, full_shape[d]),))] * tp
+        elif whole(want):
+            want = Slice(d, ((0, full_shape[d]),))
+        else:
+            raise ValueError(f"{name}: cannot cut dim {want.dim} {want.spans} from shards cut along dim {d}")
+    runs = []  # (global start, global end, rank, local start): where each shard's spans sit in the full tensor
+    for r, sl in enumerate(have):
+        local = 0
+        for a, b in sl.spans:
+            runs.append((a, b, r, local))
+            local += b - a
+    runs.sort(key=lambda x: (x[0], x[2]))  # replicated ranges: rank 0's copy first
+    pieces = []
+    for a, b in want.spans:
+        at = a
+        for lo, hi, r, local in runs:
+            if hi <= at or lo >= b:
+                continue
+            if lo > at:
+                break
+            end = min(hi, b)
+            pieces.append(shards[r].narrow(d, local + at - lo, end - at))
+            at = end
+        if at != b:
+            raise ValueError(f"{name}: the shards do not cover [{at}, {b}) along dim {d}")
+    if want.pad:
+        shape = list(shards[0].shape)
+        shape[d] = want.pad
+        pieces.append(shards[0].new_zeros(shape))
+    return d, pieces
+
+
 def _layer_key(name: str) -> tuple[str, int, str] | None:
     for prefix in (VIT_LAYER, LLM_LAYER):
         if name.startswith(prefix):

@@ -132,9 +132,9 @@ def test_bf16_stays_bf16(ckpts, tmp_path):
 def test_resplit_equals_direct_conversion(ckpts, tmp_path, a, b):
     hf = ckpts["tp4_native"]
     _to_mm(hf, tmp_path / "a", a)
-    _to_mm(hf, tmp_path / "direct", b)
+    _to_mm(hf, tmp_path / "direct", b, workers=1)
     resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"), parallel_config=b,
-                          progress=False))
+                          progress=False, workers=3))
     meta_d, direct = _load_mm(tmp_path / "direct")
     meta_b, split = _load_mm(tmp_path / "b")
     assert direct.keys() == split.keys()
@@ -313,3 +313,38 @@ def test_dropping_mapped_pages_keeps_the_data(ckpts, tmp_path):
         drop_resident_pages(v)
     for k, v in sd.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_mm_rank_file_tensors_are_found_on_disk(ckpts, tmp_path):
+    """resplit copies row pieces file to file: each mapped tensor's address minus `mapping_base` is where
+    its bytes lie in the rank file."""
+    import os
+
+    from mindspeed_mm.checkpoint.mm_format import load_rank_file, mapping_base
+
+    mm = tmp_path / "mm"
+    _to_mm(ckpts["tp4_native"], mm, _pc(2, vit=[[2, 0]], llm=[[1, 1]]))
+    for pp_rank in range(2):
+        path = rank_file(iteration_dir(mm), 1, pp_rank, 2)
+        chunks = load_rank_file(path, 1)
+        base = mapping_base(path, chunks)
+        assert base is not None
+        with open(path, "rb") as f:
+            for k, t in chunks[0].items():
+                raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                assert os.pread(f.fileno(), len(raw), t.data_ptr() - base) == raw, k
+    assert mapping_base(path, [{k: v.clone() for k, v in chunks[0].items()}]) is None  # not the mapping
+
+
+def test_resplit_copies_rows_file_to_file(ckpts, tmp_path, monkeypatch):
+    from mindspeed_mm.checkpoint import streaming_save
+
+    copied = []
+    real = streaming_save._copy_range
+    monkeypatch.setattr(streaming_save, "_copy_range", lambda *a: copied.append(a[4]) or real(*a))
+    _to_mm(ckpts["tp4_native"], tmp_path / "a", _pc(2, vit=[[2, 0]], llm=[[1, 1]]))
+    copied.clear()
+    s = resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"), parallel_config=_pc(1),
+                              progress=False))
+    # TP 2 -> 1: everything but the column-parallel weights (linear_proj, linear_fc2) is rows of a source file
+    assert 0.5 * s.bytes < sum(copied) < s.bytes

@@ -11,7 +11,9 @@ import torch
 from mindspeed_mm.config.model_spec import load_model_spec
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.parallel.layout import LayoutError, head_partition, plan_layout
-from mindspeed_mm.parallel.sharding import full_state_dict, local_state_dict, shard_tensor
+from mindspeed_mm.parallel.sharding import (
+    full_state_dict, local_state_dict, shard_slice, shard_tensor, slice_from_shards,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "internvl3"
 
@@ -137,3 +139,21 @@ def test_vit_qkv_slice_holds_this_ranks_heads_of_q_k_v(tiny_6b_spec):
     part = shard_tensor(name, rows, spec, tp=8, rank=1, padded_vocab=104)  # rank 1 holds heads 4..6
     expect = torch.cat([torch.arange(b * 25 * d + 4 * d, b * 25 * d + 7 * d) for b in range(3)]).float()
     assert torch.equal(part[:, 0], expect)
+
+
+@pytest.mark.parametrize("tp_a, tp_b", [(2, 1), (1, 8), (8, 2), (4, 8), (2, 4), (8, 8)])
+def test_slice_from_shards_is_the_other_layouts_shard_built_from_views(tiny_6b_spec, tp_a, tp_b):
+    """Resplit's path: rank b's slice at tp_b, cut straight from the tp_a shards (no full tensor), equals
+    slicing the full tensor; every piece but the vocabulary padding is a view of a shard."""
+    spec = tiny_6b_spec
+    full = _random_full_state(spec)
+    pad = {tp: plan_layout(spec, ParallelSizes(tp=tp), tp, [[3]], [[4]]).padded_vocab_size for tp in (tp_a, tp_b)}
+    for name, t in full.items():
+        shards = [shard_tensor(name, t, spec, tp_a, r, pad[tp_a]) for r in range(tp_a)]
+        for rb in range(tp_b):
+            want = shard_slice(name, tuple(t.shape), spec, tp_b, rb, pad[tp_b])
+            dim, pieces = slice_from_shards(name, tuple(t.shape), spec, shards, pad[tp_a], want)
+            assert torch.equal(torch.cat(pieces, dim), shard_tensor(name, t, spec, tp_b, rb, pad[tp_b])), (name, rb)
+            views = pieces[:-1] if want.pad else pieces
+            owners = {s.untyped_storage().data_ptr() for s in shards}
+            assert all(p.untyped_storage().data_ptr() in owners for p in views), name
