@@ -179,6 +179,8 @@ def main() -> None:
                    "--cfg.parallel_config.llm_pp_layers", "[[6,8,8,6]]",
                    "--cfg.parallel_config.vit_pp_layers", "[[24,0,0,0]]",
                    "--cfg.parallel_config.tp_size", "2"], "hf_to_mm TP2 PP4")
+        if not a.keep:  # the 8B shape's four copies would not fit beside it on a small disk
+            shutil.rmtree(work / "hf")
         alternate(a.reps, work / "mm", work / "mm_copy", work / "mm2",
                   ["resplit", "--cfg.mm_dir", str(work / "mm"), "--cfg.save_mm_dir", str(work / "mm2"),
                    "--cfg.parallel_config.llm_pp_layers", "[[14,14]]",

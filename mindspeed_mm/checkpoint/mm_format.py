@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,7 +191,11 @@ def mapping_base(path: Path, chunks: list[dict[str, torch.Tensor]]) -> Optional[
     do not line up with the file's records one to one (not mapped, or not a layout we know)."""
     storages = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
                        for sd in chunks for t in sd.values() if t.untyped_storage().nbytes()})
-    records = sorted(span for name, span in record_spans(path).items() if name.startswith("data/") and span[1])
+    try:
+        spans = record_spans(path)
+    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile):  # torch read it; copies go through memory
+        return None
+    records = sorted(span for name, span in spans.items() if name.startswith("data/") and span[1])
     if not storages or len(storages) != len(records):
         return None
     base = storages[0][0] - records[0][0]

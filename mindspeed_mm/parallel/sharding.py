@@ -116,24 +116,15 @@ def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
     """The full tensor from every TP rank's slice, in rank order (inverse of `shard_tensor`)."""
     tp = len(shards)
     kind = tp_rule(name).kind
-    if kind == "replicate" or tp == 1 and kind != "vocab":
-        return shards[0]
-    if kind == "rows":
-        return torch.cat(shards, dim=0)
-    if kind == "cols":
-        return torch.cat(shards, dim=1)
-    if kind == "glu":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    shape = list(shards[0].shape)
     if kind == "vocab":
-        return torch.cat(shards, dim=0)[:spec.text.vocab_size]
-    if kind == "vit_qkv":
-        rows = _vit_head_rows(spec, tp)
-        per_rank = [s.split([r, r, r], dim=0) for s, r in zip(shards, rows)]
-        return torch.cat([p[i] for i in range(3) for p in per_rank], dim=0)
-    if kind == "vit_heads":
-        return torch.cat(shards, dim=1)
-    raise AssertionError(kind)
+        shape[0] = spec.text.vocab_size
+    elif kind != "replicate" and tp > 1:
+        d = 1 if kind in ("cols", "vit_heads") else 0
+        shape[d] = sum(s.shape[d] for s in shards)
+    padded_vocab = shards[0].shape[0] * tp
+    dim, pieces = slice_from_shards(name, tuple(shape), spec, shards, padded_vocab, Slice(0, ((0, shape[0]),)))
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
 
 
 def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, shards: list[Tensor],
