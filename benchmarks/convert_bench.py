@@ -123,6 +123,14 @@ def run_step(args: list[str]) -> tuple[float, int]:
     return dt, int(hwm) * 1024
 
 
+def process_floor() -> float:
+    """What any step pays before and after its work: start Python, import the CLI (and with it torch),
+    exit."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import mindspeed_mm.cli.mm_convert"], check=True)
+    return time.perf_counter() - t0
+
+
 def biggest(d: Path) -> int:
     return max(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
@@ -138,7 +146,7 @@ def median(xs: list[float]) -> float:
 
 def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], label: str) -> None:
     """`reps` rounds of (copy `src`, run the step into `out`); prints each round and the medians."""
-    copies, steps, rss = [], [], []
+    copies, steps, rss, floors = [], [], [], []
     for i in range(reps):
         # Each side deletes its own previous output just before it runs, so each writes into the page-cache
         # memory that output freed. Deleting both first handed the copy the freshly freed memory and left
@@ -150,6 +158,7 @@ def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], 
         dt, peak = run_step(args)
         steps.append(dt)
         rss.append(peak)
+        floors.append(process_floor())
         print(f"  round {i + 1}: copy {copies[-1]:.2f}s, {label} {dt:.2f}s ({dt / copies[-1]:.2f}x), "
               f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
     shutil.rmtree(copy_dst, ignore_errors=True)
@@ -157,7 +166,8 @@ def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], 
     print(f"{label}: median {median(steps):.2f}s = {median(steps) / median(copies):.2f}x the median copy "
           f"({median(copies):.2f}s of {dir_bytes(src) / 2**30:.2f} GiB); peak RSS {max(rss) / 2**30:.2f} GiB "
           f"(max of {reps}), largest output file {big / 2**30:.2f} GiB, RSS - largest file = "
-          f"{(max(rss) - big) / 2**30:.2f} GiB (target <= 1)")
+          f"{(max(rss) - big) / 2**30:.2f} GiB (target <= 1); a process that only starts, imports the CLI and "
+          f"exits: median {median(floors):.2f}s = {median(floors) / median(copies):.2f}x the copy")
 
 
 def main() -> None:
