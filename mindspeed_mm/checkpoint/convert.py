@@ -308,6 +308,14 @@ class MappedFiles:
         if self._find(storage.data_ptr(), storage.nbytes()) is not None:
             drop_resident_pages(t)
 
+    def gather(self, pieces: list[Tensor], dim: int) -> Tensor:
+        """`pieces` joined along `dim` into memory of their own, the mapped pages under them let go: how a
+        column slice, which the kernel cannot copy file to file, is stored."""
+        out = torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].clone()
+        for p in pieces:
+            self.drop_pages(p)
+        return out
+
     def close(self) -> None:
         with self._lock:
             for f, _, _ in self._ranges.values():
@@ -476,10 +484,7 @@ class MMSource:
                     self.mapped.add(path, base, path.stat().st_size)
             return path, v, self._open[(tp_rank, pp_rank)][v]
 
-    def pieces(self, name: str, sl: Slice) -> list[Tensor]:
-        """Slice `sl` (of another layout) of the full tensor `name`, as views of this checkpoint's shards whose
-        concatenation along dim 0 it is (`slice_from_shards`): row pieces go file to file like an HF
-        source's, while a column slice is gathered into memory of its own."""
+    def _cut(self, name: str, sl: Slice) -> tuple[int, list[Tensor]]:
         stage, local = self.where[name]
         shards = []
         for tp_rank in range(self.tp):
@@ -488,24 +493,21 @@ class MMSource:
             with self._lock:
                 self.unused.discard((path, v, local))
         try:
-            dim, pieces = slice_from_shards(name, self.shapes[name], self.spec, shards,
-                                            self.plan.padded_vocab_size, sl)
+            return slice_from_shards(name, self.shapes[name], self.spec, shards, self.plan.padded_vocab_size, sl)
         except ValueError as e:
             raise CheckpointFormatError(f"{self.iter_dir}: {e}") from None
-        if dim == 0:
-            return pieces
-        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].clone()
-        for shard in shards:
-            self.mapped.drop_pages(shard)
-        return [out]
+
+    def pieces(self, name: str, sl: Slice) -> list[Tensor]:
+        """Slice `sl` (of another layout) of the full tensor `name`, as views of this checkpoint's shards whose
+        concatenation along dim 0 it is (`slice_from_shards`): row pieces go file to file like an HF
+        source's, while a column slice is gathered into memory of its own."""
+        dim, pieces = self._cut(name, sl)
+        return pieces if dim == 0 else [self.mapped.gather(pieces, dim)]
 
     def get(self, name: str) -> Tensor:
         """The full tensor `name`, in memory of its own (the mapped source pages are let go)."""
-        pieces = self.pieces(name, Slice(0, ((0, self.shapes[name][0]),)))
-        full = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0].clone()
-        for p in pieces:
-            self.mapped.drop_pages(p)
-        return full
+        dim, pieces = self._cut(name, Slice(0, ((0, self.shapes[name][0]),)))
+        return self.mapped.gather(pieces, dim)
 
     def dtype(self, name: str) -> torch.dtype:
         stage, local = self.where[name]
@@ -641,12 +643,7 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
         with used_lock:
             used.update(r.hf)
         pieces = pieces_from_parts(r, sl, src.read)
-        if sl.dim == 0:
-            return pieces
-        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
-        for p in pieces:
-            src.mapped.drop_pages(p)
-        return [out]
+        return pieces if sl.dim == 0 else [src.mapped.gather(pieces, sl.dim)]
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, cfg.progress, "hf_to_mm",

@@ -30,6 +30,11 @@ LLM_LAYER = "text_decoder.decoder.layers."
 class TPRule:
     kind: str  # replicate | rows | cols | glu | vit_qkv | vit_heads | vocab
 
+    @property
+    def dim(self) -> int:
+        """The dim tensor parallelism cuts (replicated tensors: 0, where TP 1 cuts everything)."""
+        return 1 if self.kind in ("cols", "vit_heads") else 0
+
 
 _RULES = [  # (regex on the full name, rule); first match wins
     (r"image_encoder\.encoder\.encoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)$", TPRule("vit_qkv")),
@@ -66,6 +71,12 @@ class Slice:
         out[self.dim] = sum(b - a for a, b in self.spans) + self.pad
         return tuple(out)
 
+    def pad_block(self, like: Tensor) -> Tensor:
+        """The `pad` zero rows that end this slice, otherwise shaped and typed like `like`."""
+        shape = list(like.shape)
+        shape[self.dim] = self.pad
+        return like.new_zeros(shape)
+
 
 def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
                 padded_vocab: int) -> Slice:
@@ -101,9 +112,7 @@ def take(t: Tensor, sl: Slice) -> Tensor:
     """Apply a `Slice` to a full tensor."""
     parts = [t.narrow(sl.dim, a, b - a) for a, b in sl.spans]
     if sl.pad:
-        shape = list(t.shape)
-        shape[sl.dim] = sl.pad
-        parts.append(t.new_zeros(shape))
+        parts.append(sl.pad_block(t))
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=sl.dim)
 
 
@@ -115,13 +124,12 @@ def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, p
 def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
     """The full tensor from every TP rank's slice, in rank order (inverse of `shard_tensor`)."""
     tp = len(shards)
-    kind = tp_rule(name).kind
+    rule = tp_rule(name)
     shape = list(shards[0].shape)
-    if kind == "vocab":
+    if rule.kind == "vocab":
         shape[0] = spec.text.vocab_size
-    elif kind != "replicate" and tp > 1:
-        d = 1 if kind in ("cols", "vit_heads") else 0
-        shape[d] = sum(s.shape[d] for s in shards)
+    elif rule.kind != "replicate" and tp > 1:
+        shape[rule.dim] = sum(s.shape[rule.dim] for s in shards)
     padded_vocab = shards[0].shape[0] * tp
     dim, pieces = slice_from_shards(name, tuple(shape), spec, shards, padded_vocab, Slice(0, ((0, shape[0]),)))
     return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
@@ -175,10 +183,8 @@ def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec
             at = end
         if at != b:
             raise ValueError(f"{name}: the shards do not cover [{at}, {b}) along dim {d}")
-    if want.pad:
-        shape = list(shards[0].shape)
-        shape[d] = want.pad
-        pieces.append(shards[0].new_zeros(shape))
+    if want.pad:  # want.dim == d: a padded slice is never whole
+        pieces.append(want.pad_block(shards[0]))
     return d, pieces
 
 

@@ -203,9 +203,7 @@ def pieces_from_parts(rule: Rule, sl, read: PartReader) -> list[Tensor]:
     never assembled, and a writer can store row pieces one after another without concatenating them."""
     pieces = [p for a, b in sl.spans for p in rule.op.read(read, rule.hf, sl.dim, a, b)]
     if sl.pad:
-        shape = list(pieces[0].shape)
-        shape[sl.dim] = sl.pad
-        pieces.append(pieces[0].new_zeros(shape))
+        pieces.append(sl.pad_block(pieces[0]))
     return pieces
 
 
