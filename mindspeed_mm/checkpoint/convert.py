@@ -11,6 +11,11 @@ memory; column slices are gathered in memory, their source pages let go at once.
 shard straight from the old shards (`parallel.sharding.slice_from_shards`), never building a full tensor.
 Output goes to a temporary directory beside the target, renamed into place only when complete.
 
+hf_to_mm and resplit never import torch: tensors are numpy views of the mapped files (bfloat16 as uint16
+of the same bytes, the dtype carried by name), rank files are read with an allowlist unpickler
+(`torch_file`) and written by `streaming_save`. torch's import and teardown (~1.7 s) would otherwise cost
+more than copying a 2B checkpoint. mm_to_hf writes safetensors through torch.
+
 The per-parameter mapping is `models.internvl.hf_mapping` and the per-rank slicing `parallel.sharding`, so a
 converted shard is by construction ``local_state_dict(hf_to_mm(source), spec, plan, tp_rank, stage)``.
 """
@@ -30,27 +35,29 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, List, Optional, Union
+from typing import Any, BinaryIO, Callable, List, Optional, Union
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from mindspeed_mm.checkpoint.hf_formats import (
-    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, ST_TORCH_DTYPES, CheckpointFormatError, detect_format,
-    read_safetensors_header, safetensors_dtype_name, safetensors_rows,
+    NATIVE, ORIGINAL, SAFE_INDEX, SAFE_SINGLE, ST_DTYPES, CheckpointFormatError, detect_format,
+    read_safetensors_header, safetensors_array, safetensors_dtype_name,
     native_config_to_original, normalize_native_key, original_config_to_native, read_hf_config, read_json,
 )
 from mindspeed_mm.checkpoint.mm_format import (
-    META_FILE, TRACKER_FILE, MMCheckpointMeta, atomic_output_dir, check_output_dir, drop_resident_pages,
-    iteration_dir,
-    checkpoint_meta, load_rank_file, mapping_base, rank_file, save_rank_file, write_meta,
+    META_FILE, TRACKER_FILE, MMCheckpointMeta, RankFile, atomic_output_dir, check_output_dir, checkpoint_meta,
+    drop_resident_pages, iteration_dir, rank_file, read_rank_file, save_rank_file, write_meta,
 )
-from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, owned
+from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, SideBySide, owned
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, pieces_from_parts
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_layout
-from mindspeed_mm.parallel.sharding import Slice, shard_slice, slice_from_shards, stage_name
+from mindspeed_mm.parallel.sharding import Slice, cat, shard_slice, slice_from_shards, stage_name
+
+# No `if TYPE_CHECKING: import torch` here: jsonargparse executes such blocks of the module that defines the
+# CLI's dataclasses when it resolves their annotations, which would import torch.
+Array = np.ndarray  # a tensor's elements as numpy sees them: bfloat16 as uint16 of the same bytes
 
 __all__ = [
     "HFConfig", "ParallelConfig", "HFToMMConfig", "MMToHFConfig", "ResplitConfig", "ConvertSummary",
@@ -253,7 +260,7 @@ def mm_param_shapes(spec: InternVLSpec) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _check_shape(name: str, t: Tensor, shapes: dict, where: str) -> None:
+def _check_shape(name: str, t: Any, shapes: dict, where: str) -> None:
     want = shapes.get(name)
     if want is not None and tuple(t.shape) != want:
         raise CheckpointFormatError(f"{where}: {name} has shape {tuple(t.shape)}, the model config needs {want}")
@@ -296,22 +303,25 @@ class MappedFiles:
                 return f, lo
         return None
 
-    def locate(self, t: Tensor) -> Optional[tuple[int, int]]:
-        """(fd, offset) of a contiguous tensor lying in one of the mapped files."""
-        hit = self._find(t.data_ptr(), t.numel() * t.element_size()) if t.is_contiguous() else None
-        return None if hit is None else (hit[0].fileno(), t.data_ptr() - hit[1])
+    def locate(self, a: Array) -> Optional[tuple[int, int]]:
+        """(fd, offset) of a contiguous array lying in one of the mapped files."""
+        if not a.flags.c_contiguous:
+            return None
+        ptr = a.__array_interface__["data"][0]
+        hit = self._find(ptr, a.nbytes)
+        return None if hit is None else (hit[0].fileno(), ptr - hit[1])
 
-    def drop_pages(self, t: Tensor) -> None:
-        """Let the kernel drop the mapped pages under `t` once stored (touched pages of a mapping stay resident
-        until it is unmapped: a whole file's worth). Tensors outside the mapped files are left alone."""
-        storage = t.untyped_storage()
-        if self._find(storage.data_ptr(), storage.nbytes()) is not None:
-            drop_resident_pages(t)
+    def drop_pages(self, a: Array) -> None:
+        """Let the kernel drop the mapped pages under `a` once stored (touched pages of a mapping stay resident
+        until it is unmapped: a whole file's worth). Arrays outside the mapped files are left alone."""
+        ptr = a.__array_interface__["data"][0]
+        if self._find(ptr, 0) is not None:
+            drop_resident_pages(a)
 
-    def gather(self, pieces: list[Tensor], dim: int) -> Tensor:
+    def gather(self, pieces: list[Array], dim: int) -> Array:
         """`pieces` joined along `dim` into memory of their own, the mapped pages under them let go: how a
         column slice, which the kernel cannot copy file to file, is stored."""
-        out = torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].clone()
+        out = cat(pieces, dim)
         for p in pieces:
             self.drop_pages(p)
         return out
@@ -321,6 +331,14 @@ class MappedFiles:
             for f, _, _ in self._ranges.values():
                 f.close()
             self._ranges.clear()
+
+
+def columns(pieces: list[Array], dim: int) -> SideBySide:
+    """Pieces of a column slice, to be stored row by row from where they lie."""
+    if dim != 1 or any(p.ndim != 2 for p in pieces):
+        raise AssertionError(f"only 2-D weights are cut along columns, got dim {dim}, "
+                             f"shapes {[p.shape for p in pieces]}")
+    return SideBySide(tuple(pieces))
 
 
 class HFSource:
@@ -375,19 +393,19 @@ class HFSource:
         header, data_start = self.headers[self.files[name]]
         return header[self.stored[name]], data_start
 
-    def dtype(self, rule: Rule) -> torch.dtype:
-        """The dtype of our tensor `rule.mm`: that of its HF parts, which must agree (nothing is cast)."""
+    def dtype(self, rule: Rule) -> str:
+        """The dtype name of our tensor `rule.mm`: that of its HF parts, which must agree (nothing is cast)."""
         codes = {k: self._entry(k)[0]["dtype"] for k in rule.hf}
         for k, code in codes.items():
-            if code not in ST_TORCH_DTYPES:
+            if code not in ST_DTYPES:
                 raise CheckpointFormatError(f"{self.files[k]}: tensor {self.stored[k]!r} has dtype {code}, which "
-                                            f"is not supported (supported: {sorted(ST_TORCH_DTYPES)})")
+                                            f"is not supported (supported: {sorted(ST_DTYPES)})")
         if len(set(codes.values())) > 1:
             raise CheckpointFormatError(f"{self.files[rule.hf[0]]}: tensors {[self.stored[k] for k in rule.hf]}, "
                                         f"which form one parameter, have different dtypes {list(codes.values())}")
-        return ST_TORCH_DTYPES[codes[rule.hf[0]]]
+        return ST_DTYPES[codes[rule.hf[0]]]
 
-    def read(self, name: str, dim: int = 0, start: int | None = None, end: int | None = None) -> Tensor:
+    def read(self, name: str, dim: int = 0, start: int | None = None, end: int | None = None) -> Array:
         """Tensor `name`, or only its index range [start, end) along `dim` (0 or 1), as a view of the mapped
         file: nothing is read until the writer touches it, and `drop_pages` lets the pages go after."""
         path = self.files[name]
@@ -400,14 +418,14 @@ class HFSource:
         entry, data_start = self._entry(name)
         try:
             if dim == 0:
-                return safetensors_rows(m, entry, data_start, start, end)
-            return safetensors_rows(m, entry, data_start)[:, start:end]
+                return safetensors_array(m, entry, data_start, start, end)
+            return safetensors_array(m, entry, data_start)[:, start:end]
         except Exception as e:
             raise CheckpointFormatError(f"{path}: cannot read tensor {self.stored[name]!r}: {e}") from e
 
     def check_parts(self, rule: Rule, mm_shape: tuple[int, ...]) -> None:
         """The HF tensors of `rule` have the shapes the model config implies (checked from the headers)."""
-        want = [tuple(p.shape) for p in rule.op.split(torch.empty(mm_shape, device="meta"))]
+        want = rule.op.part_shapes(mm_shape)
         got = [tuple(self._entry(k)[0]["shape"]) for k in rule.hf]
         if got != want:
             raise CheckpointFormatError(f"{self.files[rule.hf[0]]}: {list(rule.hf)} have shapes {got}, the model "
@@ -440,7 +458,7 @@ class MMSource:
         self.iter_dir = iteration_dir(mm_dir)
         self.spec, self.plan, self.meta = spec, plan, meta
         self.tp, self.pp, self.vpp = plan.parallel.tp, plan.parallel.pp, plan.num_chunks
-        self._open: dict[tuple[int, int], list[dict[str, Tensor]]] = {}
+        self._open: dict[tuple[int, int], RankFile] = {}
         self._lock = threading.Lock()
         self.mapped = MappedFiles()
         self.shapes = mm_param_shapes(spec)
@@ -457,11 +475,11 @@ class MMSource:
                 if local is not None:
                     self.where[r.mm] = (s.stage, local)
                     expected[(s.stage % self.pp, s.stage // self.pp)].add(local)
-        for pp_rank in range(self.pp):  # inventory (headers only): every file, chunk and key as the layout says
+        for pp_rank in range(self.pp):  # inventory (pickles only): every file, chunk and key as the layout says
             for tp_rank in range(self.tp):
-                path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
-                chunks = load_rank_file(path, self.vpp)
-                for v, sd in enumerate(chunks):
+                rf = self._file(tp_rank, pp_rank)
+                path = rf.path
+                for v, sd in enumerate(rf.chunks):
                     want = expected[(pp_rank, v)]
                     extra, missing = sorted(set(sd) - want), sorted(want - set(sd))
                     if extra:
@@ -470,51 +488,60 @@ class MMSource:
                     if missing:
                         raise CheckpointFormatError(f"{path}: chunk {v} lacks {missing[:3]}")
                     self.unused.update((path, v, k) for k in sd)
-                    self.dtypes.update(str(t.dtype).removeprefix("torch.") for t in sd.values())
-                del chunks
+                    self.dtypes.update(t.dtype for t in sd.values())
 
-    def _chunk(self, tp_rank: int, stage: int) -> tuple[Path, int, dict[str, Tensor]]:
-        pp_rank, v = stage % self.pp, stage // self.pp
-        path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
+    def _file(self, tp_rank: int, pp_rank: int) -> RankFile:
         with self._lock:  # writer threads read at once
-            if (tp_rank, pp_rank) not in self._open:
-                chunks = self._open[(tp_rank, pp_rank)] = load_rank_file(path, self.vpp)
-                base = mapping_base(path, chunks)
-                if base is not None:
-                    self.mapped.add(path, base, path.stat().st_size)
-            return path, v, self._open[(tp_rank, pp_rank)][v]
+            rf = self._open.get((tp_rank, pp_rank))
+            if rf is None:
+                path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
+                rf = self._open[(tp_rank, pp_rank)] = read_rank_file(path, self.vpp)
+                if rf.base is not None:
+                    self.mapped.add(path, rf.base, path.stat().st_size)
+            return rf
 
-    def _cut(self, name: str, sl: Slice) -> tuple[int, list[Tensor]]:
+    def _chunk(self, tp_rank: int, stage: int) -> tuple[Path, int, dict]:
+        rf = self._file(tp_rank, stage % self.pp)
+        return rf.path, stage // self.pp, rf.chunks[stage // self.pp]
+
+    def _cut(self, name: str, sl: Slice) -> tuple[int, list[Array]]:
         stage, local = self.where[name]
         shards = []
         for tp_rank in range(self.tp):
             path, v, sd = self._chunk(tp_rank, stage)
-            shards.append(sd[local])
-            with self._lock:
+            shards.append(sd[local].array)
+            with self._lock:  # writer threads read at once
                 self.unused.discard((path, v, local))
         try:
             return slice_from_shards(name, self.shapes[name], self.spec, shards, self.plan.padded_vocab_size, sl)
         except ValueError as e:
             raise CheckpointFormatError(f"{self.iter_dir}: {e}") from None
 
-    def pieces(self, name: str, sl: Slice) -> list[Tensor]:
+    def pieces(self, name: str, sl: Slice) -> list[Union[Array, SideBySide]]:
         """Slice `sl` (of another layout) of the full tensor `name`, as views of this checkpoint's shards whose
         concatenation along dim 0 it is (`slice_from_shards`): row pieces go file to file like an HF
-        source's, while a column slice is gathered into memory of its own."""
+        source's, a column slice row by row from the mapped shards (`SideBySide`)."""
         dim, pieces = self._cut(name, sl)
-        return pieces if dim == 0 else [self.mapped.gather(pieces, dim)]
+        return pieces if dim == 0 else [columns(pieces, dim)]
 
-    def get(self, name: str) -> Tensor:
+    def get(self, name: str) -> Array:
         """The full tensor `name`, in memory of its own (the mapped source pages are let go)."""
         dim, pieces = self._cut(name, Slice(0, ((0, self.shapes[name][0]),)))
         return self.mapped.gather(pieces, dim)
 
-    def dtype(self, name: str) -> torch.dtype:
+    def tensor(self, name: str) -> Any:
+        """`get(name)` as a torch tensor of its dtype (sharing the memory)."""
+        import torch
+
+        return torch.from_numpy(self.get(name)).view(getattr(torch, self.dtype(name)))
+
+    def dtype(self, name: str) -> str:
         stage, local = self.where[name]
         return self._chunk(0, stage)[2][local].dtype
 
     def release(self) -> None:
-        self._open.clear()
+        with self._lock:
+            self._open.clear()
         self.mapped.close()
 
 
@@ -523,10 +550,10 @@ class MMSource:
 # ------------------------------------------------------------------------------------------------------------
 
 def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
-              get_slice: Callable[[str, Slice], Union[Tensor, list[Tensor]]],
-              dtype_of: Callable[[str], torch.dtype], progress: bool, desc: str, workers: int,
-              locate: Optional[Callable[[Tensor], Optional[tuple[int, int]]]] = None,
-              after_write: Optional[Callable[[Tensor], None]] = None) -> tuple[int, int]:
+              get_slice: Callable[[str, Slice], list[Array]],
+              dtype_of: Callable[[str], str], progress: bool, desc: str, workers: int,
+              locate: Optional[Callable[[Array], Optional[tuple[int, int]]]] = None,
+              after_write: Optional[Callable[[Array], None]] = None) -> tuple[int, int]:
     """Write every rank file of `plan` into `tmp/release`, `workers` files at a time; returns (files, bytes).
     `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
     need be in memory; it runs in each writer's producer thread, ahead of the write (`save_streaming`), and
@@ -543,7 +570,7 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
         chunks = []
         for v in range(plan.num_chunks):
             stage = plan.stage(pp_rank, v)
-            sd: dict[str, Tensor] = {}
+            sd: dict[str, LazyTensor] = {}
             for r in per_stage[stage.stage]:
                 sl = shard_slice(r.mm, shapes[r.mm], spec, tp, tp_rank, plan.padded_vocab_size)
                 local = stage_name(r.mm, stage)
@@ -636,14 +663,14 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
         src.check_parts(r, shapes[r.mm])
         dtypes[r.mm] = src.dtype(r)
 
-    def get_slice(name: str, sl: Slice) -> list[Tensor]:
-        """Row pieces are views of the mapped source, stored as they are and let go by `after_write`;
-        a column slice is gathered into memory of its own first, and its source pages let go at once."""
+    def get_slice(name: str, sl: Slice) -> list[Union[Array, SideBySide]]:
+        """Views of the mapped source, stored as they are and let go by `after_write`: row pieces file to
+        file, a column slice row by row (`SideBySide`)."""
         r = by_mm[name]
         with used_lock:
             used.update(r.hf)
         pieces = pieces_from_parts(r, sl, src.read)
-        return pieces if sl.dim == 0 else [src.mapped.gather(pieces, sl.dim)]
+        return pieces if sl.dim == 0 else [columns(pieces, sl.dim)]
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, cfg.progress, "hf_to_mm",
@@ -709,7 +736,7 @@ def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
         from safetensors.torch import save_file
 
         parts: list[tuple[str, list[str], int]] = []  # (temp name, keys, bytes)
-        cur: dict[str, Tensor] = {}
+        cur: dict[str, Any] = {}  # torch tensors
         cur_bytes = 0
         total = 0
 
@@ -724,7 +751,7 @@ def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
         bar = _progress(rules, len(rules), f"mm_to_hf ({fmt})", cfg.progress)
         bar.unit = "tensor"
         for r in bar:
-            full = src.get(r.mm)
+            full = src.tensor(r.mm)
             _check_shape(r.mm, full, shapes, str(src.iter_dir))
             out = {k: owned(t) for k, t in zip(r.hf, r.op.split(full))}
             del full

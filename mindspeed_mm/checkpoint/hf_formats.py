@@ -24,9 +24,12 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import TYPE_CHECKING, Literal, Mapping
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ORIGINAL",
@@ -260,6 +263,8 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """Split a fused InternViT ``attn.qkv`` weight [3C, C] or bias [3C] into contiguous (q, k, v) copies.
 
     The rows are three equal blocks ``[Q; K; V]``, each head-major, so no per-head reordering is needed."""
+    import torch
+
     if qkv.dim() == 0 or qkv.shape[0] % 3:
         raise ValueError(f"fused qkv tensor must have a leading dim divisible by 3, got shape {tuple(qkv.shape)}")
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in qkv.chunk(3, dim=0))  # type: ignore
@@ -272,6 +277,8 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
             f"q/k/v must share shape and dtype to fuse, got {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} "
             f"{q.dtype}/{k.dtype}/{v.dtype}"
         )
+    import torch
+
     return torch.cat([q, k, v], dim=0)
 
 
@@ -615,22 +622,24 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + hlen
 
 
-ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                    "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors dtype code -> torch dtype name (the numpy dtype of the same bytes is torch_file.NUMPY_DTYPES[name])
+ST_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "I32": "int32",
+             "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def safetensors_dtype_name(code: str) -> str:
     """"BF16" -> "bfloat16"; an unknown code is returned as it is."""
-    return str(ST_TORCH_DTYPES[code]).removeprefix("torch.") if code in ST_TORCH_DTYPES else code
+    return ST_DTYPES.get(code, code)
 
 
-def safetensors_rows(mapped, entry: dict, data_start: int, start: int | None = None,
-                     end: int | None = None) -> torch.Tensor:
+def safetensors_array(mapped, entry: dict, data_start: int, start: int | None = None,
+                      end: int | None = None) -> np.ndarray:
     """Rows [start, end) of one tensor (all rows by default) of a safetensors file mapped with `mmap`
-    (`ACCESS_COPY`), as a tensor over exactly those bytes of the mapping: nothing is copied, and only the
-    pages touched are read."""
-    shape, dtype = list(entry["shape"]), ST_TORCH_DTYPES[entry["dtype"]]
+    (`ACCESS_COPY`), as a numpy array over exactly those bytes of the mapping (bfloat16 as uint16): nothing
+    is copied, and only the pages touched are read."""
+    from mindspeed_mm.checkpoint.torch_file import NUMPY_DTYPES
+
+    shape, dtype = list(entry["shape"]), NUMPY_DTYPES[ST_DTYPES[entry["dtype"]]]
     begin = data_start + int(entry["data_offsets"][0])
     if not shape:
         start, end = 0, 1
@@ -640,9 +649,8 @@ def safetensors_rows(mapped, entry: dict, data_start: int, start: int | None = N
         row *= n
     out_shape = [end - start] + shape[1:]
     if (end - start) * row == 0:
-        return torch.empty(out_shape, dtype=dtype)
-    t = torch.frombuffer(mapped, dtype=dtype, count=(end - start) * row,
-                         offset=begin + start * row * dtype.itemsize)
+        return np.empty(out_shape, dtype=dtype)
+    t = np.frombuffer(mapped, dtype=dtype, count=(end - start) * row, offset=begin + start * row * dtype.itemsize)
     return t.reshape(out_shape if shape else [])
 
 

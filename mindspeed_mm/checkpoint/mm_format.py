@@ -10,7 +10,8 @@ Layout (the reference system's, so its users' tooling keeps working)::
 Each ``model_optim_rng.pt`` holds ``{"model": sd, "checkpoint_version": 3.0}``, or ``model0 .. model{V-1}``
 instead of ``model`` under virtual pipeline parallelism (one per chunk, ``vpp_rank`` order); the ``_{pp:03d}``
 suffix appears only when pp > 1. ``sd`` is exactly ``sharding.local_state_dict(full, spec, plan, tp_rank,
-stage)`` of the chunk's stage. Files are read back lazily (``torch.load(mmap=True, weights_only=True)``).
+stage)`` of the chunk's stage. Files are read back lazily: by the model through
+``torch.load(mmap=True, weights_only=True)``, by the converter without torch (`read_rank_file`).
 """
 from __future__ import annotations
 
@@ -26,22 +27,24 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-import torch
+import numpy as np
 
+from mindspeed_mm.checkpoint import torch_file
 from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
-from mindspeed_mm.checkpoint.streaming_save import (
-    DEFAULT_BUDGET, LazyTensor, no_crc32, record_spans, save_streaming,
-)
+from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, no_crc32, save_streaming
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
     "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
-    "save_rank_object", "load_rank_object", "checkpoint_meta", "mapping_base",
+    "save_rank_object", "load_rank_object", "checkpoint_meta", "RankFile", "read_rank_file", "drop_resident_pages",
     "replace_dir", "atomic_output_dir", "check_output_dir",
 ]
 
@@ -145,7 +148,8 @@ def iteration_dir(mm_dir: Path) -> Path:
 
 def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], budget_bytes: int = DEFAULT_BUDGET) -> int:
     """Write one rank's chunks, each tensor produced while earlier ones are written; returns the file size.
-    The file is what `save_rank_object` would write for the same tensors (byte for byte)."""
+    The file is what `save_rank_object` would write for the same tensors, byte for byte but for the 40-digit
+    serialization id (`streaming_save`), and is written without torch."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_streaming(path, {**{chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)},
                                  "checkpoint_version": CHECKPOINT_VERSION}, budget_bytes)
@@ -153,6 +157,8 @@ def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], budget_bytes
 
 def save_rank_object(path: Path, obj: dict[str, Any]) -> int:
     """Write one rank's file (chunks under `chunk_key` names plus, for training saves, optimizer state etc.)."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {**obj, "checkpoint_version": CHECKPOINT_VERSION}
     with no_crc32():
@@ -162,6 +168,8 @@ def save_rank_object(path: Path, obj: dict[str, Any]) -> int:
 
 def load_rank_object(path: Path) -> dict[str, Any]:
     """One rank's whole file, memory-mapped (tensors are read on first touch); never unpickles code."""
+    import torch
+
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file is missing: {path}")
     try:
@@ -173,9 +181,9 @@ def load_rank_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]:
-    """One rank's chunks, memory-mapped (tensors are read on first touch); never unpickles code."""
-    obj = load_rank_object(path)
+def _chunks(path: Path, obj: Any, num_chunks: int) -> list[dict]:
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
     keys = [chunk_key(v, num_chunks) for v in range(num_chunks)]
     if any(not isinstance(obj.get(k), dict) for k in keys):
         raise CheckpointFormatError(f"{path}: expected keys {keys} (vpp={num_chunks}), found {sorted(obj)}")
@@ -185,35 +193,71 @@ def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, torch.Tensor]]
     return [obj[k] for k in keys]
 
 
-def mapping_base(path: Path, chunks: list[dict[str, torch.Tensor]]) -> Optional[int]:
-    """The address at which `load_rank_file` mapped `path`, so that a tensor's place in the file is its address
-    minus this (torch maps the whole file once and each storage views its record). None where the storages
-    do not line up with the file's records one to one (not mapped, or not a layout we know)."""
-    storages = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                       for sd in chunks for t in sd.values() if t.untyped_storage().nbytes()})
+def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, "torch.Tensor"]]:
+    """One rank's chunks, memory-mapped (tensors are read on first touch); never unpickles code."""
+    return _chunks(path, load_rank_object(path), num_chunks)
+
+
+@dataclass
+class RankFile:
+    """One rank's chunks read without torch: each tensor a `torch_file.StoredTensor`, a numpy view of one
+    private mapping of the file at `base` (so a tensor's place in the file is its address minus `base`;
+    None where the tensors are not views of the file, after a fallback to torch.load)."""
+    path: Path
+    chunks: list[dict[str, torch_file.StoredTensor]]
+    base: Optional[int]
+
+
+def read_rank_file(path: Path, num_chunks: int) -> RankFile:
+    """`load_rank_file` for the converter, which must not pay torch's import: the pickle is read with an
+    allowlist (`torch_file.load`). A file whose pickle needs more than the allowlist (a training save with
+    some object of another library) is read by `torch.load(weights_only=True)` instead."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file is missing: {path}")
     try:
-        spans = record_spans(path)
-    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile):  # torch read it; copies go through memory
-        return None
-    records = sorted(span for name, span in spans.items() if name.startswith("data/") and span[1])
-    if not storages or len(storages) != len(records):
-        return None
-    base = storages[0][0] - records[0][0]
-    if any(ptr - base != offset or n != size for (ptr, n), (offset, size) in zip(storages, records)):
-        return None
-    return base
+        obj, mapping = torch_file.load(path)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    except torch_file.UnsupportedPickle:
+        obj, base = _stored_tensors(load_rank_object(path)), None
+    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as e:
+        raise CheckpointFormatError(f"{path}: cannot read checkpoint file: {e}") from e
+    return RankFile(path, _chunks(path, obj, num_chunks), base)
 
 
-def drop_resident_pages(t: torch.Tensor) -> None:
-    """Let the kernel drop the pages of a tensor that `load_rank_file` memory-mapped and that have been copied
-    out already: touched pages of a mapping stay resident until it is unmapped, which for a resharding run
-    means whole source files. The mapping is private and unmodified, so a later touch re-reads the file.
-    Linux only; elsewhere (and for tensors not in a mapping) the pages simply stay."""
-    if _libc is None or t.numel() == 0:
+def _stored_tensors(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _stored_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_stored_tensors(v) for v in obj)
+    if hasattr(obj, "untyped_storage"):
+        import torch
+
+        name = str(obj.dtype).removeprefix("torch.")
+        array = (obj.view(torch.int16) if name == "bfloat16" else obj).numpy()  # numpy has no bfloat16
+        return torch_file.StoredTensor(array.view(torch_file.NUMPY_DTYPES[name]), name)
+    return obj
+
+
+def _span(x: Any) -> tuple[int, int]:
+    """The address range of a torch tensor's storage, or of the bytes a numpy array views."""
+    if isinstance(x, np.ndarray):
+        lo = x.__array_interface__["data"][0]
+        if x.size == 0:
+            return lo, lo
+        return lo, lo + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.strides)) + x.itemsize
+    lo = x.untyped_storage().data_ptr()
+    return lo, lo + x.untyped_storage().nbytes()
+
+
+def drop_resident_pages(t: Any) -> None:
+    """Let the kernel drop the mapped pages under a tensor (its whole storage) or numpy array (the bytes it
+    views) once copied out: touched pages of a mapping stay resident until it is unmapped, which for a
+    resharding run means whole source files. The mapping is private and unmodified, so a later touch
+    re-reads the file. Linux only; elsewhere (and for memory not in a mapping) the pages simply stay."""
+    if _libc is None:
         return
-    start = t.untyped_storage().data_ptr()
-    end = start + t.untyped_storage().nbytes()
-    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the storage only
+    start, end = _span(t)
+    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the range only
     if hi > lo:
         _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 

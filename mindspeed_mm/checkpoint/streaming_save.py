@@ -1,4 +1,4 @@
-"""`torch.save` for objects whose tensors are produced one at a time while the file is written.
+"""`torch.save` files written while their tensors are produced, without torch.
 
 The converter's rank files are plain `torch.save` files (so `torch.load` and the reference system's tooling
 read them), but building a whole rank file in memory and then saving it costs the file's size in RAM, an
@@ -6,188 +6,174 @@ extra copy of every byte, and serialises reading the source with writing the out
 the pickle first (tensors are referenced by storage key) and the storage bytes after it, so nothing forces
 the bytes to exist before the pickle is written. `save_streaming`:
 
-1. pickles `LazyTensor` placeholders exactly as `torch.save` pickles real tensors;
-2. lets torch's own zip writer lay the file out with every storage record reserved but not written (what
-   `torch.serialization.skip_data` does);
+1. pickles `LazyTensor` placeholders exactly as `torch.save` pickles real tensors (`torch_file.dumps`);
+2. lays the zip file out as torch's writer does, every storage record reserved but not written
+   (`torch_file.write_archive`);
 3. stores each record's bytes at its offset as a producer thread delivers them, with at most
    `budget_bytes` waiting. A record may arrive as row pieces (views of a mapped source file), which are
-   stored one after another, so they are never concatenated in memory.
+   stored one after another, so they are never concatenated in memory; a piece that lies in an open file
+   is copied file to file by the kernel.
 
-The file is byte-identical to `torch.save` of the materialised object (a test checks this), so loading it
-needs nothing of ours. Records and pickling follow `torch.serialization._save` (torch 2.6 to 2.14); where its
-writer lacks `write_record_metadata` the object is materialised and handed to `torch.save` instead.
+None of this imports torch, so a conversion process never pays its import (1.3 s, more than a copy of a
+2B checkpoint) or teardown. The file equals `torch.save` of the materialised object byte for byte except
+the 40-digit serialization id (torch derives it from an unordered hash set; tests check the rest). Pieces
+are numpy arrays (bfloat16 travels as uint16 of the same bytes) or torch tensors.
 """
 from __future__ import annotations
 
 import collections
-import io
 import math
 import os
-import pickle
-import struct
 import sys
 import threading
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-import torch
+import numpy as np
 
-__all__ = ["LazyTensor", "save_streaming", "materialize", "owned", "no_crc32", "record_spans"]
+from mindspeed_mm.checkpoint.torch_file import NUMPY_DTYPES, STORAGE_TYPES, dumps, record_spans, write_archive
+
+__all__ = ["LazyTensor", "SideBySide", "save_streaming", "owned", "no_crc32", "record_spans", "dtype_name",
+           "byte_view"]
 
 DEFAULT_BUDGET = 512 * 2**20
+STORAGE_ALIGNMENT = 64  # torch's `_get_storage_alignment()`, which `write_archive` lays records out for
+
+
+def dtype_name(dtype: Any) -> str:
+    """"bfloat16" for torch.bfloat16 or "bfloat16"."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """2-D numpy arrays joined along dim 1 (a column slice of a tensor, or one made of TP shards' columns),
+    stored row by row from where each part lies (`os.pwritev` over the rows), never joined in memory: the
+    gather into a new buffer and the writing of it cost twice the kernel's copy from a mapped file."""
+    parts: tuple[np.ndarray, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.parts[0].shape[0], sum(p.shape[1] for p in self.parts))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def rows_contiguous(self) -> bool:
+        return all(p.ndim == 2 and p.dtype == self.dtype and p.shape[0] == self.shape[0]
+                   and (p.strides[1] == p.itemsize or p.shape[1] <= 1) for p in self.parts)
+
+    def joined(self) -> np.ndarray:
+        return np.concatenate(self.parts, axis=1)
+
+
+def _piece_dtype(p: Any) -> str:
+    if isinstance(p, (np.ndarray, SideBySide)):
+        return next((k for k, v in NUMPY_DTYPES.items() if v == p.dtype), str(p.dtype))
+    return dtype_name(p.dtype)
+
+
+def byte_view(p: Any) -> np.ndarray:
+    """The bytes of a numpy array or torch tensor as a flat uint8 array (copied only if not contiguous)."""
+    if isinstance(p, np.ndarray):
+        return np.ascontiguousarray(p).reshape(-1).view(np.uint8)
+    return p.contiguous().reshape(-1).view(sys.modules["torch"].uint8).numpy()
 
 
 @dataclass(frozen=True, eq=False)
 class LazyTensor:
     """A contiguous tensor known by shape and dtype now, produced by `load()` when the writer reaches it.
 
-    `load` returns the tensor, or a list of pieces whose concatenation along dim 0 is the tensor (the writer
-    stores them one after another, so row blocks need not be concatenated in memory first)."""
+    `load` returns the tensor (numpy array or torch tensor), or a list of pieces whose concatenation along
+    dim 0 is the tensor (the writer stores them one after another, so row blocks need not be concatenated
+    in memory first). A numpy piece of a bfloat16 tensor is uint16 (numpy has no bfloat16)."""
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], Union[torch.Tensor, list[torch.Tensor]]]
+    dtype: Any  # a dtype name ("bfloat16") or torch dtype
+    load: Callable[[], Any]
     name: str = ""
     # Where a piece's bytes lie in an open file, (fd, offset), if they do: such a piece is copied file to
     # file by the kernel (`os.copy_file_range`), never touching its pages in this process.
-    locate: Optional[Callable[[torch.Tensor], Optional[tuple[int, int]]]] = None
-    after_write: Optional[Callable[[torch.Tensor], None]] = None  # called with each piece stored from memory
+    locate: Optional[Callable[[Any], Optional[tuple[int, int]]]] = None
+    after_write: Optional[Callable[[Any], None]] = None  # called with each piece stored from memory
+
+    def __post_init__(self):
+        name = dtype_name(self.dtype)
+        if name not in STORAGE_TYPES:
+            raise ValueError(f"{self.name or 'tensor'}: dtype {name} cannot be saved (supported: {sorted(STORAGE_TYPES)})")
+        object.__setattr__(self, "dtype", name)
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * NUMPY_DTYPES[self.dtype].itemsize
 
-    def pieces(self) -> list[torch.Tensor]:
+    def pieces(self) -> list[Any]:
         out = self.load()
-        pieces = [out] if isinstance(out, torch.Tensor) else list(out)
-        if isinstance(out, torch.Tensor):
-            ok = tuple(out.shape) == tuple(self.shape)
+        whole = not isinstance(out, (list, tuple))
+        pieces = [out] if whole else list(out)
+        if whole:
+            ok = tuple(out.shape) == self.shape
         else:
-            ok = (len(self.shape) > 0 and all(p.dim() == len(self.shape) and tuple(p.shape[1:]) == self.shape[1:]
+            ok = (len(self.shape) > 0 and all(len(p.shape) == len(self.shape) and tuple(p.shape[1:]) == self.shape[1:]
                                               for p in pieces)
                   and sum(p.shape[0] for p in pieces) == self.shape[0])
-        if not ok or any(p.dtype != self.dtype for p in pieces):
+        if not ok or any(_piece_dtype(p) != self.dtype for p in pieces):
             raise ValueError(f"{self.name or 'tensor'}: produced {[tuple(p.shape) for p in pieces]} "
-                             f"{sorted({str(p.dtype) for p in pieces})}, declared {tuple(self.shape)} {self.dtype}")
-        return [p.contiguous() for p in pieces]
-
-    def produce(self) -> torch.Tensor:
-        pieces = self.pieces()
-        return owned(pieces[0]) if len(pieces) == 1 else torch.cat(pieces, dim=0)
+                             f"{sorted({_piece_dtype(p) for p in pieces})}, declared {self.shape} {self.dtype}")
+        return pieces
 
 
-def owned(t: torch.Tensor) -> torch.Tensor:
-    """A compact tensor owning exactly its bytes: torch.save writes a view's whole storage, and safetensors
-    refuses tensors that share one."""
+def owned(t):
+    """A compact torch tensor owning exactly its bytes: torch.save writes a view's whole storage, and
+    safetensors refuses tensors that share one."""
     if (not t.is_contiguous() or t.storage_offset() != 0
             or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
-        return t.clone(memory_format=torch.contiguous_format)
+        return t.clone(memory_format=sys.modules["torch"].contiguous_format)
     return t
 
 
-def materialize(obj: Any) -> Any:
-    """`obj` with every `LazyTensor` replaced by its tensor."""
-    if isinstance(obj, LazyTensor):
-        return obj.produce()
-    if isinstance(obj, dict):
-        return type(obj)((k, materialize(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(materialize(v) for v in obj)
-    return obj
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
-class _StorageRef:
-    __slots__ = ("key", "lazy")
-
-    def __init__(self, key: str, lazy: LazyTensor):
-        self.key, self.lazy = key, lazy
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(stride))
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles a `LazyTensor` as `Tensor._reduce_ex_internal` pickles a contiguous CPU tensor of that shape
-    and dtype (`_rebuild_tensor_v2` over a typed storage), and its storage as `torch.save`'s persistent id."""
-
-    def __init__(self, file, protocol: int):
-        super().__init__(file, protocol=protocol)
-        self.order: list[_StorageRef] = []
-
-    def persistent_id(self, obj: Any):
-        if isinstance(obj, _StorageRef):
-            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.lazy.dtype])
-            numel = 1
-            for s in obj.lazy.shape:
-                numel *= s
-            return ("storage", storage_type, obj.key, "cpu", numel)
-        if isinstance(obj, torch.Tensor) or torch.is_storage(obj):
-            raise TypeError("save_streaming takes LazyTensor leaves only; wrap real tensors in LazyTensor")
-        return None
-
-    def reducer_override(self, obj: Any):
-        if isinstance(obj, LazyTensor):
-            ref = _StorageRef(str(len(self.order)), obj)
-            self.order.append(ref)
-            return (torch._utils._rebuild_tensor_v2,
-                    (ref, 0, tuple(obj.shape), _contiguous_stride(tuple(obj.shape)), False,
-                     collections.OrderedDict()))
-        return NotImplemented
+def _pwrite_rows(fd: int, p: SideBySide, offset: int) -> int:
+    """Store `p` row by row, each row's parts gathered by the kernel from where they lie."""
+    rows = [memoryview(part[i]).cast("B") for i in range(p.shape[0]) for part in p.parts if part.shape[1]]
+    done = 0
+    for k in range(0, len(rows), _IOV_MAX):
+        batch = rows[k:k + _IOV_MAX]
+        want = sum(len(b) for b in batch)
+        n = os.pwritev(fd, batch, offset + done)
+        if n != want:  # a short write (not seen on regular files): store the rest of the batch one by one
+            for b in batch:
+                skip = min(n, len(b))
+                n -= skip
+                if skip < len(b):
+                    _pwrite_all(fd, b[skip:], offset + done + skip)
+        done += want
+    return done
 
 
-def _writer_available(obj: Any) -> bool:
-    """torch's own zip writer can reserve records, and no dtype needs `_rebuild_tensor_v3` (uint16 etc.)."""
-    s = torch.serialization
-    new_dtypes = torch.storage._new_dtypes()
-    return (hasattr(s, "_open_zipfile_writer") and hasattr(s, "_get_storage_alignment")
-            and hasattr(torch._C.PyTorchFileWriter, "write_record_metadata")
-            and hasattr(torch.storage, "_dtype_to_storage_type_map")
-            and not any(t.dtype in new_dtypes for t in _iter_lazy(obj)))
-
-
-def record_spans(path: str | Path) -> dict[str, tuple[int, int]]:
-    """Where each record of a `torch.save` zip file lies: name without the archive folder (`data/0`,
-    `data.pkl`, ...) -> (offset of its bytes, size), from the central directory and each record's local header
-    (whose extra field pads the data to torch's storage alignment). Records are stored uncompressed."""
-    out = {}
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        for info in z.infolist():
-            f.seek(info.header_offset)
-            head = f.read(30)
-            if head[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
-                raise RuntimeError(f"{path}: unexpected zip record {info.filename}")
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            out[info.filename.split("/", 1)[-1]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
-    return out
-
-
-def _record_offsets(path: Path, keys: list[str], sizes: list[int]) -> list[int]:
-    """Where each reserved `data/<key>` record's bytes start."""
-    spans = record_spans(path)
-    out = []
-    for key, size in zip(keys, sizes):
-        offset, n = spans[f"data/{key}"]
-        if n != size:
-            raise RuntimeError(f"{path}: unexpected zip record data/{key} from torch's writer")
-        out.append(offset)
-    return out
-
-
-def _pwrite_all(fd: int, t: torch.Tensor, offset: int) -> int:
-    if t.numel() == 0:
-        return 0
-    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+def _pwrite_all(fd: int, p: Any, offset: int) -> int:
+    if isinstance(p, SideBySide):
+        if p.rows_contiguous() and hasattr(os, "pwritev"):
+            return _pwrite_rows(fd, p, offset)
+        p = p.joined()
+    view = memoryview(p) if isinstance(p, memoryview) else memoryview(byte_view(p))
     done = 0
     while done < len(view):  # one pwrite stores at most ~2 GiB on Linux
         done += os.pwrite(fd, view[done:], offset + done)
     return done
+
+
+def _nbytes(p: Any) -> int:
+    return p.nbytes if isinstance(p, (np.ndarray, SideBySide)) else p.numel() * p.element_size()
 
 
 _kernel_copy = [hasattr(os, "copy_file_range")]
@@ -213,17 +199,17 @@ def _copy_range(src_fd: int, src_offset: int, fd: int, offset: int, n: int) -> b
     return True
 
 
-def _produce_all(refs: list[_StorageRef], budget: int, out: collections.deque, cond: threading.Condition,
+def _produce_all(refs: list[LazyTensor], budget: int, out: collections.deque, cond: threading.Condition,
                  state: dict) -> None:
     """Producer thread: each record's pieces in storage-key order, waiting while `budget` bytes are queued."""
     try:
         for ref in refs:
-            need = ref.lazy.nbytes
+            need = ref.nbytes
             with cond:
                 cond.wait_for(lambda: state["stop"] or state["queued"] == 0 or state["queued"] + need <= budget)
                 if state["stop"]:
                     return
-            pieces = ref.lazy.pieces()
+            pieces = ref.pieces()
             with cond:
                 out.append(pieces)
                 state["queued"] += need
@@ -236,9 +222,9 @@ def _produce_all(refs: list[_StorageRef], budget: int, out: collections.deque, c
 
 @contextmanager
 def no_crc32() -> Iterator[None]:
-    """torch.save's zip CRC32 costs ~3x the write itself (measured: 0.38 GiB bf16 in 1.11 s with it, 0.30 s
-    without); torch.load reads files either way. torch keeps the setting per thread (a ContextVar), so each
-    thread that writes must switch it off itself."""
+    """For `torch.save` itself (training saves): its zip CRC32 costs ~3x the write (measured: 0.38 GiB bf16
+    in 1.11 s with it, 0.30 s without); torch.load reads files either way. torch keeps the setting per
+    thread (a ContextVar), so each thread that saves must switch it off itself."""
     from torch.utils.serialization import config as serialization_config
 
     crc, serialization_config.save.compute_crc32 = serialization_config.save.compute_crc32, False
@@ -248,29 +234,26 @@ def no_crc32() -> Iterator[None]:
         serialization_config.save.compute_crc32 = crc
 
 
-def save_streaming(path: str | Path, obj: Any, budget_bytes: int = DEFAULT_BUDGET) -> int:
-    """`torch.save(materialize(obj), path)`, byte for byte, without holding more than about `budget_bytes` of
-    tensors: torch's writer lays out the file with each storage record reserved, then a second thread
-    produces the tensors in order while this one stores them into their records. Returns the file size."""
+def _tensor_leaf(x: Any) -> Optional[tuple[tuple[int, ...], str]]:
+    if isinstance(x, LazyTensor):
+        return x.shape, x.dtype
+    if isinstance(x, np.ndarray) or hasattr(x, "untyped_storage"):
+        raise TypeError("save_streaming takes LazyTensor leaves only; wrap real tensors in LazyTensor")
+    return None
+
+
+def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT_BUDGET) -> int:
+    """`torch.save(materialised obj, path)` without holding more than about `budget_bytes` of tensors: the
+    file is laid out with each storage record reserved, then a second thread produces the tensors in order
+    while this one stores them into their records. Returns the file size."""
     path = Path(path)
-    if not _writer_available(obj):
-        with no_crc32():
-            torch.save(materialize(obj), path)
-        return path.stat().st_size
-    buf = io.BytesIO()
-    pickler = _Pickler(buf, torch.serialization.DEFAULT_PROTOCOL)
-    pickler.dump(obj)
-    refs = pickler.order
-    data = buf.getvalue()
-    with no_crc32(), torch.serialization._open_zipfile_writer(str(path)) as zf:
-        zf.write_record("data.pkl", data, len(data))
-        zf.write_record(".format_version", "1", len("1"))
-        alignment = str(torch.serialization._get_storage_alignment())
-        zf.write_record(".storage_alignment", alignment, len(alignment))
-        zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for ref in refs:
-            zf.write_record_metadata(f"data/{ref.key}", ref.lazy.nbytes)
-    offsets = _record_offsets(path, [r.key for r in refs], [r.lazy.nbytes for r in refs])
+    data, refs = dumps(obj, _tensor_leaf)
+    records: list[tuple[str, Union[bytes, int]]] = [
+        ("data.pkl", data), (".format_version", b"1"), (".storage_alignment", str(STORAGE_ALIGNMENT).encode()),
+        ("byteorder", sys.byteorder.encode())]
+    records += [(f"data/{i}", ref.nbytes) for i, ref in enumerate(refs)]
+    spans = write_archive(path, records)
+    offsets = [spans[f"data/{i}"][0] for i in range(len(refs))]
 
     out: collections.deque = collections.deque()
     cond = threading.Condition()
@@ -287,17 +270,19 @@ def save_streaming(path: str | Path, obj: Any, budget_bytes: int = DEFAULT_BUDGE
             if isinstance(pieces, BaseException):
                 raise pieces
             for p in pieces:
-                n = p.numel() * p.element_size()
-                loc = ref.lazy.locate(p) if ref.lazy.locate is not None and n else None
+                n = _nbytes(p)
+                whole = not isinstance(p, SideBySide)
+                loc = ref.locate(p) if ref.locate is not None and n and whole else None
                 if loc is None or not _copy_range(loc[0], loc[1], fd, offset, n):
                     _pwrite_all(fd, p, offset)
-                    if ref.lazy.after_write is not None:
-                        ref.lazy.after_write(p)
+                    if ref.after_write is not None:
+                        for q in ((p,) if whole else p.parts):
+                            ref.after_write(q)
                 offset += n
             with cond:
-                state["queued"] -= ref.lazy.nbytes
+                state["queued"] -= ref.nbytes
                 cond.notify_all()
-            del pieces, p
+            del pieces
     finally:
         os.close(fd)
         with cond:
@@ -305,14 +290,3 @@ def save_streaming(path: str | Path, obj: Any, budget_bytes: int = DEFAULT_BUDGE
             cond.notify_all()
         producer.join()
     return path.stat().st_size
-
-
-def _iter_lazy(obj: Any) -> Iterator[LazyTensor]:
-    if isinstance(obj, LazyTensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _iter_lazy(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _iter_lazy(v)

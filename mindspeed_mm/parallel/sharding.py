@@ -1,7 +1,9 @@
 """Per-rank slices of a full (unsharded, HF-derived) state dict for any layout, and the inverse.
 
 Pure functions over tensors and names: the converter writes shards with them, the parallel tests merge
-gradients back with them, and the model's parallel layers are built to match them. TP rules by name:
+gradients back with them, and the model's parallel layers are built to match them. "Tensor" is a torch
+tensor or a numpy array (the converter works on numpy views of mapped files so that it never imports
+torch); `narrow`, `cat` and `Slice.pad_block` are all they need and work on either. TP rules by name:
 - replicated: norms, layer scales, embeddings of the ViT, biases added after a row-parallel linear;
 - rows (dim 0) / columns (dim 1), even: MLP and projector linears, the LLM's `linear_qkv` (already
   interleaved per query group, so rank r's rows are its groups) and `linear_proj`;
@@ -14,13 +16,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, head_partition
+
+if TYPE_CHECKING:
+    from torch import Tensor
+else:
+    Tensor = Any
 
 VIT_LAYER = "image_encoder.encoder.encoder.layers."
 LLM_LAYER = "text_decoder.decoder.layers."
@@ -75,7 +81,21 @@ class Slice:
         """The `pad` zero rows that end this slice, otherwise shaped and typed like `like`."""
         shape = list(like.shape)
         shape[self.dim] = self.pad
-        return like.new_zeros(shape)
+        return np.zeros(shape, like.dtype) if isinstance(like, np.ndarray) else like.new_zeros(shape)
+
+
+def narrow(t: Tensor, dim: int, start: int, length: int) -> Tensor:
+    """`t.narrow(dim, start, length)` for a torch tensor or a numpy array: a view."""
+    return t[(slice(None),) * dim + (slice(start, start + length),)]
+
+
+def cat(parts: list[Tensor], dim: int) -> Tensor:
+    """`parts` joined along `dim` into new memory (a copy even of a single part)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=dim) if len(parts) > 1 else parts[0].copy()
+    import torch
+
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone()
 
 
 def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
@@ -110,10 +130,12 @@ def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: 
 
 def take(t: Tensor, sl: Slice) -> Tensor:
     """Apply a `Slice` to a full tensor."""
-    parts = [t.narrow(sl.dim, a, b - a) for a, b in sl.spans]
+    parts = [narrow(t, sl.dim, a, b - a) for a, b in sl.spans]
     if sl.pad:
         parts.append(sl.pad_block(t))
-    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=sl.dim)
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0]) if isinstance(t, np.ndarray) else parts[0].contiguous()
+    return cat(parts, sl.dim)
 
 
 def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int) -> Tensor:
@@ -132,7 +154,7 @@ def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
         shape[rule.dim] = sum(s.shape[rule.dim] for s in shards)
     padded_vocab = shards[0].shape[0] * tp
     dim, pieces = slice_from_shards(name, tuple(shape), spec, shards, padded_vocab, Slice(0, ((0, shape[0]),)))
-    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
+    return cat(pieces, dim) if len(pieces) > 1 else pieces[0]
 
 
 def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, shards: list[Tensor],
@@ -179,7 +201,7 @@ def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec
             if lo > at:
                 break
             end = min(hi, b)
-            pieces.append(shards[r].narrow(d, local + at - lo, end - at))
+            pieces.append(narrow(shards[r], d, local + at - lo, end - at))
             at = end
         if at != b:
             raise ValueError(f"{name}: the shards do not cover [{at}, {b}) along dim {d}")

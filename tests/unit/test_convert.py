@@ -21,6 +21,7 @@ from mindspeed_mm.models.internvl import hf_mapping
 from mindspeed_mm.parallel.layout import LayoutError
 from mindspeed_mm.parallel.sharding import local_state_dict
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
+from mindspeed_mm.testing.torch_files import without_serialization_id
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def test_round_trip_bit_exact_and_shards_match_model_slices(ckpts, tmp_path, nam
     full = hf_mapping.hf_to_mm(state, spec, src_fmt)
     for (t, s), sd in shards.items():
         _assert_same(sd, local_state_dict(full, spec, plan, t, plan.stages[s]))
-    # each rank file is, byte for byte, what torch.save writes for those tensors (the converter streams it)
+    # each rank file is, byte for byte, what torch.save writes for those tensors (the converter streams it
+    # without torch), but for torch's serialization id
     it = iteration_dir(tmp_path / "mm")
     for t in range(meta.tp):
         for pp_rank in range(meta.pp):
@@ -99,7 +101,7 @@ def test_round_trip_bit_exact_and_shards_match_model_slices(ckpts, tmp_path, nam
             ref = tmp_path / "ref" / path.relative_to(it)
             ref.parent.mkdir(parents=True)
             save_rank_object(ref, {chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)})
-            assert path.read_bytes() == ref.read_bytes(), path
+            assert without_serialization_id(path) == without_serialization_id(ref), path
     mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm"), save_hf_dir=str(tmp_path / "back"), hf_format=fmt,
                           progress=False, max_shard_size=50_000))
     back_cfg, back_fmt, back = load_hf_checkpoint(tmp_path / "back")
@@ -276,6 +278,30 @@ def test_cli_reference_command_line(ckpts, tmp_path, capsys):
                  "--cfg.save_mm_dir", str(tmp_path / "mm1"), "--cfg.parallel_config.tp_size", "1"]) == 0
 
 
+def test_hf_to_mm_and_resplit_never_import_torch(ckpts, tmp_path):
+    """torch's import and teardown cost more than copying a 2B checkpoint, so the conversion process that
+    writes shards must not load it: checked in a fresh interpreter, output compared with this process's."""
+    import subprocess
+    import sys
+
+    hf = ckpts["tp4_original_bf16"]
+    code = (
+        "import sys\n"
+        "from mindspeed_mm.cli.mm_convert import main\n"
+        f"assert main(['InternVLConverter', 'hf_to_mm', '--cfg.mm_dir', {str(tmp_path / 'a')!r}, "
+        f"'--cfg.hf_config.hf_dir', {str(hf)!r}, '--cfg.parallel_config.tp_size', '2', "
+        "'--cfg.parallel_config.llm_pp_layers', '[[1,1]]', '--cfg.parallel_config.vit_pp_layers', '[[2,0]]']) == 0\n"
+        f"assert main(['InternVLConverter', 'resplit', '--cfg.mm_dir', {str(tmp_path / 'a')!r}, "
+        f"'--cfg.save_mm_dir', {str(tmp_path / 'b')!r}, '--cfg.parallel_config.tp_size', '1']) == 0\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _to_mm(hf, tmp_path / "c", _pc(1))
+    for f in sorted((tmp_path / "c").rglob("*.pt")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "c")).read_bytes(), f
+
+
 @pytest.mark.parametrize("cmd", ["hf_to_mm", "mm_to_hf", "resplit"])
 def test_cli_help_lists_every_option(cmd, capsys):
     import dataclasses
@@ -302,38 +328,65 @@ def test_cli_print_config(capsys):
 
 
 def test_dropping_mapped_pages_keeps_the_data(ckpts, tmp_path):
-    """resplit lets the kernel drop pages of mapped source files once copied; the data must still read back."""
-    from mindspeed_mm.checkpoint.mm_format import drop_resident_pages, load_rank_file
+    """resplit lets the kernel drop pages of mapped source files once copied; the data must still read back,
+    whether the file was mapped by torch.load or by the converter's own reader."""
+    from mindspeed_mm.checkpoint.mm_format import drop_resident_pages, load_rank_file, read_rank_file
 
     mm = tmp_path / "mm"
     _to_mm(ckpts["tp4_native"], mm, _pc(1, vit=[[2]], llm=[[2]]))
-    sd = load_rank_file(rank_file(iteration_dir(mm), 0, 0, 1), 1)[0]
+    path = rank_file(iteration_dir(mm), 0, 0, 1)
+    sd = load_rank_file(path, 1)[0]
     before = {k: v.clone() for k, v in sd.items()}
     for v in sd.values():
         drop_resident_pages(v)
     for k, v in sd.items():
         assert torch.equal(v, before[k]), k
+    arrays = read_rank_file(path, 1).chunks[0]
+    for v in arrays.values():
+        drop_resident_pages(v.array)
+    for k, v in arrays.items():
+        assert v.array.tobytes() == before[k].contiguous().view(torch.uint8).numpy().tobytes(), k
 
 
 def test_mm_rank_file_tensors_are_found_on_disk(ckpts, tmp_path):
-    """resplit copies row pieces file to file: each mapped tensor's address minus `mapping_base` is where
-    its bytes lie in the rank file."""
+    """resplit copies row pieces file to file: each tensor's address minus the mapping's is where its bytes
+    lie in the rank file, and they are the bytes torch.load reads."""
     import os
 
-    from mindspeed_mm.checkpoint.mm_format import load_rank_file, mapping_base
+    from mindspeed_mm.checkpoint.mm_format import load_rank_file, read_rank_file
 
     mm = tmp_path / "mm"
     _to_mm(ckpts["tp4_native"], mm, _pc(2, vit=[[2, 0]], llm=[[1, 1]]))
     for pp_rank in range(2):
         path = rank_file(iteration_dir(mm), 1, pp_rank, 2)
+        rf = read_rank_file(path, 1)
         chunks = load_rank_file(path, 1)
-        base = mapping_base(path, chunks)
-        assert base is not None
+        assert rf.base is not None and rf.chunks[0].keys() == chunks[0].keys()
         with open(path, "rb") as f:
             for k, t in chunks[0].items():
+                stored = rf.chunks[0][k]
                 raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-                assert os.pread(f.fileno(), len(raw), t.data_ptr() - base) == raw, k
-    assert mapping_base(path, [{k: v.clone() for k, v in chunks[0].items()}]) is None  # not the mapping
+                assert stored.dtype == str(t.dtype).removeprefix("torch.") and stored.array.shape == t.shape, k
+                assert os.pread(f.fileno(), len(raw), stored.array.__array_interface__["data"][0] - rf.base) == raw, k
+
+
+def test_rank_file_outside_the_allowlist_is_read_through_torch(ckpts, tmp_path, monkeypatch):
+    """A rank file whose pickle the converter's allowlist refuses is read by torch.load(weights_only=True);
+    resplit then gives the same files, its row copies going through memory."""
+    from mindspeed_mm.checkpoint import torch_file
+
+    _to_mm(ckpts["tp4_native"], tmp_path / "a", _pc(2, vit=[[2, 0]], llm=[[1, 1]]))
+    resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"), parallel_config=_pc(1),
+                          progress=False))
+
+    def refuse(path):
+        raise torch_file.UnsupportedPickle(f"{path}: refused for the test")
+
+    monkeypatch.setattr(torch_file, "load", refuse)
+    resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "c"), parallel_config=_pc(1),
+                          progress=False))
+    for f in sorted((tmp_path / "b").rglob("*.pt")):
+        assert f.read_bytes() == (tmp_path / "c" / f.relative_to(tmp_path / "b")).read_bytes(), f
 
 
 def test_resplit_copies_rows_file_to_file(ckpts, tmp_path, monkeypatch):

@@ -1,16 +1,19 @@
-"""save_streaming writes exactly torch.save's bytes, from tensors, row pieces, or file ranges copied by the
-kernel, with producer errors raised in the caller and nothing of ours needed to load the file."""
+"""save_streaming writes torch.save's bytes (all but torch's serialization id), without torch, from tensors,
+numpy arrays, row pieces, or file ranges copied by the kernel, with producer errors raised in the caller and
+nothing of ours needed to load the file."""
 from __future__ import annotations
 
 import mmap
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mindspeed_mm.checkpoint import streaming_save as ss
 from mindspeed_mm.checkpoint.streaming_save import LazyTensor, no_crc32, save_streaming
+from mindspeed_mm.testing.torch_files import without_serialization_id
 
 
 def _obj(g: torch.Generator) -> dict:
@@ -34,7 +37,7 @@ def _torch_save(obj, path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     with no_crc32():
         torch.save(obj, path)
-    return path.read_bytes()
+    return without_serialization_id(path)
 
 
 @pytest.mark.parametrize("budget", [1, 10**9])
@@ -43,7 +46,7 @@ def test_same_bytes_as_torch_save(tmp_path, budget):
     want = _torch_save(obj, tmp_path / "a" / "rank.pt")  # the archive name comes from the file name
     (tmp_path / "b").mkdir()
     save_streaming(tmp_path / "b" / "rank.pt", _lazy(obj), budget_bytes=budget)
-    assert (tmp_path / "b" / "rank.pt").read_bytes() == want
+    assert without_serialization_id(tmp_path / "b" / "rank.pt") == want
     back = torch.load(tmp_path / "b" / "rank.pt", weights_only=True, mmap=True)
     for chunk in ("model0", "model1"):
         for k, t in obj[chunk].items():
@@ -56,7 +59,7 @@ def test_row_pieces_are_stored_as_one_tensor(tmp_path):
     (tmp_path / "b").mkdir()
     save_streaming(tmp_path / "b" / "r.pt", {"x": LazyTensor((10, 3), torch.bfloat16,
                                                              lambda: [t[:4], t[4:5], t[5:5], t[5:]])})
-    assert (tmp_path / "b" / "r.pt").read_bytes() == want
+    assert without_serialization_id(tmp_path / "b" / "r.pt") == want
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False])
@@ -81,7 +84,7 @@ def test_pieces_located_in_a_file(tmp_path, monkeypatch, kernel_copy):
     (tmp_path / "b").mkdir()
     save_streaming(tmp_path / "b" / "r.pt", {"y": LazyTensor((64, 33), torch.bfloat16, lambda: [full[40:], full[:40]],
                                                              locate=locate, after_write=stored.append)})
-    assert (tmp_path / "b" / "r.pt").read_bytes() == want
+    assert without_serialization_id(tmp_path / "b" / "r.pt") == want
     assert located == [24, 40]
     assert len(stored) == (0 if ss._kernel_copy[0] else 2)
     full = None  # the mapping cannot close while a view of it lives
@@ -107,13 +110,43 @@ def test_wrong_declared_shape_names_the_tensor(tmp_path):
         save_streaming(tmp_path / "r2.pt", bad_dtype)
 
 
-def test_fallback_without_torchs_record_reservation(tmp_path, monkeypatch):
-    obj = _obj(torch.Generator().manual_seed(3))
-    want = _torch_save(obj, tmp_path / "a" / "rank.pt")
-    monkeypatch.setattr(ss, "_writer_available", lambda obj: False)
+def test_numpy_pieces(tmp_path):
+    """The converter's pieces are numpy arrays, bfloat16 as uint16 of the same bytes; declared by name."""
+    t = torch.randn(6, 4, generator=torch.Generator().manual_seed(4)).bfloat16()
+    b = torch.arange(5, dtype=torch.int64)
+    want = _torch_save({"x": t, "b": b}, tmp_path / "a" / "r.pt")
+    u16 = t.view(torch.int16).numpy().view("<u2")
     (tmp_path / "b").mkdir()
-    save_streaming(tmp_path / "b" / "rank.pt", _lazy(obj))
-    assert (tmp_path / "b" / "rank.pt").read_bytes() == want
+    save_streaming(tmp_path / "b" / "r.pt", {"x": LazyTensor((6, 4), "bfloat16", lambda: [u16[:2], u16[2:]]),
+                                             "b": LazyTensor((5,), "int64", lambda: b.numpy())})
+    assert without_serialization_id(tmp_path / "b" / "r.pt") == want
+    bad = {"x": LazyTensor((6, 4), "bfloat16", lambda: u16.view("<i2"), "x")}  # int16 is not bfloat16
+    with pytest.raises(ValueError, match="x: produced"):
+        save_streaming(tmp_path / "b" / "r2.pt", bad)
+
+
+@pytest.mark.parametrize("kind", ["views", "transposed"])
+def test_side_by_side_columns(tmp_path, monkeypatch, kind):
+    """A column slice made of several sources' columns is stored row by row from where they lie
+    (`os.pwritev`, batches of at most IOV_MAX rows), or joined first where rows are not contiguous."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(1500, 6, generator=g).bfloat16(), torch.randn(1500, 10, generator=g).bfloat16()
+    want = _torch_save({"w": torch.cat([a[:, 1:4], b[:, 2:], a[:, :0]], dim=1)}, tmp_path / "a" / "r.pt")
+    na, nb = (t.view(torch.int16).numpy().view("<u2") for t in (a, b))
+    if kind == "transposed":  # rows of a column-major source are strided: no row is one buffer
+        na = np.asfortranarray(na)
+    calls = []
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+    monkeypatch.setattr(ss, "_IOV_MAX", 1000)
+    stored = []
+    (tmp_path / "b").mkdir()
+    save_streaming(tmp_path / "b" / "r.pt", {"w": LazyTensor(
+        (1500, 11), "bfloat16", lambda: [ss.SideBySide((na[:, 1:4], nb[:, 2:], na[:, :0]))], "w",
+        after_write=stored.append)})
+    assert without_serialization_id(tmp_path / "b" / "r.pt") == want
+    assert calls == ([1000, 1000, 1000] if kind == "views" else [])
+    assert len(stored) == 3  # each part handed back, so its mapped pages can go
 
 
 def test_real_tensors_are_refused(tmp_path):

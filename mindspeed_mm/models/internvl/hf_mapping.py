@@ -9,13 +9,15 @@ the converter can stream them tensor by tensor and the tests can invert them. Me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from mindspeed_mm.checkpoint.hf_formats import native_key_to_original
 from mindspeed_mm.config.model_spec import InternVLSpec
+
+if TYPE_CHECKING:
+    from torch import Tensor
+else:
+    Tensor = Any
 
 VIT = "image_encoder.encoder"
 
@@ -26,6 +28,10 @@ LLM = "text_decoder"
 
 @dataclass(frozen=True)
 class Copy:
+    def part_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shapes of the HF tensors that make a tensor of ours shaped `shape` (what `split` returns)."""
+        return [tuple(shape)]
+
     def merge(self, parts: list[Tensor]) -> Tensor:
         return parts[0]
 
@@ -41,11 +47,18 @@ class Concat:
     """Row blocks stacked in order (sizes given so that split needs no shapes from elsewhere)."""
     sizes: tuple[int, ...]
 
+    def part_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        return [(n, *shape[1:]) for n in self.sizes]
+
     def merge(self, parts: list[Tensor]) -> Tensor:
+        import torch
+
         assert tuple(p.shape[0] for p in parts) == self.sizes, (tuple(p.shape[0] for p in parts), self.sizes)
         return torch.cat(parts, dim=0)
 
     def split(self, t: Tensor) -> list[Tensor]:
+        import torch
+
         return [p.contiguous() for p in torch.split(t, list(self.sizes), dim=0)]
 
     def read(self, read: PartReader, names: tuple[str, ...], dim: int, a: int, b: int) -> list[Tensor]:
@@ -66,7 +79,13 @@ class GroupInterleave:
     q_per_group: int
     head_dim: int
 
+    def part_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        g, d = self.groups, self.head_dim
+        return [(g * self.q_per_group * d, *shape[1:]), (g * d, *shape[1:]), (g * d, *shape[1:])]
+
     def merge(self, parts: list[Tensor]) -> Tensor:
+        import torch
+
         q, k, v = parts
         g, d = self.groups, self.head_dim
         rest = q.shape[1:]
@@ -74,6 +93,8 @@ class GroupInterleave:
         return torch.cat([q, k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
 
     def split(self, t: Tensor) -> list[Tensor]:
+        import torch
+
         g, d = self.groups, self.head_dim
         rest = t.shape[1:]
         q, k, v = torch.split(t.reshape(g, (self.q_per_group + 2) * d, *rest), [self.q_per_group * d, d, d], dim=1)
