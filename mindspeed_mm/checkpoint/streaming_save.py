@@ -50,8 +50,10 @@ def dtype_name(dtype: Any) -> str:
 @dataclass(frozen=True)
 class SideBySide:
     """2-D numpy arrays joined along dim 1 (a column slice of a tensor, or one made of TP shards' columns),
-    stored row by row from where each part lies (`os.pwritev` over the rows), never joined in memory: the
-    gather into a new buffer and the writing of it cost twice the kernel's copy from a mapped file."""
+    stored a block of rows at a time through one small buffer: never joined whole in memory, and never
+    written row by row (measured on a mapped 2B checkpoint's 1.08 GiB of column slices, one thread: joined
+    into a reused buffer and written, 0.51-0.67 s; `pwritev` of the rows, 0.84-1.77 s; `copy_file_range`
+    per row, 1.9-3.3 s)."""
     parts: tuple[np.ndarray, ...]
 
     @property
@@ -65,13 +67,6 @@ class SideBySide:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
-
-    def rows_contiguous(self) -> bool:
-        return all(p.ndim == 2 and p.dtype == self.dtype and p.shape[0] == self.shape[0]
-                   and (p.strides[1] == p.itemsize or p.shape[1] <= 1) for p in self.parts)
-
-    def joined(self) -> np.ndarray:
-        return np.concatenate(self.parts, axis=1)
 
 
 def _piece_dtype(p: Any) -> str:
@@ -139,33 +134,25 @@ def owned(t):
     return t
 
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
+_BLOCK_BYTES = 32 * 2**20  # buffer per writer for SideBySide pieces
 
 
-def _pwrite_rows(fd: int, p: SideBySide, offset: int) -> int:
-    """Store `p` row by row, each row's parts gathered by the kernel from where they lie."""
-    rows = [memoryview(part[i]).cast("B") for i in range(p.shape[0]) for part in p.parts if part.shape[1]]
+def _pwrite_side_by_side(fd: int, p: SideBySide, offset: int) -> int:
+    rows, width = p.shape
+    step = max(1, _BLOCK_BYTES // max(1, width * p.dtype.itemsize))
+    buf = np.empty((min(rows, step), width), p.dtype)
     done = 0
-    for k in range(0, len(rows), _IOV_MAX):
-        batch = rows[k:k + _IOV_MAX]
-        want = sum(len(b) for b in batch)
-        n = os.pwritev(fd, batch, offset + done)
-        if n != want:  # a short write (not seen on regular files): store the rest of the batch one by one
-            for b in batch:
-                skip = min(n, len(b))
-                n -= skip
-                if skip < len(b):
-                    _pwrite_all(fd, b[skip:], offset + done + skip)
-        done += want
+    for r in range(0, rows, step):
+        block = buf[:min(step, rows - r)]
+        np.concatenate([q[r:r + len(block)] for q in p.parts], axis=1, out=block)
+        done += _pwrite_all(fd, block, offset + done)
     return done
 
 
 def _pwrite_all(fd: int, p: Any, offset: int) -> int:
     if isinstance(p, SideBySide):
-        if p.rows_contiguous() and hasattr(os, "pwritev"):
-            return _pwrite_rows(fd, p, offset)
-        p = p.joined()
-    view = memoryview(p) if isinstance(p, memoryview) else memoryview(byte_view(p))
+        return _pwrite_side_by_side(fd, p, offset)
+    view = memoryview(byte_view(p))
     done = 0
     while done < len(view):  # one pwrite stores at most ~2 GiB on Linux
         done += os.pwrite(fd, view[done:], offset + done)

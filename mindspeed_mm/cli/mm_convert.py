@@ -44,7 +44,9 @@ def _field_help(cls, prefix: str, out: dict[str, str]) -> None:
             _field_help(sub, key, out)
 
 
-def build_parser():
+def build_parser(only: Optional[str] = None):
+    """The CLI; with `only`, just that command's branch (building all three costs ~0.27 s of a conversion
+    that may itself take ~3 s)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     root = ArgumentParser(prog="mm-convert", description="InternVL3 checkpoint converter: HF <-> MM (Megatron) "
@@ -54,6 +56,8 @@ def build_parser():
     root_subs.add_subcommand(CONVERTER, conv, help="The InternVL3 converter (hf_to_mm, mm_to_hf, resplit).")
     subs = conv.add_subcommands(dest="command")
     for name, (cls, _, text) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         p = ArgumentParser(description=text)
         p.add_argument("--config", action=ActionConfigFile, help="A YAML/JSON file of options (a 'cfg:' section).")
         p.add_argument("--cfg", type=cls, required=True, help=f"{cls.__name__} options.")
@@ -72,8 +76,10 @@ def build_parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = argv[1] if len(argv) > 1 and argv[0] == CONVERTER and argv[1] in COMMANDS else None
+    parser = build_parser(only=named)
+    ns = parser.parse_args(argv)
     sub = ns[ns.converter]
     cls, func, _ = COMMANDS[sub.command]
     inst = getattr(parser, "instantiate", None) or parser.instantiate_classes

@@ -248,7 +248,7 @@ def _merged_weights(save_dir: Path) -> dict:
     meta = checkpoint_meta(save_dir)
     spec = meta.spec()
     src = MMSource(save_dir, meta, spec, meta.plan(spec))
-    return {name: src.get(name).clone() for name in src.where}
+    return {name: src.tensor(name).clone() for name in src.where}
 
 
 def test_killed_save_leaves_the_previous_checkpoint(tiny, tmp_path):
