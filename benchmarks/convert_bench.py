@@ -2,7 +2,8 @@
 
 Prints hf_to_mm (TP2 PP4) and resplit (-> TP1 PP2) wall time against a plain copy of the same bytes, and each
 step's peak RSS against its largest output file. Each step runs in a fresh subprocess (so its time includes
-starting Python and importing torch) that reports its own peak RSS. Every timed step, the copies too, starts
+starting Python and importing the CLI, which for hf_to_mm and resplit no longer means torch) that reports its
+own peak RSS. Every timed step, the copies too, starts
 after and ends with os.sync(), so each pays for its own writes to disk and none for another's.
 
 On a VM the copy itself can vary 3-5x from one run to the next (the host backs guest memory lazily), so the
@@ -124,8 +125,7 @@ def run_step(args: list[str]) -> tuple[float, int]:
 
 
 def process_floor() -> float:
-    """What any step pays before and after its work: start Python, import the CLI (and with it torch),
-    exit."""
+    """What any step pays before and after its work: start Python, import the CLI, exit."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import mindspeed_mm.cli.mm_convert"], check=True)
     return time.perf_counter() - t0

@@ -4,17 +4,17 @@ Every function takes a typed config (the dataclasses below, which are also the `
 and returns a :class:`ConvertSummary`. Tensors are only sliced and concatenated, never cast, so every
 direction is bit-exact. Memory stays bounded by a few tensors, not a file: each rank file is streamed
 (`streaming_save`), its records produced in a second thread while earlier ones are stored, and several rank
-files are written at once (`workers`). Sources are memory-mapped (HF safetensors directly, MM rank files
-through ``torch.load(mmap=True)``) and read only as each output rank's pieces: row pieces go from the source
-file to the output file inside the kernel (`copy_file_range`, as `cp` does) and never through this process's
-memory; column slices are gathered in memory, their source pages let go at once. resplit cuts each new
-shard straight from the old shards (`parallel.sharding.slice_from_shards`), never building a full tensor.
-Output goes to a temporary directory beside the target, renamed into place only when complete.
+files are written at once (`workers`). Sources are memory-mapped and read only as each output rank's
+pieces: row pieces go from the source file to the output file inside the kernel (`copy_file_range`, as `cp`
+does) and never through this process's memory; column slices are joined a block of rows at a time
+(`streaming_save.SideBySide`), their source pages let go at once. resplit cuts each new shard straight
+from the old shards (`parallel.sharding.slice_from_shards`), never building a full tensor. Output goes to
+a temporary directory beside the target, renamed into place only when complete.
 
 hf_to_mm and resplit never import torch: tensors are numpy views of the mapped files (bfloat16 as uint16
 of the same bytes, the dtype carried by name), rank files are read with an allowlist unpickler
-(`torch_file`) and written by `streaming_save`. torch's import and teardown (~1.7 s) would otherwise cost
-more than copying a 2B checkpoint. mm_to_hf writes safetensors through torch.
+(`torch_file.load`) and written by `streaming_save`. torch's import and teardown (~1.7 s) would otherwise
+cost more than copying a 2B checkpoint. mm_to_hf writes safetensors through torch.
 
 The per-parameter mapping is `models.internvl.hf_mapping` and the per-rank slicing `parallel.sharding`, so a
 converted shard is by construction ``local_state_dict(hf_to_mm(source), spec, plan, tp_rank, stage)``.

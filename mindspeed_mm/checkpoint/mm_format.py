@@ -217,8 +217,9 @@ def read_rank_file(path: Path, num_chunks: int) -> RankFile:
     try:
         obj, mapping = torch_file.load(path)
         base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    except torch_file.UnsupportedPickle:
-        obj, base = _stored_tensors(load_rank_object(path)), None
+    except torch_file.UnsupportedPickle:  # a training save: its rng state holds a uint32 tensor, for one
+        obj, base = load_rank_object(path), None
+        obj = {k: _stored_tensors(v) if k.startswith("model") else v for k, v in obj.items()}
     except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as e:
         raise CheckpointFormatError(f"{path}: cannot read checkpoint file: {e}") from e
     return RankFile(path, _chunks(path, obj, num_chunks), base)
