@@ -564,6 +564,10 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
     tp, pp = plan.parallel.tp, plan.parallel.pp
     iter_dir = tmp / "release"
     jobs = [(tp_rank, pp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
+    # `workers` files at once, each stored by enough threads to use every worker, plus one: files differ in
+    # size (a resplit to TP1 PP2 writes 2.24 and 1.65 GiB at 2B), and the largest file's tail would otherwise
+    # run on one core.
+    writers = workers // min(workers, len(jobs)) + (workers > 1)
     workers = max(1, min(workers, len(jobs)))
 
     def write(tp_rank: int, pp_rank: int) -> int:
@@ -578,7 +582,7 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
                                        partial(get_slice, r.mm, sl), f"{r.mm} (tp_rank {tp_rank})", locate,
                                        after_write)
             chunks.append(sd)
-        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, DEFAULT_BUDGET // workers)
+        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, DEFAULT_BUDGET // workers, writers)
 
     n_bytes = 0
     bar = _progress(None, len(jobs), desc, progress)

@@ -146,13 +146,14 @@ def iteration_dir(mm_dir: Path) -> Path:
     return out
 
 
-def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], budget_bytes: int = DEFAULT_BUDGET) -> int:
+def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], budget_bytes: int = DEFAULT_BUDGET,
+                   writers: int = 1) -> int:
     """Write one rank's chunks, each tensor produced while earlier ones are written; returns the file size.
     The file is what `save_rank_object` would write for the same tensors, byte for byte but for the 40-digit
     serialization id (`streaming_save`), and is written without torch."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_streaming(path, {**{chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)},
-                                 "checkpoint_version": CHECKPOINT_VERSION}, budget_bytes)
+                                 "checkpoint_version": CHECKPOINT_VERSION}, budget_bytes, writers)
 
 
 def save_rank_object(path: Path, obj: dict[str, Any]) -> int:

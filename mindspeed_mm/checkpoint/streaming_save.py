@@ -190,7 +190,7 @@ def _produce_all(refs: list[LazyTensor], budget: int, out: collections.deque, co
                  state: dict) -> None:
     """Producer thread: each record's pieces in storage-key order, waiting while `budget` bytes are queued."""
     try:
-        for ref in refs:
+        for i, ref in enumerate(refs):
             need = ref.nbytes
             with cond:
                 cond.wait_for(lambda: state["stop"] or state["queued"] == 0 or state["queued"] + need <= budget)
@@ -198,7 +198,7 @@ def _produce_all(refs: list[LazyTensor], budget: int, out: collections.deque, co
                     return
             pieces = ref.pieces()
             with cond:
-                out.append(pieces)
+                out.append((i, pieces))
                 state["queued"] += need
                 cond.notify_all()
     except BaseException as e:  # handed to the writer, which raises it
@@ -229,10 +229,24 @@ def _tensor_leaf(x: Any) -> Optional[tuple[tuple[int, ...], str]]:
     return None
 
 
-def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT_BUDGET) -> int:
+def _store(fd: int, ref: LazyTensor, offset: int, pieces: list[Any]) -> None:
+    for p in pieces:
+        n = _nbytes(p)
+        whole = not isinstance(p, SideBySide)
+        loc = ref.locate(p) if ref.locate is not None and n and whole else None
+        if loc is None or not _copy_range(loc[0], loc[1], fd, offset, n):
+            _pwrite_all(fd, p, offset)
+            if ref.after_write is not None:
+                for q in ((p,) if whole else p.parts):
+                    ref.after_write(q)
+        offset += n
+
+
+def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT_BUDGET, writers: int = 1) -> int:
     """`torch.save(materialised obj, path)` without holding more than about `budget_bytes` of tensors: the
     file is laid out with each storage record reserved, then a second thread produces the tensors in order
-    while this one stores them into their records. Returns the file size."""
+    while `writers` threads (this one among them) store them into their records, in whatever order they
+    finish: records are independent byte ranges. Returns the file size."""
     path = Path(path)
     data, refs = dumps(obj, _tensor_leaf)
     records: list[tuple[str, Union[bytes, int]]] = [
@@ -244,36 +258,50 @@ def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT
 
     out: collections.deque = collections.deque()
     cond = threading.Condition()
-    state = {"queued": 0, "stop": False}
+    state = {"queued": 0, "stop": False, "left": len(refs)}
+    errors: list[BaseException] = []
     producer = threading.Thread(target=_produce_all, args=(refs, budget_bytes, out, cond, state),
                                 name="save_streaming", daemon=True)
     fd = os.open(path, os.O_WRONLY)
+
+    def store_all() -> None:
+        try:
+            while True:
+                with cond:
+                    cond.wait_for(lambda: bool(out) or state["stop"] or state["left"] == 0)
+                    if state["stop"] or not out:
+                        return
+                    item = out.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                i, pieces = item
+                _store(fd, refs[i], offsets[i], pieces)
+                del pieces, item
+                with cond:
+                    state["queued"] -= refs[i].nbytes
+                    state["left"] -= 1
+                    cond.notify_all()
+        except BaseException as e:
+            with cond:
+                errors.append(e)
+                state["stop"] = True
+                cond.notify_all()
+
+    helpers = [threading.Thread(target=store_all, name="save_streaming_writer", daemon=True)
+               for _ in range(max(1, writers) - 1)]
     try:
         producer.start()
-        for ref, offset in zip(refs, offsets):
-            with cond:
-                cond.wait_for(lambda: bool(out))
-                pieces = out.popleft()
-            if isinstance(pieces, BaseException):
-                raise pieces
-            for p in pieces:
-                n = _nbytes(p)
-                whole = not isinstance(p, SideBySide)
-                loc = ref.locate(p) if ref.locate is not None and n and whole else None
-                if loc is None or not _copy_range(loc[0], loc[1], fd, offset, n):
-                    _pwrite_all(fd, p, offset)
-                    if ref.after_write is not None:
-                        for q in ((p,) if whole else p.parts):
-                            ref.after_write(q)
-                offset += n
-            with cond:
-                state["queued"] -= ref.nbytes
-                cond.notify_all()
-            del pieces
+        for t in helpers:
+            t.start()
+        store_all()
+        for t in helpers:
+            t.join()
     finally:
         os.close(fd)
         with cond:
             state["stop"] = True
             cond.notify_all()
         producer.join()
+    if errors:
+        raise errors[0]
     return path.stat().st_size

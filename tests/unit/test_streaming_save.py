@@ -40,12 +40,12 @@ def _torch_save(obj, path: Path) -> bytes:
     return without_serialization_id(path)
 
 
-@pytest.mark.parametrize("budget", [1, 10**9])
-def test_same_bytes_as_torch_save(tmp_path, budget):
+@pytest.mark.parametrize("budget,writers", [(1, 1), (10**9, 1), (1, 3), (10**9, 3)])
+def test_same_bytes_as_torch_save(tmp_path, budget, writers):
     obj = _obj(torch.Generator().manual_seed(0))
     want = _torch_save(obj, tmp_path / "a" / "rank.pt")  # the archive name comes from the file name
     (tmp_path / "b").mkdir()
-    save_streaming(tmp_path / "b" / "rank.pt", _lazy(obj), budget_bytes=budget)
+    save_streaming(tmp_path / "b" / "rank.pt", _lazy(obj), budget_bytes=budget, writers=writers)
     assert without_serialization_id(tmp_path / "b" / "rank.pt") == want
     back = torch.load(tmp_path / "b" / "rank.pt", weights_only=True, mmap=True)
     for chunk in ("model0", "model1"):
@@ -92,13 +92,15 @@ def test_pieces_located_in_a_file(tmp_path, monkeypatch, kernel_copy):
     f.close()
 
 
-def test_producer_error_is_raised_by_the_caller(tmp_path):
+@pytest.mark.parametrize("writers", [1, 3])
+def test_producer_error_is_raised_by_the_caller(tmp_path, writers):
     def boom():
         raise OSError("source vanished")
 
-    obj = {"a": LazyTensor((2,), torch.float32, lambda: torch.zeros(2)), "b": LazyTensor((2,), torch.float32, boom)}
+    obj = {"a": LazyTensor((2,), torch.float32, lambda: torch.zeros(2)), "b": LazyTensor((2,), torch.float32, boom),
+           "c": LazyTensor((2,), torch.float32, lambda: torch.zeros(2))}
     with pytest.raises(OSError, match="source vanished"):
-        save_streaming(tmp_path / "r.pt", obj)
+        save_streaming(tmp_path / "r.pt", obj, writers=writers)
 
 
 def test_wrong_declared_shape_names_the_tensor(tmp_path):
