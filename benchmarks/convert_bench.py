@@ -6,8 +6,9 @@ starting Python and importing the CLI, which for hf_to_mm and resplit no longer 
 own peak RSS. Every timed step, the copies too, starts
 after and ends with os.sync(), so each pays for its own writes to disk and none for another's.
 
-On a VM the copy itself can vary 3-5x from one run to the next (the host backs guest memory lazily), so the
-copy and the step alternate `--reps` times and the ratio is of the medians.
+On a VM the copy itself can vary 3-5x from one run to the next (the host backs guest memory lazily), so after
+an untimed warm-up round the copy and the step alternate `--reps` times, which goes first switching every
+round, and the ratio is of the medians.
 
     python benchmarks/convert_bench.py [--reps 3] [--shape 2b|8b] [--workdir DIR] [--keep]
 """
@@ -145,21 +146,39 @@ def median(xs: list[float]) -> float:
 
 
 def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], label: str) -> None:
-    """`reps` rounds of (copy `src`, run the step into `out`); prints each round and the medians."""
+    """One untimed warm-up round, then `reps` rounds of (copy `src`, run the step into `out`), the order
+    switching every round; prints each round and the medians."""
     copies, steps, rss, floors = [], [], [], []
-    for i in range(reps):
-        # Each side deletes its own previous output just before it runs, so each writes into the page-cache
-        # memory that output freed. Deleting both first handed the copy the freshly freed memory and left
-        # the step memory the guest had meanwhile returned to the host (free page reporting), which made the
-        # same step 2x slower (measured: 2.45 s vs 4.3-5.3 s of conversion proper).
+
+    def copy() -> float:
         shutil.rmtree(copy_dst, ignore_errors=True)
-        copies.append(timed_copy(src, copy_dst))
+        return timed_copy(src, copy_dst)
+
+    def step() -> tuple[float, int]:
         shutil.rmtree(out, ignore_errors=True)
-        dt, peak = run_step(args)
+        return run_step(args)
+
+    for i in range(reps + 1):
+        # Each side deletes its own previous output just before it runs, so each writes into the page-cache
+        # memory that output freed: on this VM, memory freed a while ago has been handed back to the host
+        # (free page reporting), and taking it again, or reclaiming page cache when little is free, made the
+        # same step 2-5x slower (measured: 2.45 s vs 4.3-5.3 s of conversion proper). The warm-up round
+        # gives both sides such an output; alternating the order keeps either from always running second.
+        if i % 2:
+            dt, peak = step()
+            c = copy()
+        else:
+            c = copy()
+            dt, peak = step()
+        floor = process_floor()
+        if i == 0:
+            print(f"  warm-up: copy {c:.2f}s, {label} {dt:.2f}s ({dt / c:.2f}x)", flush=True)
+            continue
+        copies.append(c)
         steps.append(dt)
         rss.append(peak)
-        floors.append(process_floor())
-        print(f"  round {i + 1}: copy {copies[-1]:.2f}s, {label} {dt:.2f}s ({dt / copies[-1]:.2f}x), "
+        floors.append(floor)
+        print(f"  round {i}{' (step first)' if i % 2 else ''}: copy {c:.2f}s, {label} {dt:.2f}s ({dt / c:.2f}x), "
               f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
     shutil.rmtree(copy_dst, ignore_errors=True)
     big = biggest(out)
