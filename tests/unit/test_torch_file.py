@@ -248,3 +248,27 @@ def test_load_refuses_other_globals(tmp_path):
 def test_module_does_not_import_torch():
     code = "import mindspeed_mm.checkpoint.torch_file, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_torch_reads_a_file_past_4_gib(tmp_path):
+    """A rank file larger than 4 GiB (zip64 offsets; a resplit of the 8B shape to TP1 PP2 writes 7.7 GiB
+    ones) is read by torch.load itself, and by `load`. The big record stays a hole, so this costs no disk."""
+    from mindspeed_mm.checkpoint.streaming_save import LazyTensor, _tensor_leaf
+
+    big = (2**32 + 2**20) // 2  # bf16 elements
+    small = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    obj = {"model": {"big": LazyTensor((big,), "bfloat16", lambda: None),
+                     "small": LazyTensor((2, 3), "float32", lambda: None)}, "checkpoint_version": 3.0}
+    data, leaves = tf.dumps(obj, _tensor_leaf)
+    path = tmp_path / "model_optim_rng.pt"
+    spans = tf.write_archive(path, [("data.pkl", data), (".format_version", b"1"), (".storage_alignment", b"64"),
+                                    ("byteorder", b"little"), ("data/0", big * 2), ("data/1", 24)])
+    assert spans["data/1"][0] > 2**32
+    with open(path, "r+b") as f:
+        f.seek(spans["data/1"][0])
+        f.write(small.numpy().tobytes())
+    back = torch.load(path, mmap=True, weights_only=True)
+    assert back["model"]["big"].shape == (big,) and back["model"]["big"].dtype == torch.bfloat16
+    assert torch.equal(back["model"]["small"], small) and back["checkpoint_version"] == 3.0
+    ours, _ = tf.load(path)
+    assert ours["model"]["small"].array.tolist() == small.tolist() and ours["model"]["big"].array.shape == (big,)
