@@ -52,8 +52,8 @@ class SideBySide:
     """2-D numpy arrays joined along dim 1 (a column slice of a tensor, or one made of TP shards' columns),
     stored a block of rows at a time through one small buffer: never joined whole in memory, and never
     written row by row (measured on a mapped 2B checkpoint's 1.08 GiB of column slices, one thread: joined
-    into a reused buffer and written, 0.51-0.67 s; `pwritev` of the rows, 0.84-1.77 s; `copy_file_range`
-    per row, 1.9-3.3 s)."""
+    into a reused 1-4 MiB buffer and written, 0.47-0.67 s; `pwritev` of the rows, 0.84-1.77 s;
+    `copy_file_range` per row, 1.9-3.3 s; docs/benchmarks.md)."""
     parts: tuple[np.ndarray, ...]
 
     @property
