@@ -22,6 +22,7 @@ are numpy arrays (bfloat16 travels as uint16 of the same bytes) or torch tensors
 from __future__ import annotations
 
 import collections
+import ctypes
 import math
 import os
 import sys
@@ -229,6 +230,30 @@ def _tensor_leaf(x: Any) -> Optional[tuple[tuple[int, ...], str]]:
     return None
 
 
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return f
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_BYTES = 64 * 2**20
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk without waiting (`sync_file_range`): the disk works
+    while later records are copied, instead of all at the end (the 2B shape's final sync took ~1 s), and
+    dirty memory stays low. Linux only; elsewhere the kernel's own writeback does it later."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def _store(fd: int, ref: LazyTensor, offset: int, pieces: list[Any]) -> None:
     for p in pieces:
         n = _nbytes(p)
@@ -258,7 +283,7 @@ def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT
 
     out: collections.deque = collections.deque()
     cond = threading.Condition()
-    state = {"queued": 0, "stop": False, "left": len(refs)}
+    state = {"queued": 0, "stop": False, "left": len(refs), "unflushed": 0}
     errors: list[BaseException] = []
     producer = threading.Thread(target=_produce_all, args=(refs, budget_bytes, out, cond, state),
                                 name="save_streaming", daemon=True)
@@ -280,7 +305,13 @@ def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT
                 with cond:
                     state["queued"] -= refs[i].nbytes
                     state["left"] -= 1
+                    state["unflushed"] += refs[i].nbytes
+                    flush = state["unflushed"] >= WRITEBACK_BYTES
+                    if flush:
+                        state["unflushed"] = 0
                     cond.notify_all()
+                if flush:
+                    _start_writeback(fd)
         except BaseException as e:
             with cond:
                 errors.append(e)
@@ -296,6 +327,8 @@ def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT
         store_all()
         for t in helpers:
             t.join()
+        if not errors:
+            _start_writeback(fd)
     finally:
         os.close(fd)
         with cond:

@@ -151,6 +151,20 @@ def test_side_by_side_columns(tmp_path, monkeypatch, kind):
     assert len(stored) == 3
 
 
+def test_writeback_starts_while_writing(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES stored, and at the end, the file's dirty pages are handed to the disk; the bytes
+    are the same."""
+    obj = _obj(torch.Generator().manual_seed(6))
+    want = _torch_save(obj, tmp_path / "a" / "rank.pt")
+    calls = []
+    monkeypatch.setattr(ss, "_start_writeback", lambda fd: calls.append(fd))
+    monkeypatch.setattr(ss, "WRITEBACK_BYTES", 100)  # the 5x7 bf16 and 4x2 int64 tensors pass it alone
+    (tmp_path / "b").mkdir()
+    save_streaming(tmp_path / "b" / "rank.pt", _lazy(obj))
+    assert without_serialization_id(tmp_path / "b" / "rank.pt") == want
+    assert len(calls) >= 2
+
+
 def test_real_tensors_are_refused(tmp_path):
     with pytest.raises(TypeError, match="LazyTensor"):
         save_streaming(tmp_path / "r.pt", {"a": torch.zeros(2)})
