@@ -33,7 +33,7 @@ import numpy as np
 
 from mindspeed_mm.checkpoint import torch_file
 from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
-from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, no_crc32, save_streaming
+from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, dtype_name, no_crc32, save_streaming
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
@@ -234,7 +234,7 @@ def _stored_tensors(obj: Any) -> Any:
     if hasattr(obj, "untyped_storage"):
         import torch
 
-        name = str(obj.dtype).removeprefix("torch.")
+        name = dtype_name(obj.dtype)
         array = (obj.view(torch.int16) if name == "bfloat16" else obj).numpy()  # numpy has no bfloat16
         return torch_file.StoredTensor(array.view(torch_file.NUMPY_DTYPES[name]), name)
     return obj

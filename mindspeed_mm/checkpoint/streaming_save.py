@@ -34,13 +34,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from mindspeed_mm.checkpoint.torch_file import NUMPY_DTYPES, STORAGE_TYPES, dumps, record_spans, write_archive
+from mindspeed_mm.checkpoint.torch_file import ALIGNMENT, NUMPY_DTYPES, STORAGE_TYPES, dumps, write_archive
 
-__all__ = ["LazyTensor", "SideBySide", "save_streaming", "owned", "no_crc32", "record_spans", "dtype_name",
-           "byte_view"]
+__all__ = ["LazyTensor", "SideBySide", "save_streaming", "owned", "no_crc32", "dtype_name", "byte_view"]
 
 DEFAULT_BUDGET = 512 * 2**20
-STORAGE_ALIGNMENT = 64  # torch's `_get_storage_alignment()`, which `write_archive` lays records out for
 
 
 def dtype_name(dtype: Any) -> str:
@@ -275,7 +273,7 @@ def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT
     path = Path(path)
     data, refs = dumps(obj, _tensor_leaf)
     records: list[tuple[str, Union[bytes, int]]] = [
-        ("data.pkl", data), (".format_version", b"1"), (".storage_alignment", str(STORAGE_ALIGNMENT).encode()),
+        ("data.pkl", data), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
         ("byteorder", sys.byteorder.encode())]
     records += [(f"data/{i}", ref.nbytes) for i, ref in enumerate(refs)]
     spans = write_archive(path, records)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["NUMPY_DTYPES", "STORAGE_TYPES", "StoredTensor", "UnsupportedPickle", "dumps", "load", "record_spans",
+__all__ = ["ALIGNMENT", "NUMPY_DTYPES", "STORAGE_TYPES", "StoredTensor", "UnsupportedPickle", "dumps", "load", "record_spans",
            "write_archive"]
 
 STORAGE_TYPES = {"float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
@@ -119,7 +119,7 @@ def dumps(obj: Any, tensor_leaf: Callable[[Any], tuple[tuple[int, ...], str] | N
 
 
 _U32 = 0xFFFFFFFF
-_ALIGN = 64  # torch's kFieldAlignment; torch.load takes any alignment, mmap=True needs this one
+ALIGNMENT = 64  # torch's kFieldAlignment; torch.load takes any alignment, mmap=True needs this one
 
 
 def _archive_name(path: str) -> str:
@@ -148,7 +148,7 @@ def _local_header(name: bytes, size: int, cursor: int) -> tuple[bytes, bool]:
     if zip64:
         zip64 = struct.pack("<HH", 1, len(zip64)) + zip64
     start = cursor + 30 + len(name) + len(zip64) + 4  # miniz's header, then torch's "FB" padding field
-    pad = -start % _ALIGN
+    pad = -start % ALIGNMENT
     extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
     head = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, _flags(size), 0, 0, 0, 0, 0, 0, len(name), len(extra))
     return head + name + extra, bool(zip64)
