@@ -8,7 +8,9 @@ after and ends with os.sync(), so each pays for its own writes to disk and none 
 
 On a VM the copy itself can vary 3-5x from one run to the next (the host backs guest memory lazily), so after
 an untimed warm-up round the copy and the step alternate `--reps` times, which goes first switching every
-round, and the ratio is of the medians.
+round, and the ratio is of the medians; the step's median against the fastest copy is printed too, as the
+figure a quiet VM would give. Each round also times a direct copy: the same bytes moved the way mm-convert
+writes them (8 MiB chunks, O_DIRECT), so the step's ratio to it is what converting costs over moving bytes.
 
     python benchmarks/convert_bench.py [--reps 3] [--shape 2b|8b] [--workdir DIR] [--keep]
 """
@@ -111,6 +113,27 @@ def timed_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
+def timed_direct_copy(src: Path, dst: Path) -> float:
+    """The same bytes copied as mm-convert writes them (8 MiB chunks from a mapping, O_DIRECT): what the
+    conversion would cost if it did nothing but move bytes."""
+    from copy_paths_bench import mmap_chunks
+
+    copy = mmap_chunks(True)
+    os.sync()
+    t0 = time.perf_counter()
+    for f in sorted(src.rglob("*")):
+        to = dst / f.relative_to(src)
+        if f.is_dir():
+            to.mkdir(parents=True, exist_ok=True)
+            continue
+        to.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "rb") as s, open(to, "wb") as d:
+            if f.stat().st_size:
+                copy(s.fileno(), d.fileno(), f.stat().st_size)
+    os.sync()
+    return time.perf_counter() - t0
+
+
 def run_step(args: list[str]) -> tuple[float, int]:
     os.sync()
     t0 = time.perf_counter()
@@ -148,11 +171,13 @@ def median(xs: list[float]) -> float:
 def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], label: str) -> None:
     """One untimed warm-up round, then `reps` rounds of (copy `src`, run the step into `out`), the order
     switching every round; prints each round and the medians."""
-    copies, steps, rss, floors = [], [], [], []
+    copies, directs, steps, rss, floors = [], [], [], [], []
 
-    def copy() -> float:
+    def copy() -> tuple[float, float]:
         shutil.rmtree(copy_dst, ignore_errors=True)
-        return timed_copy(src, copy_dst)
+        c = timed_copy(src, copy_dst)
+        shutil.rmtree(copy_dst)
+        return c, timed_direct_copy(src, copy_dst)
 
     def step() -> tuple[float, int]:
         shutil.rmtree(out, ignore_errors=True)
@@ -166,24 +191,28 @@ def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], 
         # gives both sides such an output; alternating the order keeps either from always running second.
         if i % 2:
             dt, peak = step()
-            c = copy()
+            c, d = copy()
         else:
-            c = copy()
+            c, d = copy()
             dt, peak = step()
         floor = process_floor()
         if i == 0:
-            print(f"  warm-up: copy {c:.2f}s, {label} {dt:.2f}s ({dt / c:.2f}x)", flush=True)
+            print(f"  warm-up: copy {c:.2f}s, direct copy {d:.2f}s, {label} {dt:.2f}s ({dt / c:.2f}x)", flush=True)
             continue
         copies.append(c)
+        directs.append(d)
         steps.append(dt)
         rss.append(peak)
         floors.append(floor)
-        print(f"  round {i}{' (step first)' if i % 2 else ''}: copy {c:.2f}s, {label} {dt:.2f}s ({dt / c:.2f}x), "
-              f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
+        print(f"  round {i}{' (step first)' if i % 2 else ''}: copy {c:.2f}s, direct copy {d:.2f}s, {label} "
+              f"{dt:.2f}s ({dt / c:.2f}x the copy, {dt / d:.2f}x the direct copy), peak RSS {peak / 2**30:.2f} GiB",
+              flush=True)
     shutil.rmtree(copy_dst, ignore_errors=True)
     big = biggest(out)
     print(f"{label}: median {median(steps):.2f}s = {median(steps) / median(copies):.2f}x the median copy "
-          f"({median(copies):.2f}s of {dir_bytes(src) / 2**30:.2f} GiB); peak RSS {max(rss) / 2**30:.2f} GiB "
+          f"({median(copies):.2f}s of {dir_bytes(src) / 2**30:.2f} GiB), {median(steps) / min(copies):.2f}x the "
+          f"fastest ({min(copies):.2f}s), {median(steps) / median(directs):.2f}x the median direct copy "
+          f"({median(directs):.2f}s); peak RSS {max(rss) / 2**30:.2f} GiB "
           f"(max of {reps}), largest output file {big / 2**30:.2f} GiB, RSS - largest file = "
           f"{(max(rss) - big) / 2**30:.2f} GiB (target <= 1); a process that only starts, imports the CLI and "
           f"exits: median {median(floors):.2f}s = {median(floors) / median(copies):.2f}x the copy")

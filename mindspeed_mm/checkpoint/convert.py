@@ -2,14 +2,13 @@
 
 Every function takes a typed config (the dataclasses below, which are also the `mm-convert` CLI's options)
 and returns a :class:`ConvertSummary`. Tensors are only sliced and concatenated, never cast, so every
-direction is bit-exact. Memory stays bounded by a few tensors, not a file: each rank file is streamed
-(`streaming_save`), its records produced in a second thread while earlier ones are stored, and several rank
-files are written at once (`workers`). Sources are memory-mapped and read only as each output rank's
-pieces: row pieces go from the source file to the output file inside the kernel (`copy_file_range`, as `cp`
-does) and never through this process's memory; column slices are joined a block of rows at a time
-(`streaming_save.SideBySide`), their source pages let go at once. resplit cuts each new shard straight
-from the old shards (`parallel.sharding.slice_from_shards`), never building a full tensor. Output goes to
-a temporary directory beside the target, renamed into place only when complete.
+direction is bit-exact. Memory stays bounded by a few chunks, not a file: each rank file is streamed
+(`streaming_save`) front to back in 8 MiB chunks, written with O_DIRECT where the filesystem takes it, and
+several rank files are written at once (`workers`). Sources are memory-mapped and read only as each output
+rank's pieces: row pieces and column slices (`streaming_save.SideBySide`) are copied from the mapping
+straight into the chunk that holds them, their source pages let go at once. resplit cuts each new shard
+straight from the old shards (`parallel.sharding.slice_from_shards`), never building a full tensor. Output
+goes to a temporary directory beside the target, renamed into place only when complete.
 
 hf_to_mm and resplit never import torch: tensors are numpy views of the mapped files (bfloat16 as uint16
 of the same bytes, the dtype carried by name), rank files are read with an allowlist unpickler
@@ -35,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
 
@@ -48,7 +47,7 @@ from mindspeed_mm.checkpoint.mm_format import (
     META_FILE, TRACKER_FILE, MMCheckpointMeta, RankFile, atomic_output_dir, check_output_dir, checkpoint_meta,
     drop_resident_pages, iteration_dir, rank_file, read_rank_file, save_rank_file, write_meta,
 )
-from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, SideBySide, owned
+from mindspeed_mm.checkpoint.streaming_save import LazyTensor, SideBySide, owned
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, pieces_from_parts
@@ -73,8 +72,8 @@ def _h(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
-_WORKERS_HELP = ("Rank files written at once (0: one per CPU core, at most 8), sharing one memory budget. "
-                 "`cp` copies on one core; several files at once use the others.")
+_WORKERS_HELP = ("Rank files written at once (0: one per CPU core, at most 8), each by two or more threads "
+                 "holding an 8 MiB chunk apiece.")
 
 
 @dataclass
@@ -282,45 +281,30 @@ def _placement(rules: list[Rule], plan: LayoutPlan) -> list[list[Rule]]:
 # ------------------------------------------------------------------------------------------------------------
 
 class MappedFiles:
-    """Source files mapped into this process, so that a tensor viewing one can be found on disk: the writer
-    copies such a tensor file to file (`locate`) and lets its pages go once stored (`drop_pages`). Writer
-    threads look mappings up while readers add them."""
+    """Source files mapped into this process, so that the writer can let a tensor's mapped pages go once it is
+    copied out (`drop_pages`) and leave memory of its own alone. Writer threads look mappings up while
+    readers add them."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._ranges: dict[Path, tuple[BinaryIO, int, int]] = {}  # path -> (open file, lo, hi address)
+        self._ranges: dict[Path, tuple[int, int]] = {}  # path -> (lo, hi address)
 
     def add(self, path: Path, lo: int, size: int) -> None:
         with self._lock:
-            if path not in self._ranges:
-                self._ranges[path] = (open(path, "rb"), lo, lo + size)
+            self._ranges.setdefault(path, (lo, lo + size))
 
-    def _find(self, ptr: int, n: int) -> Optional[tuple[BinaryIO, int]]:
+    def _holds(self, ptr: int) -> bool:
         with self._lock:
-            ranges = list(self._ranges.values())
-        for f, lo, hi in ranges:
-            if lo <= ptr and ptr + n <= hi:
-                return f, lo
-        return None
-
-    def locate(self, a: Array) -> Optional[tuple[int, int]]:
-        """(fd, offset) of a contiguous array lying in one of the mapped files."""
-        if not a.flags.c_contiguous:
-            return None
-        ptr = a.__array_interface__["data"][0]
-        hit = self._find(ptr, a.nbytes)
-        return None if hit is None else (hit[0].fileno(), ptr - hit[1])
+            return any(lo <= ptr < hi for lo, hi in self._ranges.values())
 
     def drop_pages(self, a: Array) -> None:
         """Let the kernel drop the mapped pages under `a` once stored (touched pages of a mapping stay resident
         until it is unmapped: a whole file's worth). Arrays outside the mapped files are left alone."""
-        ptr = a.__array_interface__["data"][0]
-        if self._find(ptr, 0) is not None:
+        if self._holds(a.__array_interface__["data"][0]):
             drop_resident_pages(a)
 
     def gather(self, pieces: list[Array], dim: int) -> Array:
-        """`pieces` joined along `dim` into memory of their own, the mapped pages under them let go: how a
-        column slice, which the kernel cannot copy file to file, is stored."""
+        """`pieces` joined along `dim` into memory of their own, the mapped pages under them let go."""
         out = cat(pieces, dim)
         for p in pieces:
             self.drop_pages(p)
@@ -328,13 +312,11 @@ class MappedFiles:
 
     def close(self) -> None:
         with self._lock:
-            for f, _, _ in self._ranges.values():
-                f.close()
             self._ranges.clear()
 
 
 def columns(pieces: list[Array], dim: int) -> SideBySide:
-    """Pieces of a column slice, to be stored row by row from where they lie."""
+    """Pieces of a column slice, joined into the output a block of rows at a time from where they lie."""
     if dim != 1 or any(p.ndim != 2 for p in pieces):
         raise AssertionError(f"only 2-D weights are cut along columns, got dim {dim}, "
                              f"shapes {[p.shape for p in pieces]}")
@@ -519,8 +501,8 @@ class MMSource:
 
     def pieces(self, name: str, sl: Slice) -> list[Union[Array, SideBySide]]:
         """Slice `sl` (of another layout) of the full tensor `name`, as views of this checkpoint's shards whose
-        concatenation along dim 0 it is (`slice_from_shards`): row pieces go file to file like an HF
-        source's, a column slice row by row from the mapped shards (`SideBySide`)."""
+        concatenation along dim 0 it is (`slice_from_shards`): row pieces as they lie, a column slice a
+        block of rows at a time from the mapped shards (`SideBySide`)."""
         dim, pieces = self._cut(name, sl)
         return pieces if dim == 0 else [columns(pieces, dim)]
 
@@ -552,13 +534,12 @@ class MMSource:
 def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
               get_slice: Callable[[str, Slice], list[Array]],
               dtype_of: Callable[[str], str], progress: bool, desc: str, workers: int,
-              locate: Optional[Callable[[Array], Optional[tuple[int, int]]]] = None,
               after_write: Optional[Callable[[Array], None]] = None) -> tuple[int, int]:
     """Write every rank file of `plan` into `tmp/release`, `workers` files at a time; returns (files, bytes).
     `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
-    need be in memory; it runs in each writer's producer thread, ahead of the write (`save_streaming`), and
-    must be thread-safe. Files are written concurrently because `cp` uses one core: the kernel copies and
-    stores of several files overlap, and the memory budget is shared among them."""
+    need be in memory; it runs in the writer threads when they first fill a chunk holding that part
+    (`save_streaming`), so it must be thread-safe. Files are written concurrently, and each by several threads,
+    so that copying into one chunk overlaps the disk's writing of another."""
     shapes = mm_param_shapes(spec)
     per_stage = _placement(mapping_rules(spec, NATIVE), plan)
     tp, pp = plan.parallel.tp, plan.parallel.pp
@@ -579,10 +560,10 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
                 sl = shard_slice(r.mm, shapes[r.mm], spec, tp, tp_rank, plan.padded_vocab_size)
                 local = stage_name(r.mm, stage)
                 sd[local] = LazyTensor(sl.shape(shapes[r.mm]), dtype_of(r.mm),  # type: ignore[index]
-                                       partial(get_slice, r.mm, sl), f"{r.mm} (tp_rank {tp_rank})", locate,
+                                       partial(get_slice, r.mm, sl), f"{r.mm} (tp_rank {tp_rank})",
                                        after_write)
             chunks.append(sd)
-        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, DEFAULT_BUDGET // workers, writers)
+        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, writers)
 
     n_bytes = 0
     bar = _progress(None, len(jobs), desc, progress)
@@ -668,8 +649,8 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
         dtypes[r.mm] = src.dtype(r)
 
     def get_slice(name: str, sl: Slice) -> list[Union[Array, SideBySide]]:
-        """Views of the mapped source, stored as they are and let go by `after_write`: row pieces file to
-        file, a column slice row by row (`SideBySide`)."""
+        """Views of the mapped source, copied into the output's chunks and let go by `after_write`: row
+        pieces as they are, a column slice a block of rows at a time (`SideBySide`)."""
         r = by_mm[name]
         with used_lock:
             used.update(r.hf)
@@ -678,8 +659,7 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, cfg.progress, "hf_to_mm",
-                                   _workers(cfg.workers), locate=src.mapped.locate,
-                                   after_write=src.mapped.drop_pages)
+                                   _workers(cfg.workers), after_write=src.mapped.drop_pages)
         src.release()
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
@@ -808,8 +788,7 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     _log(f"{mm_dir}: MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}")
     with atomic_output_dir(cfg.save_mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan_b, src.pieces, src.dtype, cfg.progress, "resplit",
-                                   _workers(cfg.workers), locate=src.mapped.locate,
-                                   after_write=src.mapped.drop_pages)
+                                   _workers(cfg.workers), after_write=src.mapped.drop_pages)
         src.release()
         if src.unused:
             path, v, k = sorted(src.unused)[0]

@@ -33,7 +33,7 @@ import numpy as np
 
 from mindspeed_mm.checkpoint import torch_file
 from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
-from mindspeed_mm.checkpoint.streaming_save import DEFAULT_BUDGET, LazyTensor, dtype_name, no_crc32, save_streaming
+from mindspeed_mm.checkpoint.streaming_save import LazyTensor, dtype_name, no_crc32, save_streaming
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
@@ -146,14 +146,13 @@ def iteration_dir(mm_dir: Path) -> Path:
     return out
 
 
-def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], budget_bytes: int = DEFAULT_BUDGET,
-                   writers: int = 1) -> int:
+def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], writers: int = 1) -> int:
     """Write one rank's chunks, each tensor produced while earlier ones are written; returns the file size.
     The file is what `save_rank_object` would write for the same tensors, byte for byte but for the 40-digit
     serialization id (`streaming_save`), and is written without torch."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_streaming(path, {**{chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)},
-                                 "checkpoint_version": CHECKPOINT_VERSION}, budget_bytes, writers)
+                                 "checkpoint_version": CHECKPOINT_VERSION}, writers)
 
 
 def save_rank_object(path: Path, obj: dict[str, Any]) -> int:

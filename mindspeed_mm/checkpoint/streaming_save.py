@@ -7,23 +7,27 @@ the pickle first (tensors are referenced by storage key) and the storage bytes a
 the bytes to exist before the pickle is written. `save_streaming`:
 
 1. pickles `LazyTensor` placeholders exactly as `torch.save` pickles real tensors (`torch_file.dumps`);
-2. lays the zip file out as torch's writer does, every storage record reserved but not written
-   (`torch_file.write_archive`);
-3. stores each record's bytes at its offset as a producer thread delivers them, with at most
-   `budget_bytes` waiting. A record may arrive as row pieces (views of a mapped source file), which are
-   stored one after another, so they are never concatenated in memory; a piece that lies in an open file
-   is copied file to file by the kernel.
+2. lays the zip file out as torch's writer does (`torch_file.archive_layout`), so every byte's place is known
+   before any tensor is produced;
+3. writes the file front to back in `CHUNK_BYTES` chunks, several threads each filling one chunk at a time
+   from the layout's headers and the tensors' bytes, producing a tensor when the first chunk needing it is
+   filled and dropping it after the last. A tensor may come as row pieces or column parts (`SideBySide`)
+   viewing a mapped source file: they are copied straight into the chunk, never joined whole.
 
-None of this imports torch, so a conversion process never pays its import (1.3 s, more than a copy of a
-2B checkpoint) or teardown. The file equals `torch.save` of the materialised object byte for byte except
-the 40-digit serialization id (torch derives it from an unordered hash set; tests check the rest). Pieces
-are numpy arrays (bfloat16 travels as uint16 of the same bytes) or torch tensors.
+Chunks are written with O_DIRECT where the filesystem takes it: from the aligned buffer straight to the
+disk, bypassing the page cache. A converter writes each byte once and nobody reads it back soon, so caching
+it only costs: page allocation (on this project's VM, buffered writes of the same chunks took 6.8-13 s
+against 2.6-2.8 s direct and 2.8-6.9 s for `cp`), dirty memory the kernel must throttle, and the source's
+cached pages evicted. None of this imports torch, so a conversion process never pays its import (1.3 s,
+more than a copy of a 2B checkpoint). The file equals `torch.save` of the materialised object byte for byte
+except the 40-digit serialization id (torch derives it from an unordered hash set; tests check the rest).
+Pieces are numpy arrays (bfloat16 travels as uint16 of the same bytes) or torch tensors.
 """
 from __future__ import annotations
 
-import collections
-import ctypes
+import errno
 import math
+import mmap
 import os
 import sys
 import threading
@@ -34,11 +38,13 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from mindspeed_mm.checkpoint.torch_file import ALIGNMENT, NUMPY_DTYPES, STORAGE_TYPES, dumps, write_archive
+from mindspeed_mm.checkpoint.torch_file import ALIGNMENT, NUMPY_DTYPES, STORAGE_TYPES, archive_layout, dumps
 
 __all__ = ["LazyTensor", "SideBySide", "save_streaming", "owned", "no_crc32", "dtype_name", "byte_view"]
 
-DEFAULT_BUDGET = 512 * 2**20
+CHUNK_BYTES = 8 * 2**20  # measured: 8-64 MiB chunks write a 2B checkpoint equally fast; RSS is writers x this
+DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses in logical blocks (512 or 4096)
+_BLOCK_BYTES = 2**20  # rows of a SideBySide joined at once when they straddle a chunk's edge
 
 
 def dtype_name(dtype: Any) -> str:
@@ -49,10 +55,10 @@ def dtype_name(dtype: Any) -> str:
 @dataclass(frozen=True)
 class SideBySide:
     """2-D numpy arrays joined along dim 1 (a column slice of a tensor, or one made of TP shards' columns),
-    stored a block of rows at a time through one small buffer: never joined whole in memory, and never
-    written row by row (measured on a mapped 2B checkpoint's 1.08 GiB of column slices, one thread: joined
-    into a reused 1-4 MiB buffer and written, 0.47-0.67 s; `pwritev` of the rows, 0.84-1.77 s;
-    `copy_file_range` per row, 1.9-3.3 s; docs/benchmarks.md)."""
+    joined straight into the chunks that hold them: never whole in memory of its own, and never written row
+    by row (measured on a mapped 2B checkpoint's 1.08 GiB of column slices, one thread: joined into a 1-4 MiB
+    buffer and written, 0.47-0.67 s; `pwritev` of the rows, 0.84-1.77 s; `copy_file_range` per row,
+    1.9-3.3 s; docs/benchmarks.md)."""
     parts: tuple[np.ndarray, ...]
 
     @property
@@ -92,10 +98,8 @@ class LazyTensor:
     dtype: Any  # a dtype name ("bfloat16") or torch dtype
     load: Callable[[], Any]
     name: str = ""
-    # Where a piece's bytes lie in an open file, (fd, offset), if they do: such a piece is copied file to
-    # file by the kernel (`os.copy_file_range`), never touching its pages in this process.
-    locate: Optional[Callable[[Any], Optional[tuple[int, int]]]] = None
-    after_write: Optional[Callable[[Any], None]] = None  # called with each piece stored from memory
+    # Called with the part of a piece (a view of it) just copied out, so a mapped source's pages can go.
+    after_write: Optional[Callable[[Any], None]] = None
 
     def __post_init__(self):
         name = dtype_name(self.dtype)
@@ -133,79 +137,6 @@ def owned(t):
     return t
 
 
-_BLOCK_BYTES = 2**20  # one block of a SideBySide piece: small enough to stay in cache between join and write
-
-
-def _pwrite_side_by_side(fd: int, p: SideBySide, offset: int) -> int:
-    rows, width = p.shape
-    step = max(1, _BLOCK_BYTES // max(1, width * p.dtype.itemsize))
-    buf = np.empty((min(rows, step), width), p.dtype)
-    done = 0
-    for r in range(0, rows, step):
-        block = buf[:min(step, rows - r)]
-        np.concatenate([q[r:r + len(block)] for q in p.parts], axis=1, out=block)
-        done += _pwrite_all(fd, block, offset + done)
-    return done
-
-
-def _pwrite_all(fd: int, p: Any, offset: int) -> int:
-    if isinstance(p, SideBySide):
-        return _pwrite_side_by_side(fd, p, offset)
-    view = memoryview(byte_view(p))
-    done = 0
-    while done < len(view):  # one pwrite stores at most ~2 GiB on Linux
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done
-
-
-def _nbytes(p: Any) -> int:
-    return p.nbytes if isinstance(p, (np.ndarray, SideBySide)) else p.numel() * p.element_size()
-
-
-_kernel_copy = [hasattr(os, "copy_file_range")]
-
-
-def _copy_range(src_fd: int, src_offset: int, fd: int, offset: int, n: int) -> bool:
-    """Copy n bytes file to file inside the kernel, as `cp` does (on this project's VM 2x faster than
-    storing from a mapping); False, and not tried again, where the kernel or filesystem cannot."""
-    if not _kernel_copy[0]:
-        return False
-    done = 0
-    try:
-        while done < n:
-            k = os.copy_file_range(src_fd, fd, n - done, src_offset + done, offset + done)
-            if k <= 0:
-                raise OSError(f"copy_file_range returned {k}")
-            done += k
-    except OSError:
-        if done:  # the rest goes through memory; what was copied is in place
-            raise
-        _kernel_copy[0] = False
-        return False
-    return True
-
-
-def _produce_all(refs: list[LazyTensor], budget: int, out: collections.deque, cond: threading.Condition,
-                 state: dict) -> None:
-    """Producer thread: each record's pieces in storage-key order, waiting while `budget` bytes are queued."""
-    try:
-        for i, ref in enumerate(refs):
-            need = ref.nbytes
-            with cond:
-                cond.wait_for(lambda: state["stop"] or state["queued"] == 0 or state["queued"] + need <= budget)
-                if state["stop"]:
-                    return
-            pieces = ref.pieces()
-            with cond:
-                out.append((i, pieces))
-                state["queued"] += need
-                cond.notify_all()
-    except BaseException as e:  # handed to the writer, which raises it
-        with cond:
-            out.append(e)
-            cond.notify_all()
-
-
 @contextmanager
 def no_crc32() -> Iterator[None]:
     """For `torch.save` itself (training saves): its zip CRC32 costs ~3x the write (measured: 0.38 GiB bf16
@@ -228,111 +159,229 @@ def _tensor_leaf(x: Any) -> Optional[tuple[tuple[int, ...], str]]:
     return None
 
 
-def _load_sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
+# ---------------------------------------------------------------------------------------------- pieces
+
+def _normalise(p: Any) -> Union[np.ndarray, SideBySide]:
+    """A piece as what the chunk filler copies from: its bytes as a flat uint8 view, or columns side by
+    side (a strided 2-D array is one column part, so it is never made contiguous whole)."""
+    if isinstance(p, SideBySide):
+        return p
+    if isinstance(p, np.ndarray) and not p.flags.c_contiguous and p.ndim == 2:
+        return SideBySide((p,))
+    return byte_view(p)
+
+
+def _copy_out(p: Union[np.ndarray, SideBySide], lo: int, out: np.ndarray, scratch: list,
+              after_write: Optional[Callable[[Any], None]]) -> None:
+    """Bytes [lo, lo + len(out)) of piece `p` into `out` (uint8)."""
+    hi = lo + len(out)
+    if isinstance(p, np.ndarray):
+        out[:] = p[lo:hi]
+        if after_write is not None:
+            after_write(p[lo:hi])
+        return
+    rows, width = p.shape
+    row_bytes = width * p.dtype.itemsize
+    if row_bytes == 0:
+        return
+    r0, r1 = lo // row_bytes, -(-hi // row_bytes)
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    for r in range(r0, r1, step):
+        k = min(step, r1 - r)
+        a, b = max(lo, r * row_bytes), min(hi, (r + k) * row_bytes)
+        if a == r * row_bytes and b == (r + k) * row_bytes:  # whole rows: joined in place
+            block = out[a - lo:b - lo].view(p.dtype).reshape(k, width)
+            np.concatenate([q[r:r + k] for q in p.parts], axis=1, out=block)
+            continue
+        if not scratch or scratch[0].nbytes < k * row_bytes:
+            scratch[:] = [np.empty(max(k * row_bytes, _BLOCK_BYTES), np.uint8)]
+        block = scratch[0][:k * row_bytes].view(p.dtype).reshape(k, width)
+        np.concatenate([q[r:r + k] for q in p.parts], axis=1, out=block)
+        out[a - lo:b - lo] = block.reshape(-1).view(np.uint8)[a - r * row_bytes:b - r * row_bytes]
+    if after_write is not None:
+        for q in p.parts:
+            after_write(q[r0:r1])
+
+
+# ---------------------------------------------------------------------------------------------- the file
+
+@dataclass(frozen=True)
+class _Segment:
+    start: int
+    end: int
+    data: Optional[bytes]  # header bytes, or None for record `record`
+    record: int = -1
+
+
+class _Records:
+    """Each record's pieces, produced when the first chunk needing them is filled and dropped when the last
+    one is written (`chunks_left` counts down); threads filling other chunks wait for, never repeat, a load."""
+
+    def __init__(self, refs: list[LazyTensor], chunks_left: list[int]):
+        self.refs = refs
+        self.left = chunks_left
+        self.lock = threading.Lock()
+        self.loads: dict[int, threading.Lock] = {}
+        self.pieces: dict[int, list[tuple[int, Union[np.ndarray, SideBySide]]]] = {}
+
+    def get(self, i: int) -> list[tuple[int, Union[np.ndarray, SideBySide]]]:
+        """Record i's pieces, each with its byte offset in the record."""
+        with self.lock:
+            load = self.loads.setdefault(i, threading.Lock())
+        with load:
+            got = self.pieces.get(i)
+            if got is None:
+                got, at = [], 0
+                for p in self.refs[i].pieces():
+                    q = _normalise(p)
+                    got.append((at, q))
+                    at += q.nbytes
+                self.pieces[i] = got
+        return got
+
+    def done(self, i: int) -> None:
+        with self.lock:
+            self.left[i] -= 1
+            if self.left[i] == 0:
+                self.pieces.pop(i, None)
+                self.loads.pop(i, None)
+
+
+def _fill(segments: list[_Segment], records: _Records, lo: int, out: np.ndarray, scratch: list) -> None:
+    """Bytes [lo, lo + len(out)) of the file into `out`, from the segments that overlap them."""
+    hi = lo + len(out)
+    for seg in segments:
+        a, b = max(seg.start, lo), min(seg.end, hi)
+        if seg.data is not None:
+            out[a - lo:b - lo] = np.frombuffer(seg.data, np.uint8, b - a, a - seg.start)
+            continue
+        ref = records.refs[seg.record]
+        for at, p in records.get(seg.record):
+            pa, pb = max(a, seg.start + at), min(b, seg.start + at + p.nbytes)
+            if pa < pb:
+                _copy_out(p, pa - seg.start - at, out[pa - lo:pb - lo], scratch, ref.after_write)
+
+
+def _aligned_buffer(n: int) -> tuple[mmap.mmap, np.ndarray]:
+    m = mmap.mmap(-1, n)  # anonymous mappings are page aligned, as O_DIRECT needs
+    return m, np.frombuffer(m, np.uint8)
+
+
+def _try_direct(fd: int) -> bool:
+    """Switch O_DIRECT on for `fd` where the OS and filesystem take it (Linux: not tmpfs before 6.6)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    import fcntl
+
     try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return f
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_BYTES = 64 * 2**20
+def _direct_off(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
-def _start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to disk without waiting (`sync_file_range`): the disk works
-    while later records are copied, instead of all at the end (the 2B shape's final sync took ~1 s), and
-    dirty memory stays low. Linux only; elsewhere the kernel's own writeback does it later."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
-def _store(fd: int, ref: LazyTensor, offset: int, pieces: list[Any]) -> None:
-    for p in pieces:
-        n = _nbytes(p)
-        whole = not isinstance(p, SideBySide)
-        loc = ref.locate(p) if ref.locate is not None and n and whole else None
-        if loc is None or not _copy_range(loc[0], loc[1], fd, offset, n):
-            _pwrite_all(fd, p, offset)
-            if ref.after_write is not None:
-                for q in ((p,) if whole else p.parts):
-                    ref.after_write(q)
-        offset += n
-
-
-def save_streaming(path: Union[str, Path], obj: Any, budget_bytes: int = DEFAULT_BUDGET, writers: int = 1) -> int:
-    """`torch.save(materialised obj, path)` without holding more than about `budget_bytes` of tensors: the
-    file is laid out with each storage record reserved, then a second thread produces the tensors in order
-    while `writers` threads (this one among them) store them into their records, in whatever order they
-    finish: records are independent byte ranges. Returns the file size."""
+def save_streaming(path: Union[str, Path], obj: Any, writers: int = 1, direct: bool = True) -> int:
+    """`torch.save(materialised obj, path)`, each tensor produced only while the chunks holding it are filled:
+    `writers` threads (this one among them) fill and write `CHUNK_BYTES` chunks front to back, so about
+    `writers` chunks and the tensors they straddle are in memory. `direct`: write with O_DIRECT where the
+    filesystem takes it, falling back to ordinary writes where it does not. Returns the file size."""
     path = Path(path)
     data, refs = dumps(obj, _tensor_leaf)
     records: list[tuple[str, Union[bytes, int]]] = [
         ("data.pkl", data), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
         ("byteorder", sys.byteorder.encode())]
     records += [(f"data/{i}", ref.nbytes) for i, ref in enumerate(refs)]
-    spans = write_archive(path, records)
-    offsets = [spans[f"data/{i}"][0] for i in range(len(refs))]
+    layout = archive_layout(path, records)
+    segments = [_Segment(o, o + len(b), b) for o, b in layout.parts]
+    for i in range(len(refs)):
+        start, size = layout.spans[f"data/{i}"]
+        segments.append(_Segment(start, start + size, None, i))
+    segments.sort(key=lambda s: (s.start, s.end))
+    n_chunks = -(-layout.size // CHUNK_BYTES)
+    by_chunk: list[list[_Segment]] = [[] for _ in range(n_chunks)]
+    chunks_left = [0] * len(refs)
+    for seg in segments:  # an empty record belongs to the chunk it starts in, which produces (and checks) it
+        for c in range(seg.start // CHUNK_BYTES, max(seg.start, seg.end - 1) // CHUNK_BYTES + 1):
+            by_chunk[c].append(seg)
+            if seg.data is None:
+                chunks_left[seg.record] += 1
+    assert all(a.end == b.start for a, b in zip(segments, segments[1:])) and segments[-1].end == layout.size
+    recs = _Records(refs, chunks_left)
 
-    out: collections.deque = collections.deque()
-    cond = threading.Condition()
-    state = {"queued": 0, "stop": False, "left": len(refs), "unflushed": 0}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    state = {"next": 0, "direct": direct and _try_direct(fd)}
+    lock = threading.Lock()
     errors: list[BaseException] = []
-    producer = threading.Thread(target=_produce_all, args=(refs, budget_bytes, out, cond, state),
-                                name="save_streaming", daemon=True)
-    fd = os.open(path, os.O_WRONLY)
 
-    def store_all() -> None:
+    def write_chunks() -> None:
+        buf_map, buf = _aligned_buffer(CHUNK_BYTES)
+        scratch: list = []
         try:
             while True:
-                with cond:
-                    cond.wait_for(lambda: bool(out) or state["stop"] or state["left"] == 0)
-                    if state["stop"] or not out:
+                with lock:
+                    c = state["next"]
+                    state["next"] += 1
+                    if errors or c >= n_chunks:
                         return
-                    item = out.popleft()
-                if isinstance(item, BaseException):
-                    raise item
-                i, pieces = item
-                _store(fd, refs[i], offsets[i], pieces)
-                del pieces, item
-                with cond:
-                    state["queued"] -= refs[i].nbytes
-                    state["left"] -= 1
-                    state["unflushed"] += refs[i].nbytes
-                    flush = state["unflushed"] >= WRITEBACK_BYTES
-                    if flush:
-                        state["unflushed"] = 0
-                    cond.notify_all()
-                if flush:
-                    _start_writeback(fd)
+                lo = c * CHUNK_BYTES
+                n = min(CHUNK_BYTES, layout.size - lo)
+                _fill(by_chunk[c], recs, lo, buf[:n], scratch)
+                _write_chunk(fd, buf, n, lo, state)
+                for seg in by_chunk[c]:
+                    if seg.data is None:
+                        recs.done(seg.record)
         except BaseException as e:
-            with cond:
+            with lock:
                 errors.append(e)
-                state["stop"] = True
-                cond.notify_all()
+        finally:
+            del buf
+            try:
+                buf_map.close()
+            except BufferError:  # a view outlived the chunk (an error mid-write); the mapping goes with it
+                pass
 
-    helpers = [threading.Thread(target=store_all, name="save_streaming_writer", daemon=True)
+    helpers = [threading.Thread(target=write_chunks, name="save_streaming", daemon=True)
                for _ in range(max(1, writers) - 1)]
     try:
-        producer.start()
         for t in helpers:
             t.start()
-        store_all()
+        write_chunks()
         for t in helpers:
             t.join()
         if not errors:
-            _start_writeback(fd)
+            os.ftruncate(fd, layout.size)  # the last chunk's direct write was rounded up to whole blocks
     finally:
         os.close(fd)
-        with cond:
-            state["stop"] = True
-            cond.notify_all()
-        producer.join()
     if errors:
         raise errors[0]
-    return path.stat().st_size
+    return layout.size
+
+
+def _write_chunk(fd: int, buf: np.ndarray, n: int, offset: int, state: dict) -> None:
+    """buf[:n] to the file at `offset`; a direct write is rounded up to whole blocks (zeros, cut off by the
+    final ftruncate). A filesystem that accepted O_DIRECT but refuses the write gets ordinary writes."""
+    if state["direct"]:
+        padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+        buf[n:padded] = 0
+        try:
+            _pwrite_all(fd, buf[:padded], offset)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            _direct_off(fd)  # first, so that a thread seeing the flag down writes to an ordinary descriptor
+            state["direct"] = False
+    _pwrite_all(fd, buf[:n], offset)
+
+
+def _pwrite_all(fd: int, view: np.ndarray, offset: int) -> None:
+    mv = memoryview(view)
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)

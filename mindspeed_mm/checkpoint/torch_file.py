@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["ALIGNMENT", "NUMPY_DTYPES", "STORAGE_TYPES", "StoredTensor", "UnsupportedPickle", "dumps", "load", "record_spans",
-           "write_archive"]
+__all__ = ["ALIGNMENT", "NUMPY_DTYPES", "STORAGE_TYPES", "ArchiveLayout", "StoredTensor", "UnsupportedPickle",
+           "archive_layout", "dumps", "load", "record_spans", "write_archive"]
 
 STORAGE_TYPES = {"float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
                  "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
@@ -163,12 +163,22 @@ def _central_entry(name: bytes, size: int, offset: int) -> bytes:
                        len(extra), 0, 0, 0, 0, min(offset, _U32)) + name + extra
 
 
-def write_archive(path, records: list[tuple[str, bytes | int]]) -> dict[str, tuple[int, int]]:
-    """Write the zip torch's PyTorchStreamWriter writes (CRC32 off) for `records` in order, then the records
-    its `writeEndOfFile` adds ("version", "byteorder" where missing, ".data/serialization_id"). A record
-    given as an int is reserved, not written: a hole for the caller to fill with os.pwrite. Returns
-    name -> (offset of its bytes, size). The serialization id is derived from the records (torch's is a
-    random-like hash), so files equal torch's but for those 40 digits."""
+@dataclass(frozen=True)
+class ArchiveLayout:
+    """Where everything of a torch.save zip lies: `spans[name]` = (offset of the record's bytes, size), and
+    `parts`, the bytes around the records (headers, descriptors, the given records' own bytes, the central
+    directory), as (offset, bytes) in file order. Parts and reserved records tile [0, size) with no gap."""
+    parts: list[tuple[int, bytes]]
+    spans: dict[str, tuple[int, int]]
+    reserved: list[str]  # names of the records given as a size, in file order
+    size: int
+
+
+def archive_layout(path, records: list[tuple[str, bytes | int]]) -> ArchiveLayout:
+    """The zip torch's PyTorchStreamWriter writes (CRC32 off) for `records` in order, then the records its
+    `writeEndOfFile` adds ("version", "byteorder" where missing, ".data/serialization_id"). A record given as
+    an int is reserved: its bytes are the caller's to store. The serialization id is derived from the records
+    (torch's is a random-like hash), so files equal torch's but for those 40 digits."""
     path = os.fspath(path)
     records = list(records)
     names = [n for n, _ in records]
@@ -186,31 +196,43 @@ def write_archive(path, records: list[tuple[str, bytes | int]]) -> dict[str, tup
     records.append((".data/serialization_id", b"%040d" % (int(digest.hexdigest(), 16) % 10 ** 40)))
 
     prefix = _archive_name(path) + "/"
-    spans, central, cursor = {}, [], 0
+    parts: list[tuple[int, bytes]] = []
+    spans, reserved, central, cursor = {}, [], [], 0
+    pending = b""  # bytes not yet placed, starting at `cursor - len(pending)`
+    for name, data in records:
+        full = (prefix + name).encode()
+        size = data if isinstance(data, int) else len(data)
+        head, zip64 = _local_header(full, size, cursor)
+        spans[name] = (cursor + len(head), size)
+        descriptor = struct.pack("<4sIQQ" if zip64 else "<4sIII", b"PK\x07\x08", 0, size, size) if size else b""
+        central.append(_central_entry(full, size, cursor))
+        if isinstance(data, int):
+            parts.append((cursor - len(pending), pending + head))
+            reserved.append(name)
+            pending = descriptor
+        else:
+            pending += head + data + descriptor
+        cursor += len(head) + size + len(descriptor)
+    cd = b"".join(central)
+    n = len(central)
+    tail = (cd + struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 0x2D, 0, 0, n, n, len(cd), cursor)
+            + struct.pack("<4sIQI", b"PK\x06\x07", 0, cursor + len(cd), 1)
+            + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
+                          min(len(cd), _U32), min(cursor, _U32), 0))
+    parts.append((cursor - len(pending), pending + tail))
+    return ArchiveLayout([(o, b) for o, b in parts if b], spans, reserved, cursor + len(tail))
+
+
+def write_archive(path, records: list[tuple[str, bytes | int]]) -> dict[str, tuple[int, int]]:
+    """`archive_layout` written to `path`, reserved records left as holes for the caller to fill with
+    os.pwrite. Returns name -> (offset of its bytes, size)."""
+    layout = archive_layout(path, records)
     with open(path, "wb") as f:
-        for name, data in records:
-            full = (prefix + name).encode()
-            size = data if isinstance(data, int) else len(data)
-            head, zip64 = _local_header(full, size, cursor)
-            f.write(head)
-            spans[name] = (cursor + len(head), size)
-            if isinstance(data, int):
-                f.seek(size, os.SEEK_CUR)
-            else:
-                f.write(data)
-            descriptor = struct.pack("<4sIQQ" if zip64 else "<4sIII", b"PK\x07\x08", 0, size, size) if size else b""
-            f.write(descriptor)
-            central.append(_central_entry(full, size, cursor))
-            cursor += len(head) + size + len(descriptor)
-        cd = b"".join(central)
-        n = len(central)
-        eocd64 = cursor + len(cd)
-        f.write(cd)
-        f.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 0x2D, 0, 0, n, n, len(cd), cursor))
-        f.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64, 1))
-        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                            min(len(cd), _U32), min(cursor, _U32), 0))
-    return spans
+        for offset, data in layout.parts:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(layout.size)
+    return layout.spans
 
 # ---------------------------------------------------------------------------------------------- read
 
