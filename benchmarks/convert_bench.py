@@ -173,22 +173,25 @@ def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], 
     switching every round; prints each round and the medians."""
     copies, directs, steps, rss, floors = [], [], [], [], []
 
+    direct_dst = copy_dst.with_name(copy_dst.name + "_direct")
+
     def copy() -> tuple[float, float]:
         shutil.rmtree(copy_dst, ignore_errors=True)
         c = timed_copy(src, copy_dst)
-        shutil.rmtree(copy_dst)
-        return c, timed_direct_copy(src, copy_dst)
+        shutil.rmtree(direct_dst, ignore_errors=True)
+        return c, timed_direct_copy(src, direct_dst)
 
     def step() -> tuple[float, int]:
         shutil.rmtree(out, ignore_errors=True)
         return run_step(args)
 
     for i in range(reps + 1):
-        # Each side deletes its own previous output just before it runs, so each writes into the page-cache
-        # memory that output freed: on this VM, memory freed a while ago has been handed back to the host
-        # (free page reporting), and taking it again, or reclaiming page cache when little is free, made the
-        # same step 2-5x slower (measured: 2.45 s vs 4.3-5.3 s of conversion proper). The warm-up round
-        # gives both sides such an output; alternating the order keeps either from always running second.
+        # Each side (each copy apart) deletes its own previous output just before it runs, so the plain copy
+        # writes into the page-cache memory its last output freed (the direct copy and mm-convert use none):
+        # on this VM, memory freed a while ago has been handed back to the host (free page reporting), and
+        # taking it again made the same buffered writes 2-20x slower (2 GiB with dd: 34 s into such memory,
+        # 1.8 s into memory just freed). The warm-up round gives the copy such an output; alternating the
+        # order keeps either side from always running second.
         if i % 2:
             dt, peak = step()
             c, d = copy()
@@ -208,6 +211,7 @@ def alternate(reps: int, src: Path, copy_dst: Path, out: Path, args: list[str], 
               f"{dt:.2f}s ({dt / c:.2f}x the copy, {dt / d:.2f}x the direct copy), peak RSS {peak / 2**30:.2f} GiB",
               flush=True)
     shutil.rmtree(copy_dst, ignore_errors=True)
+    shutil.rmtree(direct_dst, ignore_errors=True)
     big = biggest(out)
     print(f"{label}: median {median(steps):.2f}s = {median(steps) / median(copies):.2f}x the median copy "
           f"({median(copies):.2f}s of {dir_bytes(src) / 2**30:.2f} GiB), {median(steps) / min(copies):.2f}x the "
