@@ -72,6 +72,8 @@ def _h(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+_DIRECT_IO_HELP = ("Write rank files with O_DIRECT (past the page cache) where the filesystem takes it; False: "
+                   "ordinary buffered writes.")
 _WORKERS_HELP = ("Rank files written at once (0: one per CPU core, at most 8), each by two or more threads "
                  "holding an 8 MiB chunk apiece.")
 
@@ -110,6 +112,7 @@ class HFToMMConfig:
                          default=False)
     progress: bool = _h("Show a progress bar.", default=True)
     workers: int = _h(_WORKERS_HELP, default=0)
+    direct_io: bool = _h(_DIRECT_IO_HELP, default=True)
 
 
 @dataclass
@@ -139,6 +142,7 @@ class ResplitConfig:
     overwrite: bool = _h("Replace a non-empty output directory.", default=False)
     progress: bool = _h("Show a progress bar.", default=True)
     workers: int = _h(_WORKERS_HELP, default=0)
+    direct_io: bool = _h(_DIRECT_IO_HELP, default=True)
 
 
 @dataclass
@@ -533,7 +537,7 @@ class MMSource:
 
 def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
               get_slice: Callable[[str, Slice], list[Array]],
-              dtype_of: Callable[[str], str], progress: bool, desc: str, workers: int,
+              dtype_of: Callable[[str], str], progress: bool, desc: str, workers: int, direct_io: bool,
               after_write: Optional[Callable[[Array], None]] = None) -> tuple[int, int]:
     """Write every rank file of `plan` into `tmp/release`, `workers` files at a time; returns (files, bytes).
     `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
@@ -563,7 +567,7 @@ def _write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
                                        partial(get_slice, r.mm, sl), f"{r.mm} (tp_rank {tp_rank})",
                                        after_write)
             chunks.append(sd)
-        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, writers)
+        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, writers, direct_io)
 
     n_bytes = 0
     bar = _progress(None, len(jobs), desc, progress)
@@ -659,7 +663,8 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, cfg.progress, "hf_to_mm",
-                                   _workers(cfg.workers), after_write=src.mapped.drop_pages)
+                                   _workers(cfg.workers), cfg.direct_io,
+                                   after_write=src.mapped.drop_pages)
         src.release()
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
@@ -788,7 +793,8 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     _log(f"{mm_dir}: MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}")
     with atomic_output_dir(cfg.save_mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan_b, src.pieces, src.dtype, cfg.progress, "resplit",
-                                   _workers(cfg.workers), after_write=src.mapped.drop_pages)
+                                   _workers(cfg.workers), cfg.direct_io,
+                                   after_write=src.mapped.drop_pages)
         src.release()
         if src.unused:
             path, v, k = sorted(src.unused)[0]

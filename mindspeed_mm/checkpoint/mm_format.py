@@ -146,13 +146,14 @@ def iteration_dir(mm_dir: Path) -> Path:
     return out
 
 
-def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], writers: int = 1) -> int:
+def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], writers: int = 1,
+                   direct_io: bool = True) -> int:
     """Write one rank's chunks, each tensor produced while earlier ones are written; returns the file size.
     The file is what `save_rank_object` would write for the same tensors, byte for byte but for the 40-digit
     serialization id (`streaming_save`), and is written without torch."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_streaming(path, {**{chunk_key(v, len(chunks)): sd for v, sd in enumerate(chunks)},
-                                 "checkpoint_version": CHECKPOINT_VERSION}, writers)
+                                 "checkpoint_version": CHECKPOINT_VERSION}, writers, direct_io)
 
 
 def save_rank_object(path: Path, obj: dict[str, Any]) -> int:

@@ -15,13 +15,15 @@ the bytes to exist before the pickle is written. `save_streaming`:
    viewing a mapped source file: they are copied straight into the chunk, never joined whole.
 
 Chunks are written with O_DIRECT where the filesystem takes it: from the aligned buffer straight to the
-disk, bypassing the page cache. A converter writes each byte once and nobody reads it back soon, so caching
-it only costs: page allocation (on this project's VM, buffered writes of the same chunks took 6.8-13 s
-against 2.6-2.8 s direct and 2.8-6.9 s for `cp`), dirty memory the kernel must throttle, and the source's
-cached pages evicted. None of this imports torch, so a conversion process never pays its import (1.3 s,
-more than a copy of a 2B checkpoint). The file equals `torch.save` of the materialised object byte for byte
-except the 40-digit serialization id (torch derives it from an unordered hash set; tests check the rest).
-Pieces are numpy arrays (bfloat16 travels as uint16 of the same bytes) or torch tensors.
+disk, bypassing the page cache. A converter writes each byte once, usually for other machines to read, so
+caching it only costs: page allocation (on this project's VM, buffered writes of the same chunks took
+7.7-13.9 s against 2.6-4.1 s direct and 2.8-6.9 s for `cp`; docs/benchmarks.md), dirty memory the kernel
+must throttle, and the source's cached pages evicted.
+
+None of this imports torch, so a conversion process never pays its import (1.3 s, more than a copy of a 2B
+checkpoint). The file equals `torch.save` of the materialised object byte for byte except the 40-digit
+serialization id (torch derives it from an unordered hash set; tests check the rest). Pieces are numpy
+arrays (bfloat16 travels as uint16 of the same bytes) or torch tensors.
 """
 from __future__ import annotations
 

@@ -414,3 +414,26 @@ def test_resplit_hands_back_source_pages_and_bypasses_the_cache(ckpts, tmp_path,
     except OSError:
         takes_direct = False
     assert direct and set(direct) == {takes_direct}
+
+
+def test_direct_io_can_be_switched_off(ckpts, tmp_path, monkeypatch):
+    """`--cfg.direct_io false` writes through the page cache, the same bytes."""
+    import fcntl
+    import os
+
+    from mindspeed_mm.checkpoint import streaming_save
+
+    direct = []
+    real_write = streaming_save._write_chunk
+    monkeypatch.setattr(streaming_save, "_write_chunk", lambda fd, *a: direct.append(
+        bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)) or real_write(fd, *a))
+    pc = _pc(2, vit=[[2, 0]], llm=[[1, 1]])
+    _to_mm(ckpts["tp4_native"], tmp_path / "a", pc)
+    direct.clear()
+    assert main(["InternVLConverter", "hf_to_mm", "--cfg.mm_dir", str(tmp_path / "b"), "--cfg.hf_config.hf_dir",
+                 str(ckpts["tp4_native"]), "--cfg.parallel_config.llm_pp_layers", "[[1,1]]",
+                 "--cfg.parallel_config.vit_pp_layers", "[[2,0]]", "--cfg.parallel_config.tp_size", "2",
+                 "--cfg.direct_io", "false", "--cfg.progress", "false"]) == 0
+    assert direct and not any(direct)
+    for f in sorted((tmp_path / "a").rglob("*.pt")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes(), f
