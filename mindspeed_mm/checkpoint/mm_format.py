@@ -148,7 +148,8 @@ def iteration_dir(mm_dir: Path) -> Path:
 
 def save_rank_file(path: Path, chunks: list[dict[str, LazyTensor]], writers: int = 1,
                    direct_io: bool = True) -> int:
-    """Write one rank's chunks, each tensor produced while earlier ones are written; returns the file size.
+    """Write one rank's chunks, each tensor produced only while the chunks of the file holding it are written
+    (`writers` threads, O_DIRECT where the filesystem takes it unless `direct_io` is False); returns the size.
     The file is what `save_rank_object` would write for the same tensors, byte for byte but for the 40-digit
     serialization id (`streaming_save`), and is written without torch."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,7 @@ def _copy_out(p: Union[np.ndarray, SideBySide], lo: int, out: np.ndarray, scratc
         if after_write is not None:
             after_write(p[lo:hi])
         return
-    rows, width = p.shape
+    width = p.shape[1]
     row_bytes = width * p.dtype.itemsize
     if row_bytes == 0:
         return
@@ -223,14 +223,12 @@ class _Records:
         self.refs = refs
         self.left = chunks_left
         self.lock = threading.Lock()
-        self.loads: dict[int, threading.Lock] = {}
+        self.loads = [threading.Lock() for _ in refs]
         self.pieces: dict[int, list[tuple[int, Union[np.ndarray, SideBySide]]]] = {}
 
     def get(self, i: int) -> list[tuple[int, Union[np.ndarray, SideBySide]]]:
         """Record i's pieces, each with its byte offset in the record."""
-        with self.lock:
-            load = self.loads.setdefault(i, threading.Lock())
-        with load:
+        with self.loads[i]:
             got = self.pieces.get(i)
             if got is None:
                 got, at = [], 0
@@ -246,7 +244,6 @@ class _Records:
             self.left[i] -= 1
             if self.left[i] == 0:
                 self.pieces.pop(i, None)
-                self.loads.pop(i, None)
 
 
 def _fill(segments: list[_Segment], records: _Records, lo: int, out: np.ndarray, scratch: list) -> None:
@@ -269,23 +266,18 @@ def _aligned_buffer(n: int) -> tuple[mmap.mmap, np.ndarray]:
     return m, np.frombuffer(m, np.uint8)
 
 
-def _try_direct(fd: int) -> bool:
-    """Switch O_DIRECT on for `fd` where the OS and filesystem take it (Linux: not tmpfs before 6.6)."""
+def _set_direct(fd: int, on: bool) -> bool:
+    """Switch O_DIRECT on or off for `fd`; False where the OS or filesystem refuses (Linux: tmpfs before 6.6)."""
     if not hasattr(os, "O_DIRECT"):
         return False
     import fcntl
 
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
     except OSError:
         return False
     return True
-
-
-def _direct_off(fd: int) -> None:
-    import fcntl
-
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
 def save_streaming(path: Union[str, Path], obj: Any, writers: int = 1, direct: bool = True) -> int:
@@ -317,7 +309,7 @@ def save_streaming(path: Union[str, Path], obj: Any, writers: int = 1, direct: b
     recs = _Records(refs, chunks_left)
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    state = {"next": 0, "direct": direct and _try_direct(fd)}
+    state = {"next": 0, "direct": direct and _set_direct(fd, True)}
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -377,7 +369,7 @@ def _write_chunk(fd: int, buf: np.ndarray, n: int, offset: int, state: dict) -> 
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            _direct_off(fd)  # first, so that a thread seeing the flag down writes to an ordinary descriptor
+            _set_direct(fd, False)  # first, so that a thread seeing the flag down writes to an ordinary fd
             state["direct"] = False
     _pwrite_all(fd, buf[:n], offset)
 

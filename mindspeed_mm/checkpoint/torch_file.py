@@ -170,7 +170,6 @@ class ArchiveLayout:
     directory), as (offset, bytes) in file order. Parts and reserved records tile [0, size) with no gap."""
     parts: list[tuple[int, bytes]]
     spans: dict[str, tuple[int, int]]
-    reserved: list[str]  # names of the records given as a size, in file order
     size: int
 
 
@@ -197,7 +196,7 @@ def archive_layout(path, records: list[tuple[str, bytes | int]]) -> ArchiveLayou
 
     prefix = _archive_name(path) + "/"
     parts: list[tuple[int, bytes]] = []
-    spans, reserved, central, cursor = {}, [], [], 0
+    spans, central, cursor = {}, [], 0
     pending = b""  # bytes not yet placed, starting at `cursor - len(pending)`
     for name, data in records:
         full = (prefix + name).encode()
@@ -208,7 +207,6 @@ def archive_layout(path, records: list[tuple[str, bytes | int]]) -> ArchiveLayou
         central.append(_central_entry(full, size, cursor))
         if isinstance(data, int):
             parts.append((cursor - len(pending), pending + head))
-            reserved.append(name)
             pending = descriptor
         else:
             pending += head + data + descriptor
@@ -220,7 +218,7 @@ def archive_layout(path, records: list[tuple[str, bytes | int]]) -> ArchiveLayou
             + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
                           min(len(cd), _U32), min(cursor, _U32), 0))
     parts.append((cursor - len(pending), pending + tail))
-    return ArchiveLayout([(o, b) for o, b in parts if b], spans, reserved, cursor + len(tail))
+    return ArchiveLayout([(o, b) for o, b in parts if b], spans, cursor + len(tail))
 
 
 def write_archive(path, records: list[tuple[str, bytes | int]]) -> dict[str, tuple[int, int]]:

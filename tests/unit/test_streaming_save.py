@@ -99,7 +99,6 @@ def test_direct_io_where_the_filesystem_takes_it(tmp_path, monkeypatch):
             raise OSError(errno.EINVAL, "Invalid argument")
         return pwrite(fd, data, offset)
 
-    monkeypatch.setattr(ss, "_try_direct", lambda fd: fcntl.fcntl(fd, fcntl.F_SETFL, os.O_DIRECT) == 0)
     monkeypatch.setattr(ss.os, "pwrite", picky)
     modes.clear()
     if not _takes_direct_io(tmp_path):
