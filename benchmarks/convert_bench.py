@@ -42,9 +42,9 @@ def synthesize(hf_dir: Path, shape: str = "2b") -> int:
     import torch
     from safetensors.torch import save_file
 
-    from mindspeed_mm.checkpoint.convert import mm_param_shapes
-    from mindspeed_mm.config.model_spec import spec_from_hf_config
-    from mindspeed_mm.models.internvl.hf_mapping import mapping_rules
+    from mindspeed_mm.models.internvl.params import param_shapes as mm_param_shapes
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
+    from mindspeed_mm.models.internvl.hf.mapping import mapping_rules
     from mindspeed_mm.testing.tiny_checkpoint import tiny_native_config
 
     cfg = tiny_native_config("vit300m")

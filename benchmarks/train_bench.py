@@ -34,15 +34,16 @@ def bench_step(preset: str, steps: int, tiles: int, text: int) -> dict:
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint
+    from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
     from mindspeed_mm.config.parallel import ParallelSizes
     from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
-    from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
+    from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
     from mindspeed_mm.parallel.layout import plan_layout
     from mindspeed_mm.testing.batches import sample_ids
     from mindspeed_mm.testing.layout_check import trainable_spec
     from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
-    from mindspeed_mm.training.pipeline import build_model_chunks, load_full_weights, train_step, wrap_ddp
+    from mindspeed_mm.runtime.chunks import build_model_chunks, load_full_weights
+    from mindspeed_mm.training.pipeline import train_step, wrap_ddp
 
     tmp = Path(tempfile.mkdtemp(prefix="train_bench-"))
     hf_dir = write_tiny_checkpoint(tmp / "hf", fmt="native", preset=preset, seed=0)

@@ -6,8 +6,12 @@ only with `--debug` or `MM_DEBUG=1`). Anything else that escapes is a bug and ke
 """
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "CheckpointFormatError"]
 
 
 class UserError(ValueError):
     """Bad input a person can fix; the message names the field or file."""
+
+
+class CheckpointFormatError(UserError):
+    """A checkpoint file is missing, truncated or malformed (the message names the file)."""

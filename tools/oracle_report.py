@@ -16,8 +16,9 @@ CASES = {"one_tile": [[1]], "several_tiles": [[3]], "two_images": [[2, 1]],
 def report(preset: str, root: str) -> str:
     import torch
 
-    from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint, normalize_native_key
-    from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
+    from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+    from mindspeed_mm.models.internvl.hf.keys import normalize_native_key
+    from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
     from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict, mean_loss
     from mindspeed_mm.testing.batches import make_batch
     from mindspeed_mm.testing.layout_check import trainable_spec

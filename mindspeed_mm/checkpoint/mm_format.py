@@ -20,19 +20,15 @@ import mmap
 import sys
 
 import json
-import os
-import shutil
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from mindspeed_mm.checkpoint import torch_file
-from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
+from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.checkpoint.streaming_save import LazyTensor, dtype_name, no_crc32, save_streaming
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
@@ -45,7 +41,6 @@ __all__ = [
     "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
     "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
     "save_rank_object", "load_rank_object", "checkpoint_meta", "RankFile", "read_rank_file", "drop_resident_pages",
-    "replace_dir", "atomic_output_dir", "check_output_dir",
 ]
 
 META_FILE = "mm_convert_meta.json"
@@ -279,44 +274,3 @@ def _load_libc():
 _libc = _load_libc()
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Atomic directories
-# ------------------------------------------------------------------------------------------------------------
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True, --cfg.overwrite True on the command line, to replace it)")
-
-
-def replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished `tmp` to `out_dir`; an empty `out_dir` is replaced, a non-empty one only if `overwrite`."""
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        elif overwrite:
-            trash = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-            return
-        else:
-            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True, --cfg.overwrite True on the command line, to replace it)")
-    os.replace(tmp, out_dir)
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out_dir`; on success it is renamed to `out_dir`, on any error
-    (or interruption) it is removed, so no half-written checkpoint is ever left at `out_dir`."""
-    out_dir = Path(out_dir).absolute()
-    check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        yield tmp
-        replace_dir(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

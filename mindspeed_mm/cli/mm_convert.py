@@ -7,23 +7,121 @@
     mm-convert InternVLConverter resplit --cfg.mm_dir OUT --cfg.save_mm_dir OUT2 --cfg.parallel_config.tp_size 4
 
 Every subcommand also takes `--config FILE` (YAML/JSON with a `cfg:` section) and `--print_config`. The
-work is done by `mindspeed_mm.checkpoint.convert`; the option help comes from its config dataclasses.
+options are the dataclasses below (their `help` metadata is what `--help` prints); the work is done by
+`mindspeed_mm.checkpoint.convert`.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 from mindspeed_mm.checkpoint import convert
+from mindspeed_mm.checkpoint.convert import ConvertSummary
+from mindspeed_mm.config.parallel import ParallelConfig
+
+# No `if TYPE_CHECKING:` block here: jsonargparse executes those of the module that defines the CLI's
+# dataclasses when it resolves their annotations, which would import torch.
+
+__all__ = ["HFConfig", "ParallelConfig", "HFToMMConfig", "MMToHFConfig", "ResplitConfig", "hf_to_mm", "mm_to_hf",
+           "resplit", "main"]
+
+
+def _h(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+_DIRECT_IO_HELP = ("Write rank files with O_DIRECT (past the page cache) where the filesystem takes it; False: "
+                   "ordinary buffered writes.")
+_WORKERS_HELP = ("Rank files written at once (0: one per CPU core, at most 8), each by two or more threads "
+                 "holding an 8 MiB chunk apiece.")
+_TRUST_HELP = ("Accepted for compatibility and ignored: config.json is read as data and no code shipped with a "
+               "checkpoint is ever executed.")
+
+
+@dataclass
+class HFConfig:
+    hf_dir: Optional[str] = _h(
+        "HF checkpoint directory (config.json + *.safetensors, either InternVL3 format). hf_to_mm: the source. "
+        "mm_to_hf: where config.json, the tokenizer and other non-weight files are taken from (default: the "
+        "source directory recorded in the MM metadata).", default=None)
+
+
+@dataclass
+class HFToMMConfig:
+    mm_dir: str = _h("Output MM checkpoint directory (must not exist or be empty unless overwrite).")
+    hf_config: HFConfig = _h("The HF source.", default_factory=HFConfig)
+    parallel_config: ParallelConfig = _h("The MM layout to write.", default_factory=ParallelConfig)
+    trust_remote_code: bool = _h(_TRUST_HELP, default=False)
+    overwrite: bool = _h("Replace a non-empty output directory (only once the new one is complete).",
+                         default=False)
+    progress: bool = _h("Show a progress bar.", default=True)
+    workers: int = _h(_WORKERS_HELP, default=0)
+    direct_io: bool = _h(_DIRECT_IO_HELP, default=True)
+
+
+@dataclass
+class MMToHFConfig:
+    mm_dir: str = _h("Input MM checkpoint directory (written by mm-convert).")
+    save_hf_dir: str = _h("Output HF checkpoint directory (must not exist or be empty unless overwrite).")
+    hf_format: Optional[str] = _h("'native' (transformers InternVLForConditionalGeneration) or 'original' "
+                                  "(InternVLChatModel). Default: the format the MM checkpoint was made from.",
+                                  default=None)
+    hf_config: HFConfig = _h("Where the config and tokenizer come from.", default_factory=HFConfig)
+    parallel_config: Optional[ParallelConfig] = _h(
+        "The MM checkpoint's layout. Optional: read from its metadata; when given, it is checked against it "
+        "(needed, with hf_config.hf_dir, only for a checkpoint without metadata).", default=None)
+    max_shard_size: Union[int, str] = _h("Largest safetensors file to write, bytes or e.g. '5GB', '500MB'.",
+                                         default="5GB")
+    trust_remote_code: bool = _h(_TRUST_HELP, default=False)
+    overwrite: bool = _h("Replace a non-empty output directory.", default=False)
+    progress: bool = _h("Show a progress bar.", default=True)
+
+
+@dataclass
+class ResplitConfig:
+    mm_dir: str = _h("Input MM checkpoint directory (written by mm-convert).")
+    save_mm_dir: str = _h("Output MM checkpoint directory (must not exist or be empty unless overwrite).")
+    parallel_config: ParallelConfig = _h("The new layout.", default_factory=ParallelConfig)
+    overwrite: bool = _h("Replace a non-empty output directory.", default=False)
+    progress: bool = _h("Show a progress bar.", default=True)
+    workers: int = _h(_WORKERS_HELP, default=0)
+    direct_io: bool = _h(_DIRECT_IO_HELP, default=True)
+
+
+def _note_trust(cfg) -> None:
+    if cfg.trust_remote_code:
+        print("mm-convert: note: trust_remote_code is ignored; config.json is read as data and no checkpoint "
+              "code is run", file=sys.stderr)
+
+
+def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
+    if not cfg.hf_config.hf_dir:
+        raise convert.UserError("hf_config.hf_dir is required")
+    _note_trust(cfg)
+    return convert.hf_to_mm(cfg.hf_config.hf_dir, cfg.mm_dir, cfg.parallel_config, overwrite=cfg.overwrite,
+                            progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io)
+
+
+def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
+    _note_trust(cfg)
+    return convert.mm_to_hf(cfg.mm_dir, cfg.save_hf_dir, cfg.hf_format, cfg.hf_config.hf_dir, cfg.parallel_config,
+                            max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite, progress=cfg.progress)
+
+
+def resplit(cfg: ResplitConfig) -> ConvertSummary:
+    return convert.resplit(cfg.mm_dir, cfg.save_mm_dir, cfg.parallel_config, overwrite=cfg.overwrite,
+                           progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io)
+
 
 CONVERTER = "InternVLConverter"
 COMMANDS = {
-    "hf_to_mm": (convert.HFToMMConfig, convert.hf_to_mm,
+    "hf_to_mm": (HFToMMConfig, hf_to_mm,
                  "Convert an HF InternVL3 checkpoint (native or original format) to MM shards for a TP/PP/VPP layout."),
-    "mm_to_hf": (convert.MMToHFConfig, convert.mm_to_hf,
+    "mm_to_hf": (MMToHFConfig, mm_to_hf,
                  "Convert MM shards back to an HF checkpoint (sharded safetensors, config, tokenizer)."),
-    "resplit": (convert.ResplitConfig, convert.resplit,
+    "resplit": (ResplitConfig, resplit,
                 "Reshard an MM checkpoint to another TP/PP/VPP layout directly (never through HF)."),
 }
 

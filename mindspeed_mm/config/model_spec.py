@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
-from mindspeed_mm.checkpoint.hf_formats import detect_format, find_token_id, original_config_to_native, read_hf_config
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,16 +45,18 @@ __all__ = [
     "TextDecoderSpec",
     "InternVLSpec",
     "load_model_spec",
-    "spec_from_hf_config",
-    "spec_from_hf_dir",
     "to_dict",
     "to_json",
     "dump_model_spec",
     "DEFAULT_IMG_CONTEXT_TOKEN_ID",
+    "IMG_CONTEXT_TOKEN",
+    "IGNORE_INDEX",
     "PARAMS_DTYPES",
 ]
 
-DEFAULT_IMG_CONTEXT_TOKEN_ID = 151667
+DEFAULT_IMG_CONTEXT_TOKEN_ID = 151667  # <IMG_CONTEXT> in the Qwen2.5-based InternVL3 tokenizers
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IGNORE_INDEX = -100  # label of a position that is not a target (the data marks them, the loss skips them)
 PARAMS_DTYPES = ("fp32", "bf16", "fp16")
 
 # Pipeline layout as stored: (n_stage0, n_stage1, ...) or ((vp0 stages...), (vp1 stages...), ...).
@@ -757,146 +757,3 @@ def to_json(spec: InternVLSpec, indent: int = 4) -> str:
 
 def dump_model_spec(spec: InternVLSpec, path: Union[str, Path]) -> None:
     Path(path).write_text(to_json(spec), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------------------------------
-# HF config.json (either format) -> spec
-# --------------------------------------------------------------------------------------------------
-
-_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_HF_NORMS = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
-
-
-def _hf_get(cfg: Mapping[str, Any], path: str, key: str, default: Any = dataclasses.MISSING) -> Any:
-    if key in cfg and cfg[key] is not None:
-        return cfg[key]
-    if default is dataclasses.MISSING:
-        raise ModelSpecError(f"{path}.{key}", "missing in the HF config")
-    return default
-
-
-def _square(path: str, value: Any) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ModelSpecError(path, f"only square sizes are supported, got {value!r}")
-        value = value[0]
-    return value
-
-
-def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str) -> TextDecoderSpec:
-    model_type = llm.get("model_type", "qwen2")
-    if model_type != "qwen2":
-        raise ModelSpecError(f"{path}.model_type", f"{model_type!r} is not supported (only Qwen2/Qwen2.5 LLMs, "
-                             "i.e. InternVL3 1B/2B/8B/14B/38B/78B)")
-    if _hf_get(llm, path, "tie_word_embeddings", False):
-        raise ModelSpecError(f"{path}.tie_word_embeddings", "true is not supported (InternVL3 never ties lm_head)")
-    act = _hf_get(llm, path, "hidden_act", "silu")
-    if act != "silu":
-        raise ModelSpecError(f"{path}.hidden_act", f"{act!r} is not supported; expected 'silu'")
-    # rope: transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters.
-    rope_params = llm.get("rope_parameters") or {}
-    theta = llm.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    scaling = llm.get("rope_scaling")
-    if scaling is None and rope_params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope_params.items() if k in ("rope_type", "type", "factor")}
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-        scaling = None
-    return TextDecoderSpec(
-        num_layers=_hf_get(llm, path, "num_hidden_layers"),
-        hidden_size=_hf_get(llm, path, "hidden_size"),
-        ffn_hidden_size=_hf_get(llm, path, "intermediate_size"),
-        num_attention_heads=_hf_get(llm, path, "num_attention_heads"),
-        num_query_groups=_hf_get(llm, path, "num_key_value_heads", None),
-        kv_channels=_hf_get(llm, path, "head_dim", None),
-        vocab_size=_hf_get(llm, path, "vocab_size"),
-        max_position_embeddings=_hf_get(llm, path, "max_position_embeddings"),
-        rotary_base=theta,
-        rope_scaling=_rope_scaling_from_dict(scaling) if scaling is not None else None,
-        layernorm_epsilon=_hf_get(llm, path, "rms_norm_eps", 1e-6),
-        init_method_std=_hf_get(llm, path, "initializer_range", 0.02),
-        add_qkv_bias=True,  # Qwen2 always has q/k/v biases
-        params_dtype=params_dtype,
-    )
-
-
-def _hf_dtype(config: Mapping[str, Any], *subs: Mapping[str, Any]) -> str:
-    for cfg in (config, *subs):
-        for key in ("torch_dtype", "dtype"):
-            if isinstance(cfg.get(key), str) and cfg[key] in _HF_DTYPES:
-                return _HF_DTYPES[cfg[key]]
-    return "bf16"
-
-
-def spec_from_hf_config(config: Mapping[str, Any], *, img_context_token_id: Optional[int] = None,
-                        params_dtype: Optional[str] = None) -> InternVLSpec:
-    """Build a spec from an HF InternVL3 ``config.json`` dict in either format.
-
-    An original-format config is first normalised to the native schema (``hf_formats``), so one parser
-    reads both. The original format usually does not record the ``<IMG_CONTEXT>`` id (it lives in the
-    tokenizer): pass ``img_context_token_id``, or use :func:`spec_from_hf_dir`. ``params_dtype`` defaults to
-    the config's ``torch_dtype``/``dtype`` (else bf16). Training-only settings (pipeline layout, recompute,
-    freeze) keep their defaults; change them with ``dataclasses.replace``.
-    """
-    if detect_format(config) == "original":
-        config = original_config_to_native(config, image_token_id=img_context_token_id)
-    llm, vpath, lpath = config["text_config"], "vision_config", "text_config"
-    vc = config["vision_config"]
-    dtype = params_dtype or _hf_dtype(config, llm)
-    token = _hf_get(config, "", "image_token_id", DEFAULT_IMG_CONTEXT_TOKEN_ID)
-    if img_context_token_id is not None and img_context_token_id != token:
-        raise ModelSpecError("image_token_id", f"config says {token}, argument says {img_context_token_id}")
-    if config.get("tie_word_embeddings") is True:
-        raise ModelSpecError("tie_word_embeddings", "true is not supported (InternVL3 never ties lm_head)")
-    act = config.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise ModelSpecError("projector_hidden_act", f"{act!r} is not supported; expected 'gelu'")
-    image_size = _square(f"{vpath}.image_size", _hf_get(vc, vpath, "image_size"))
-    select_layer = config.get("vision_feature_layer", -1)
-    ps_version = config.get("ps_version", "v2")
-    # Absent keys take InternVLVisionConfig's defaults.
-    qkv_bias = _hf_get(vc, vpath, "attention_bias", False)
-    qk_norm = _hf_get(vc, vpath, "use_qk_norm", False)
-    norm_type = _hf_get(vc, vpath, "norm_type", "layer_norm")
-    ls_init = _hf_get(vc, vpath, "layer_scale_init_value", 0.1)
-    drop_path = _hf_get(vc, vpath, "drop_path_rate", 0.0)
-    if norm_type not in _HF_NORMS:
-        raise ModelSpecError(f"{vpath}.norm_type", f"{norm_type!r} is not supported; expected {list(_HF_NORMS)}")
-    act = _hf_get(vc, vpath, "hidden_act", "gelu")
-    if act != "gelu":
-        raise ModelSpecError(f"{vpath}.hidden_act", f"{act!r} is not supported; expected 'gelu'")
-    vision = VisionEncoderSpec(
-        num_layers=_hf_get(vc, vpath, "num_hidden_layers"),
-        hidden_size=_hf_get(vc, vpath, "hidden_size"),
-        ffn_hidden_size=_hf_get(vc, vpath, "intermediate_size"),
-        num_attention_heads=_hf_get(vc, vpath, "num_attention_heads"),
-        patch_size=_square(f"{vpath}.patch_size", _hf_get(vc, vpath, "patch_size")),
-        image_size=image_size,
-        num_channels=_hf_get(vc, vpath, "num_channels", 3),
-        add_qkv_bias=qkv_bias,
-        qk_layernorm=qk_norm,
-        normalization=_HF_NORMS[norm_type],
-        layernorm_epsilon=_hf_get(vc, vpath, "layer_norm_eps", 1e-6),
-        drop_path_rate=drop_path,
-        initializer_factor=ls_init,
-        init_method_std=_hf_get(vc, vpath, "initializer_range", 0.02),
-        params_dtype=dtype,
-    )
-    text = _hf_text(llm, lpath, dtype)
-    return InternVLSpec(
-        img_context_token_id=token,
-        downsample_ratio=_hf_get(config, "", "downsample_ratio", 0.5),
-        select_layer=select_layer,
-        ps_version=ps_version,
-        vision=vision,
-        projector=ProjectorSpec(),
-        text=text,
-    )
-
-
-def spec_from_hf_dir(hf_dir: Union[str, Path], **kwargs: Any) -> InternVLSpec:
-    """The spec of an HF checkpoint directory (either format); config.json is read as data, and the
-    original format's <IMG_CONTEXT> id is looked up in the directory's tokenizer files."""
-    config = read_hf_config(hf_dir)
-    if detect_format(config) == "original" and "img_context_token_id" not in kwargs:
-        kwargs["img_context_token_id"] = config.get("img_context_token_id") or find_token_id(hf_dir)
-    return spec_from_hf_config(config, **kwargs)

@@ -1,10 +1,10 @@
-"""Parallel sizes of a run: one small immutable value passed wherever a config needs them."""
+"""Parallel sizes of a run, and the per-stage layer lists a user writes for a checkpoint's layout."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
-__all__ = ["ParallelSizes"]
+__all__ = ["ParallelSizes", "ParallelConfig"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,24 @@ class ParallelSizes:
         if world_size < 1 or world_size % mp:
             raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {tp}*{pp}*{cp} = {mp}")
         return cls(tp=tp, pp=pp, cp=cp, vpp=vpp, sp=sp, dp=world_size // mp)
+
+
+def _h(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ParallelConfig:
+    """A layout as the reference's converter spells it (`--cfg.parallel_config.*`); `parallel.layout.
+    plan_from_parallel_config` validates it against a model and says what every stage holds."""
+    llm_pp_layers: Optional[List[List[int]]] = _h(
+        "LLM decoder layers per pipeline stage, one inner list per virtual stage: [[6,8,8,6]] is pp=4; "
+        "[[2,2],[2,2]] is pp=2, vpp=2. pp = len(inner list), vpp = len(outer list). Default: pp=1.", default=None)
+    vit_pp_layers: Optional[List[List[int]]] = _h(
+        "ViT layers per pipeline stage, same shape as llm_pp_layers, e.g. [[24,0,0,0]]. Default: all ViT layers "
+        "on the first stage.", default=None)
+    tp_size: int = _h("Tensor-parallel size; must divide the LLM's key/value head count.", default=1)
+    vit_tp_size: int = _h("Accepted for compatibility with the reference; must be 0 (= tp_size) or tp_size.",
+                          default=0)
+    ep_size: int = _h("Accepted for compatibility with the reference; InternVL3 has no experts, must be 1.",
+                      default=1)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from mindspeed_mm.config.model_spec import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+
 
 __all__ = [
     "IGNORE_INDEX",
@@ -30,7 +32,6 @@ __all__ = [
     "build_prompt",
 ]
 
-IGNORE_INDEX = -100
 # InternVL's default system prompt (template internvl2_5), used unless a conversation starts with a system turn.
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -38,7 +39,6 @@ DEFAULT_SYSTEM_MESSAGE = (
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
-IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 _ROLES = {"system": "system", "human": "user", "gpt": "assistant"}

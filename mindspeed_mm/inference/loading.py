@@ -74,12 +74,7 @@ def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: s
 def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -> CheckpointInfo:
     """What the checkpoint holds and how it is split, without loading weights. `model`: the inference JSON's
     model keys (reference schema), checked against a converted checkpoint's own, required for a .pt file."""
-    from mindspeed_mm.checkpoint.mm_format import (
-        META_FILE,
-        checkpoint_meta,
-        iteration_dir,
-        rank_file,
-    )
+    from mindspeed_mm.checkpoint.mm_format import META_FILE, checkpoint_meta, iteration_dir, rank_file
 
     path = Path(from_pretrained)
     json_spec = load_model_spec(model) if model is not None else None
@@ -127,10 +122,7 @@ def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
     from mindspeed_mm.checkpoint.mm_format import load_rank_file
     from mindspeed_mm.distributed import initialize_model_parallel
     from mindspeed_mm.models.internvl.model import load_full_state_dict
-    from mindspeed_mm.training.pipeline import (
-        build_model_chunks,
-        load_converted_weights,
-    )
+    from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights
 
     check_world(info, torch.distributed.get_world_size())
     vpp = info.vpp if info.vpp > 1 else None

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from mindspeed_mm.config.model_spec import InternVLSpec
-from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.config.parallel import ParallelConfig, ParallelSizes
+from mindspeed_mm.errors import UserError
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """A layout the project cannot run; the message names the offending field and value."""
 
 
@@ -51,8 +52,23 @@ class LayoutPlan:
     def num_chunks(self) -> int:
         return len(self.vit_pp_layers)
 
+    @property
+    def vpp(self) -> Optional[int]:
+        """Virtual stages per rank as megatron takes them: None unless interleaved."""
+        return self.num_chunks if self.num_chunks > 1 else None
+
     def stage(self, pp_rank: int, vpp_rank: int = 0) -> StagePlan:
         return self.stages[vpp_rank * self.parallel.pp + pp_rank]
+
+    def same_split(self, other: "LayoutPlan") -> bool:
+        """Whether both put the same layers on the same ranks at the same TP size (dp and cp aside)."""
+        key = lambda p: (p.parallel.tp, p.parallel.pp, p.num_chunks, p.vit_pp_layers, p.llm_pp_layers)  # noqa: E731
+        return key(self) == key(other)
+
+    def describe(self) -> str:
+        p = self.parallel
+        return (f"TP{p.tp} PP{p.pp}" + (f" VPP{self.num_chunks}" if self.num_chunks > 1 else "")
+                + f" vit{[list(r) for r in self.vit_pp_layers]} llm{[list(r) for r in self.llm_pp_layers]}")
 
 
 def head_partition(num_heads: int, tp: int) -> list[int]:
@@ -147,3 +163,39 @@ def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optiona
         l_off += llm_flat[s]
     padded_vocab = -(-t.vocab_size // tp) * tp
     return LayoutPlan(parallel, vit, llm, tuple(stages), padded_vocab)
+
+
+def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutPlan:
+    """The layout a user wrote as per-stage lists (`ParallelConfig`), validated against the model; errors
+    name the field."""
+    if pc.ep_size != 1:
+        raise LayoutError(f"parallel_config.ep_size={pc.ep_size}: InternVL3 has no experts, only 1 is supported")
+    if pc.vit_tp_size not in (0, pc.tp_size):
+        raise LayoutError(f"parallel_config.vit_tp_size={pc.vit_tp_size}: a separate ViT TP size is not supported "
+                          f"(use 0 or tp_size={pc.tp_size})")
+    if isinstance(pc.tp_size, bool) or not isinstance(pc.tp_size, int) or pc.tp_size < 1:
+        raise LayoutError(f"parallel_config.tp_size must be an integer >= 1, got {pc.tp_size!r}")
+    llm, vit = pc.llm_pp_layers, pc.vit_pp_layers
+    for name, val in (("llm_pp_layers", llm), ("vit_pp_layers", vit)):
+        if val is not None and not (isinstance(val, (list, tuple)) and val
+                                    and all(isinstance(r, (list, tuple)) and r for r in val)):
+            raise LayoutError(f"parallel_config.{name}: expected a non-empty list of non-empty lists, got {val!r}")
+    shape_src = llm if llm is not None else vit
+    if shape_src is None:
+        pp, vpp = 1, 1
+    else:
+        vpp, pp = len(shape_src), len(shape_src[0])
+    if llm is None:
+        if pp * vpp > 1:
+            raise LayoutError("parallel_config.llm_pp_layers is required when vit_pp_layers spans several stages")
+        llm = [[spec.text.num_layers]]
+    if vit is None:
+        vit = [[spec.vision.num_layers if (v, p) == (0, 0) else 0 for p in range(pp)] for v in range(vpp)]
+    try:
+        par = ParallelSizes(tp=pc.tp_size, pp=pp, vpp=vpp if vpp > 1 else None)
+    except ValueError as e:
+        raise LayoutError(f"parallel_config: {e}") from None
+    try:
+        return plan_layout(spec, par, pc.tp_size * pp, vit, llm)
+    except LayoutError as e:
+        raise LayoutError(f"parallel_config.{e}" if str(e).startswith(("vit_pp", "llm_pp")) else str(e)) from None

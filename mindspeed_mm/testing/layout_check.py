@@ -15,16 +15,16 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint
-from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
-from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
+from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.parallel.layout import plan_layout
-from mindspeed_mm.parallel.sharding import full_state_dict
+from mindspeed_mm.models.internvl.sharding import full_state_dict
 from mindspeed_mm.testing.batches import make_microbatches
-from mindspeed_mm.training.pipeline import (build_model_chunks, forward_backward, load_converted_weights,
-                                           microbatch_losses,
-                                           load_full_weights, local_tensors, train_step, wrap_ddp)
+from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights, load_full_weights
+from mindspeed_mm.training.pipeline import forward_backward, microbatch_losses, local_tensors, train_step, wrap_ddp
 
 
 @dataclass

@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mindspeed_mm.data.template import DEFAULT_SYSTEM_MESSAGE
-from mindspeed_mm.checkpoint.mm_format import replace_dir
-from mindspeed_mm.checkpoint.hf_formats import (
+from mindspeed_mm.checkpoint.atomic import atomic_output_dir
+from mindspeed_mm.checkpoint.hf_files import write_sharded
+from mindspeed_mm.models.internvl.hf.config import (
     NATIVE,
     ORIGINAL,
     find_token_id,
-    load_hf_checkpoint,
     native_config_to_original,
+    original_config_to_native,
+)
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.keys import (
     native_key_to_module,
     native_to_original_state_dict,
-    original_config_to_native,
     original_to_native_state_dict,
 )
 
@@ -48,7 +49,6 @@ __all__ = [
     "build_tiny_model",
     "refresh_rope_buffers",
     "write_tiny_checkpoint",
-    "write_safetensors_sharded",
     "load_native_model",
 ]
 
@@ -364,40 +364,6 @@ def _as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(_DTYPES)}")
 
 
-def write_safetensors_sharded(
-    state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike, max_shard_bytes: int | None = None
-) -> list[str]:
-    """Write ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
-    ``model.safetensors.index.json`` when ``max_shard_bytes`` splits them (greedy, in key order; a tensor
-    bigger than the limit gets a shard of its own; one shard => no index, as transformers does)."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
-    for name, tensor in state_dict.items():
-        t = tensor.detach().contiguous()
-        nbytes = t.numel() * t.element_size()
-        total += nbytes
-        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
-
-
 def write_tiny_checkpoint(
     out_dir: str | os.PathLike,
     fmt: str = NATIVE,
@@ -419,11 +385,7 @@ def write_tiny_checkpoint(
         raise ValueError(f"fmt must be 'native' or 'original', got {fmt!r}")
     torch_dtype = _as_dtype(dtype)
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(preset, seed, tokenizer).to(torch_dtype)
         if fmt == NATIVE:
@@ -438,12 +400,8 @@ def write_tiny_checkpoint(
             original_cfg = native_config_to_original(native_cfg)
             (tmp / "config.json").write_text(json.dumps(original_cfg, indent=2, sort_keys=True) + "\n")
             sd = native_to_original_state_dict(model.state_dict())
-            write_safetensors_sharded(sd, tmp, max_shard_bytes)
+            write_sharded(((k, t.detach().contiguous()) for k, t in sd.items()), tmp, max_shard_bytes)
         tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -454,7 +412,7 @@ def write_tiny_checkpoint(
 
 def load_native_model(hf_dir: str | os.PathLike):
     """Load either HF format into transformers' ``InternVLForConditionalGeneration`` (fp32, eval, eager
-    attention). Original checkpoints are converted in memory with the hf_formats functions; the image token id
+    attention). Original checkpoints are converted in memory with the hf.keys functions; the image token id
     comes from the config or, failing that, from the tokenizer files in ``hf_dir``."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from mindspeed_mm.checkpoint.convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
-from mindspeed_mm.config.model_spec import spec_from_hf_dir, to_dict
+from mindspeed_mm.cli.mm_convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
+from mindspeed_mm.config.model_spec import to_dict
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 __all__ = ["TinyRun", "prepare_tiny_run", "write_model_json", "write_data_json", "pretrain_args"]

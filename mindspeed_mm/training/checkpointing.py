@@ -31,12 +31,22 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params
 from torch import Tensor
 
-from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError
+from mindspeed_mm.checkpoint.atomic import replace_dir, replace_file
+from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.checkpoint.mm_format import (
-    META_FILE, TRACKER_FILE, MMCheckpointMeta, checkpoint_meta, chunk_key, iteration_dir, load_rank_object, rank_file,
-    save_rank_object, write_meta)
+    META_FILE,
+    TRACKER_FILE,
+    MMCheckpointMeta,
+    checkpoint_meta,
+    chunk_key,
+    iteration_dir,
+    load_rank_object,
+    rank_file,
+    save_rank_object,
+    write_meta,
+)
 from mindspeed_mm.parallel.layout import LayoutPlan
-from mindspeed_mm.parallel.sharding import global_name, merge_tensor, shard_tensor, stage_name
+from mindspeed_mm.models.internvl.sharding import global_name, merge_tensor, shard_tensor, stage_name
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedState"]
 
@@ -271,28 +281,12 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, plan: L
     if rank0:
         meta = dataclasses.replace(meta, iteration=str(iteration))
         write_meta(tmp, meta)
-        if final.exists():  # a re-save of the same iteration: swap, never delete first
-            old = save_dir / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _replace_file(save_dir / META_FILE, (final / META_FILE).read_text())
-        _replace_file(save_dir / TRACKER_FILE, str(iteration))
+        replace_dir(tmp, final, overwrite=True)  # a re-save of the same iteration swaps, never deletes first
+        replace_file(save_dir / META_FILE, (final / META_FILE).read_text())
+        replace_file(save_dir / TRACKER_FILE, str(iteration))
         log(f"saved checkpoint {final}")
     torch.distributed.barrier()
     return final
-
-
-def _replace_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _grad_scaler_state(optimizer):

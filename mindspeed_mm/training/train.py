@@ -85,7 +85,8 @@ def train(args) -> RunState:
     from mindspeed_mm.training.loss import LossMode, reduce_reported
     from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
     from mindspeed_mm.training.optim import build_optimizer
-    from mindspeed_mm.training.pipeline import build_model_chunks, train_step, wrap_ddp
+    from mindspeed_mm.runtime.chunks import build_model_chunks
+    from mindspeed_mm.training.pipeline import train_step, wrap_ddp
 
     init_distributed(args.distributed_backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -225,10 +225,10 @@ def test_resume_at_another_layout(tiny, tmp_path):
 
 
 def _assert_mm_to_hf_exact(save_dir: Path, out: Path) -> None:
-    from mindspeed_mm.checkpoint.convert import MMToHFConfig, mm_to_hf
-    from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint
-    from mindspeed_mm.config.model_spec import spec_from_hf_config
-    from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
+    from mindspeed_mm.cli.mm_convert import MMToHFConfig, mm_to_hf
+    from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
+    from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
     from mindspeed_mm.testing.tiny_checkpoint import load_native_model
 
     mm_to_hf(MMToHFConfig(mm_dir=str(save_dir), save_hf_dir=str(out), progress=False))
@@ -242,7 +242,7 @@ def _assert_mm_to_hf_exact(save_dir: Path, out: Path) -> None:
 
 def _merged_weights(save_dir: Path) -> dict:
     """Full-model weights of a save at any layout, through the converter's reader."""
-    from mindspeed_mm.checkpoint.convert import MMSource
+    from mindspeed_mm.checkpoint.sources import MMSource
     from mindspeed_mm.checkpoint.mm_format import checkpoint_meta
 
     meta = checkpoint_meta(save_dir)

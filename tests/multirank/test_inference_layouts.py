@@ -67,7 +67,7 @@ def transformers_tokens(hf_dir: Path, result: dict) -> list[int]:
     output does not hold, so a difference cannot hide behind an early stop."""
     from transformers import AutoTokenizer
 
-    from mindspeed_mm.config.model_spec import spec_from_hf_dir
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
     from mindspeed_mm.inference.config import RequestSpec
     from mindspeed_mm.inference.pipeline import prepare_request
     from mindspeed_mm.testing.tiny_checkpoint import load_native_model
@@ -87,12 +87,7 @@ def transformers_tokens(hf_dir: Path, result: dict) -> list[int]:
 
 
 def convert(hf_dir: Path, mm_dir: Path, tp: int, vit, llm) -> None:
-    from mindspeed_mm.checkpoint.convert import (
-        HFConfig,
-        HFToMMConfig,
-        ParallelConfig,
-        hf_to_mm,
-    )
+    from mindspeed_mm.cli.mm_convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
 
     hf_to_mm(HFToMMConfig(mm_dir=str(mm_dir), hf_config=HFConfig(hf_dir=str(hf_dir)), progress=False,
                           parallel_config=ParallelConfig(tp_size=tp, vit_pp_layers=vit, llm_pp_layers=llm)))

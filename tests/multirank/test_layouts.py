@@ -110,7 +110,7 @@ def test_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
 def test_converted_checkpoint_at_tp2_pp2_matches_single_rank(hf_dirs, reference, tmp_path):
     """mm-convert's shards, loaded by the model at their layout, give the single-rank numbers (which equal
     transformers', tests/oracle)."""
-    from mindspeed_mm.checkpoint.convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
+    from mindspeed_mm.cli.mm_convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
 
     mm_dir = tmp_path / "mm"
     hf_to_mm(HFToMMConfig(mm_dir=str(mm_dir), hf_config=HFConfig(hf_dir=str(hf_dirs["vit6b"])), progress=False,

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint
-from mindspeed_mm.config.model_spec import spec_from_hf_config
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
 from mindspeed_mm.inference.config import GenerationConfig, RequestSpec
 from mindspeed_mm.inference.generate import generate
 from mindspeed_mm.inference.pipeline import prepare_request
 from mindspeed_mm.inference.stages import StageRunner
-from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
+from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
 from mindspeed_mm.testing.tiny_checkpoint import (
     load_native_model,

@@ -10,9 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint, normalize_native_key
-from mindspeed_mm.config.model_spec import spec_from_hf_config, spec_from_hf_dir
-from mindspeed_mm.models.internvl.hf_mapping import hf_to_mm
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.keys import normalize_native_key
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config, spec_from_hf_dir
+from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
 from mindspeed_mm.testing.batches import make_batch
 from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
@@ -122,8 +123,8 @@ def test_freeze_flags(pair):
 def test_converted_checkpoint_reproduces_transformers(megatron_world, tmp_path):
     """original-format HF -> mm-convert -> our model at TP1: transformers' logits (other layouts:
     tests/multirank/test_layouts.py loads converted shards at TP2 x PP2)."""
-    from mindspeed_mm.checkpoint.convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
-    from mindspeed_mm.training.pipeline import load_converted_weights
+    from mindspeed_mm.cli.mm_convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
+    from mindspeed_mm.runtime.chunks import load_converted_weights
 
     hf_dir = write_tiny_checkpoint(tmp_path / "hf", fmt="original", preset="vit6b", seed=5)
     hf_to_mm(HFToMMConfig(mm_dir=str(tmp_path / "mm"), hf_config=HFConfig(hf_dir=str(hf_dir)), progress=False,

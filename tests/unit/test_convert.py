@@ -7,19 +7,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from mindspeed_mm.checkpoint.convert import (
-    HFConfig, HFToMMConfig, MMToHFConfig, ParallelConfig, ResplitConfig, hf_to_mm, mm_to_hf, resplit,
+from mindspeed_mm.cli.mm_convert import (
+    HFConfig,
+    HFToMMConfig,
+    MMToHFConfig,
+    ParallelConfig,
+    ResplitConfig,
+    hf_to_mm,
+    mm_to_hf,
+    resplit,
 )
-from mindspeed_mm.checkpoint.hf_formats import CheckpointFormatError, load_hf_checkpoint
+from mindspeed_mm.errors import CheckpointFormatError
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
 from mindspeed_mm.checkpoint.mm_format import (
-    META_FILE, chunk_key, iteration_dir, rank_file, read_meta, save_rank_object,
+    META_FILE,
+    chunk_key,
+    iteration_dir,
+    rank_file,
+    read_meta,
+    save_rank_object,
 )
 from mindspeed_mm.checkpoint.streaming_save import owned
 from mindspeed_mm.cli.mm_convert import main
-from mindspeed_mm.config.model_spec import spec_from_hf_dir
-from mindspeed_mm.models.internvl import hf_mapping
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
+from mindspeed_mm.models.internvl.hf import mapping as hf_mapping
 from mindspeed_mm.parallel.layout import LayoutError
-from mindspeed_mm.parallel.sharding import local_state_dict
+from mindspeed_mm.models.internvl.sharding import local_state_dict
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 from mindspeed_mm.testing.torch_files import without_serialization_id
 
@@ -395,12 +408,12 @@ def test_resplit_hands_back_source_pages_and_bypasses_the_cache(ckpts, tmp_path,
     import fcntl
     import os
 
-    from mindspeed_mm.checkpoint import convert, streaming_save
+    from mindspeed_mm.checkpoint import sources, streaming_save
 
     _to_mm(ckpts["tp4_native"], tmp_path / "a", _pc(2, vit=[[2, 0]], llm=[[1, 1]]))
     dropped, direct = [], []
-    real_drop, real_write = convert.drop_resident_pages, streaming_save._write_chunk
-    monkeypatch.setattr(convert, "drop_resident_pages", lambda a: dropped.append(a.nbytes) or real_drop(a))
+    real_drop, real_write = sources.drop_resident_pages, streaming_save._write_chunk
+    monkeypatch.setattr(sources, "drop_resident_pages", lambda a: dropped.append(a.nbytes) or real_drop(a))
     monkeypatch.setattr(streaming_save, "_write_chunk", lambda fd, *a: direct.append(
         bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)) or real_write(fd, *a))
     s = resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"), parallel_config=_pc(1),

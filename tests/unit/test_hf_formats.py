@@ -8,17 +8,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mindspeed_mm.checkpoint.hf_formats import (
-    CheckpointFormatError,
+from mindspeed_mm.errors import CheckpointFormatError
+from mindspeed_mm.models.internvl.hf.config import (
     detect_format,
     find_token_id,
-    load_hf_checkpoint,
     native_config_to_original,
+    original_config_to_native,
+)
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.keys import (
     native_key_to_module,
     native_key_to_original,
     native_to_original_state_dict,
     normalize_native_key,
-    original_config_to_native,
     original_key_to_native,
     original_to_native_state_dict,
 )

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mindspeed_mm.checkpoint.hf_formats import load_hf_checkpoint
-from mindspeed_mm.config.model_spec import spec_from_hf_config
-from mindspeed_mm.models.internvl.hf_mapping import GroupInterleave, hf_to_mm, mapping_rules, mm_to_hf
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
+from mindspeed_mm.models.internvl.hf.mapping import GroupInterleave, hf_to_mm, mapping_rules, mm_to_hf
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 

@@ -140,12 +140,7 @@ def test_prompt_longer_than_the_sequence_is_an_error():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny HF checkpoint, its TP1 and TP2 x PP2 conversions, two images and a video."""
-    from mindspeed_mm.checkpoint.convert import (
-        HFConfig,
-        HFToMMConfig,
-        ParallelConfig,
-        hf_to_mm,
-    )
+    from mindspeed_mm.cli.mm_convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
     from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
     from mindspeed_mm.testing.tiny_dataset import write_video
 
@@ -164,7 +159,7 @@ def tiny(tmp_path_factory):
 def test_prompts_follow_training(tiny):
     from transformers import AutoTokenizer
 
-    from mindspeed_mm.config.model_spec import spec_from_hf_dir
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
     from mindspeed_mm.data.template import build_conversation
     from mindspeed_mm.inference.pipeline import prepare_request
 
@@ -236,7 +231,8 @@ def test_cli_end_to_end_and_its_errors(tiny, tmp_path):
     assert rows[0]["num_tiles"] == 11 and rows[0]["timings"]["batch_size"] == 2
     assert set(rows[0]) >= {"prompt", "response", "token_ids", "finish_reason", "timings", "num_prompt_tokens"}
 
-    from mindspeed_mm.config.model_spec import spec_from_hf_dir, to_dict
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
+    from mindspeed_mm.config.model_spec import to_dict
 
     pt = tiny / "mm" / "release" / "mp_rank_00" / "model_optim_rng.pt"
     proc = _cli(tiny, tmp_path, from_pretrained=str(pt), **to_dict(spec_from_hf_dir(tiny / "hf")))

@@ -11,8 +11,12 @@ import torch
 from mindspeed_mm.config.model_spec import load_model_spec
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.parallel.layout import LayoutError, head_partition, plan_layout
-from mindspeed_mm.parallel.sharding import (
-    full_state_dict, local_state_dict, shard_slice, shard_tensor, slice_from_shards,
+from mindspeed_mm.models.internvl.sharding import (
+    full_state_dict,
+    local_state_dict,
+    shard_slice,
+    shard_tensor,
+    slice_from_shards,
 )
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "internvl3"
@@ -70,9 +74,9 @@ def test_bad_layouts_are_refused_naming_the_value(spec8b, kwargs, match):
 
 def _random_full_state(spec):
     """Random full-model tensors of a spec, named as the model names them."""
-    from mindspeed_mm.models.internvl.hf_mapping import native_rules
+    from mindspeed_mm.models.internvl.hf.mapping import mapping_rules
     g = torch.Generator().manual_seed(0)
-    return {r.mm: torch.randn(_shape(r.mm, spec), generator=g) for r in native_rules(spec)}
+    return {r.mm: torch.randn(_shape(r.mm, spec), generator=g) for r in mapping_rules(spec, "native")}
 
 
 def _shape(name, spec):

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mindspeed_mm.checkpoint.hf_formats import detect_format
+from mindspeed_mm.models.internvl.hf.config import detect_format
 from mindspeed_mm.config.model_spec import (
     InternVLSpec,
     ModelSpecError,
     RopeScaling,
     dump_model_spec,
     load_model_spec,
-    spec_from_hf_config,
     to_dict,
 )
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.config.transformer_configs import text_transformer_config, vision_transformer_config
 
@@ -59,7 +59,7 @@ def test_78b_example_sizes():
 
 def test_tiny_example_is_the_tiny_checkpoint(tmp_path):
     """model_tiny.json describes the tiny checkpoint the demo and the tests write (preset vit300m)."""
-    from mindspeed_mm.config.model_spec import spec_from_hf_dir
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
     from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
     s = load_model_spec(EXAMPLES / "model_tiny.json")

@@ -7,12 +7,9 @@ import os
 import pytest
 import torch
 
-from mindspeed_mm.checkpoint.hf_formats import (
-    CheckpointFormatError,
-    load_hf_checkpoint,
-    native_to_original_state_dict,
-    original_to_native_state_dict,
-)
+from mindspeed_mm.errors import CheckpointFormatError
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.keys import native_to_original_state_dict, original_to_native_state_dict
 from mindspeed_mm.testing.tiny_checkpoint import (
     SPECIAL_TOKENS,
     TINY_PRESETS,

@@ -19,8 +19,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from mindspeed_mm.config.model_spec import InternVLSpec
-from mindspeed_mm.data.template import IGNORE_INDEX
+from mindspeed_mm.config.model_spec import IGNORE_INDEX, InternVLSpec
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.config.transformer_configs import text_transformer_config, vision_transformer_config
 from mindspeed_mm.models.internvl.projector import InternVLProjector

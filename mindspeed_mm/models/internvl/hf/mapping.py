@@ -1,7 +1,7 @@
 """HuggingFace InternVL3 parameters (either format) <-> ours, unsharded.
 
-One rule per parameter of ours: which HF tensors it is made of and how they merge. The rules are data, so
-the converter can stream them tensor by tensor and the tests can invert them. Merges Megatron needs:
+One rule per parameter of ours (a view of the registry, `params.py`): which HF tensors it is made of and how
+they merge. The converter streams them tensor by tensor and the tests invert them. Merges Megatron needs:
 - LLM `linear_qkv`: rows interleaved per query group, `[q heads of group g; k_g; v_g]` for each g;
 - LLM `linear_fc1`: `[gate; up]`;
 - ViT `linear_qkv`: `[Q; K; V]` (the original format already stores it so; native has three tensors).
@@ -11,19 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from mindspeed_mm.checkpoint.hf_formats import native_key_to_original
 from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.models.internvl.params import Param, params
 
 if TYPE_CHECKING:
     from torch import Tensor
 else:
     Tensor = Any
 
-VIT = "image_encoder.encoder"
-
 # read(name, dim, start, end): the index range [start, end) along dim of one HF tensor, read from disk.
 PartReader = Callable[[str, int, int, int], Tensor]
-LLM = "text_decoder"
 
 
 @dataclass(frozen=True)
@@ -120,77 +117,20 @@ class Rule:
     op: Copy | Concat | GroupInterleave = Copy()
 
 
-def _norm_params(normalization: str) -> tuple[str, ...]:
-    return ("weight", "bias") if normalization == "LayerNorm" else ("weight",)
-
-
-def native_rules(spec: InternVLSpec) -> list[Rule]:
-    """Rules against the transformers-native on-disk names."""
-    v, t = spec.vision, spec.text
-    rules = [
-        Rule(f"{VIT}.embeddings.class_embedding", ("vision_tower.embeddings.cls_token",)),
-        Rule(f"{VIT}.embeddings.position_embedding", ("vision_tower.embeddings.position_embeddings",)),
-    ]
-    rules += [Rule(f"{VIT}.embeddings.patch_embedding.{p}", (f"vision_tower.embeddings.patch_embeddings.projection.{p}",))
-              for p in ("weight", "bias")]
-    vit_norm = _norm_params(v.normalization)
-    for i in range(v.num_layers):
-        ours, hf = f"{VIT}.encoder.layers.{i}", f"vision_tower.encoder.layer.{i}"
-        qkv_params = ("weight", "bias") if v.add_qkv_bias else ("weight",)
-        rules += [Rule(f"{ours}.self_attention.linear_qkv.{p}",
-                       tuple(f"{hf}.attention.{x}_proj.{p}" for x in "qkv"), Concat((v.hidden_size,) * 3))
-                  for p in qkv_params]
-        rules += [Rule(f"{ours}.self_attention.linear_proj.{p}", (f"{hf}.attention.projection_layer.{p}",))
-                  for p in ("weight", "bias")]
-        if v.qk_layernorm:
-            rules += [Rule(f"{ours}.self_attention.{x}_layernorm.weight", (f"{hf}.attention.{x}_norm.weight",))
-                      for x in "qk"]
-        rules += [Rule(f"{ours}.ls1", (f"{hf}.lambda_1",)), Rule(f"{ours}.ls2", (f"{hf}.lambda_2",))]
-        rules += [Rule(f"{ours}.input_layernorm.{p}", (f"{hf}.layernorm_before.{p}",)) for p in vit_norm]
-        rules += [Rule(f"{ours}.pre_mlp_layernorm.{p}", (f"{hf}.layernorm_after.{p}",)) for p in vit_norm]
-        rules += [Rule(f"{ours}.mlp.linear_{fc}.{p}", (f"{hf}.mlp.{fc}.{p}",))
-                  for fc in ("fc1", "fc2") for p in ("weight", "bias")]
-    for ours, hf in (("norm", "layer_norm"), ("linear_fc1", "linear_1"), ("linear_fc2", "linear_2")):
-        rules += [Rule(f"image_encoder.projector.{ours}.{p}", (f"multi_modal_projector.{hf}.{p}",))
-                  for p in ("weight", "bias")]
-
-    d = t.kv_channels
-    qkv = GroupInterleave(t.num_query_groups, t.num_attention_heads // t.num_query_groups, d)
-    rules.append(Rule(f"{LLM}.embedding.word_embeddings.weight", ("language_model.model.embed_tokens.weight",)))
-    for i in range(t.num_layers):
-        ours, hf = f"{LLM}.decoder.layers.{i}", f"language_model.model.layers.{i}"
-        qkv_params = ("weight", "bias") if t.add_qkv_bias else ("weight",)
-        rules += [Rule(f"{ours}.self_attention.linear_qkv.{p}", tuple(f"{hf}.self_attn.{x}_proj.{p}" for x in "qkv"), qkv)
-                  for p in qkv_params]
-        rules += [
-            Rule(f"{ours}.self_attention.linear_proj.weight", (f"{hf}.self_attn.o_proj.weight",)),
-            Rule(f"{ours}.input_layernorm.weight", (f"{hf}.input_layernorm.weight",)),
-            Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{hf}.post_attention_layernorm.weight",)),
-            Rule(f"{ours}.mlp.linear_fc1.weight", (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"),
-                 Concat((t.ffn_hidden_size,) * 2)),
-            Rule(f"{ours}.mlp.linear_fc2.weight", (f"{hf}.mlp.down_proj.weight",)),
-        ]
-    rules += [Rule(f"{LLM}.decoder.final_layernorm.weight", ("language_model.model.norm.weight",)),
-              Rule(f"{LLM}.output_layer.weight", ("language_model.lm_head.weight",))]
-    return rules
+def _op(p: Param, names: tuple[str, ...], spec: InternVLSpec) -> Copy | Concat | GroupInterleave:
+    if len(names) == 1:
+        return Copy()
+    if p.merge == "concat":
+        return Concat((p.shape[0] // len(names),) * len(names))
+    t = spec.text
+    return GroupInterleave(t.num_query_groups, t.num_attention_heads // t.num_query_groups, t.kv_channels)
 
 
 def mapping_rules(spec: InternVLSpec, fmt: str) -> list[Rule]:
-    """Rules for `fmt` in {"native", "original"}: the original format differs only in names, and in
-    storing the ViT's q, k and v as one `attn.qkv` tensor, which is already our layout."""
-    rules = native_rules(spec)
-    if fmt == "native":
-        return rules
-    if fmt != "original":
+    """One rule per parameter of ours for HF format `fmt` ("native" or "original"), from the registry."""
+    if fmt not in ("native", "original"):
         raise ValueError(f"unknown HF format {fmt!r} (expected 'native' or 'original')")
-    out = []
-    for r in rules:
-        if r.mm.startswith(VIT) and ".linear_qkv." in r.mm:
-            layer, param = r.mm.split(".")[4], r.mm.rsplit(".", 1)[1]
-            out.append(Rule(r.mm, (f"vision_model.encoder.layers.{layer}.attn.qkv.{param}",)))
-        else:
-            out.append(Rule(r.mm, tuple(native_key_to_original(k) for k in r.hf), r.op))
-    return out
+    return [Rule(p.name, p.hf(fmt), _op(p, p.hf(fmt), spec)) for p in params(spec)]
 
 
 def _check_covered(available: Iterable[str], wanted: set[str], what: str) -> None:

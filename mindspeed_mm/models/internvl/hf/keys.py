@@ -1,0 +1,143 @@
+"""Tensor names of the two HF InternVL3 formats, one into the other: views of the registry (`params.py`).
+
+* ``original``: OpenGVLab's ``InternVLChatModel`` (``vision_model.*`` with a fused ``attn.qkv``, ``mlp1.{0,1,3}``,
+  ``language_model.*``).
+* ``native``: transformers' ``InternVLForConditionalGeneration`` (``vision_tower.*`` with ``attention.{q,k,v}_proj``,
+  ``multi_modal_projector.*``, ``language_model.*``).
+
+On-disk native names are what transformers (5.x) ``save_pretrained`` writes; the in-memory module names
+(``model.vision_tower.…``, ``model.language_model.…``, ``lm_head.weight``) are accepted wherever a native name
+is read and normalised to the on-disk ones. Tensors are only split and concatenated, never cast.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Mapping
+
+from mindspeed_mm.models.internvl.params import REGISTRY, ParamDef, _template_regex, with_layer
+
+if TYPE_CHECKING:
+    import torch
+
+# in-memory (module) prefix -> on-disk prefix, for InternVLForConditionalGeneration
+_MODULE_TO_DISK = [
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+]
+
+
+def normalize_native_key(name: str) -> str:
+    """An in-memory native name -> the on-disk name transformers writes; on-disk names are returned unchanged."""
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    for src, dst in _MODULE_TO_DISK:
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name
+
+
+def native_key_to_module(name: str) -> str:
+    """On-disk native name -> the parameter name inside ``InternVLForConditionalGeneration``."""
+    if name == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    for dst, src in _MODULE_TO_DISK:
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name
+
+
+@lru_cache(maxsize=None)
+def _find(name: str, fmt: str) -> tuple[ParamDef, int, int | None] | None:
+    """The registry row naming `name` in format `fmt`, the position of `name` among its HF names, its layer."""
+    for d in REGISTRY:
+        for k, template in enumerate(d.hf(fmt)):
+            m = _template_regex(template).match(name)
+            if m:
+                return d, k, int(m.group(1)) if m.groups() else None
+    return None
+
+
+def _fused(d: ParamDef) -> bool:
+    """The original format stores as one tensor what the native one stores as several (the ViT's qkv)."""
+    return len(d.original) == 1 < len(d.native)
+
+
+def original_key_to_native(name: str) -> str | tuple[str, ...]:
+    """One original-format name -> its on-disk native name; the fused ViT ``attn.qkv`` -> the tuple of its
+    ``(q_proj, k_proj, v_proj)`` names (rows ``[Q; K; V]``). An unknown name raises KeyError naming it."""
+    hit = _find(name, "original")
+    if hit is None:
+        raise KeyError(f"unknown original-format InternVL key: {name!r}")
+    d, k, layer = hit
+    if _fused(d):
+        return tuple(with_layer(t, layer) for t in d.native)
+    return with_layer(d.native[k], layer)
+
+
+def native_key_to_original(name: str) -> str:
+    """One native name (on-disk or in-memory) -> its original-format name (q/k/v_proj all -> the fused
+    ``attn.qkv``). An unknown name raises KeyError naming it."""
+    hit = _find(normalize_native_key(name), "native")
+    if hit is None:
+        raise KeyError(f"unknown native-format InternVL key: {name!r}")
+    d, k, layer = hit
+    return with_layer(d.original[0 if _fused(d) else k], layer)
+
+
+def _put(out: dict, key: str, value, source: str) -> None:
+    if key in out:
+        raise ValueError(f"two source keys map to {key!r} (second one: {source!r})")
+    out[key] = value
+
+
+def original_to_native_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original-format state dict -> on-disk native names; splits each fused ``attn.qkv`` into contiguous
+    copies. Other tensors are passed through as the same objects."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in sd.items():
+        target = original_key_to_native(name)
+        if isinstance(target, tuple):
+            if tensor.dim() == 0 or tensor.shape[0] % len(target):
+                raise ValueError(f"{name}: a fused tensor needs a leading dim divisible by {len(target)}, "
+                                 f"got shape {tuple(tensor.shape)}")
+            for tname, part in zip(target, tensor.chunk(len(target), dim=0)):
+                _put(out, tname, part.clone(memory_format=torch.contiguous_format), name)
+        else:
+            _put(out, target, tensor, name)
+    return out
+
+
+def native_to_original_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Native state dict (on-disk or in-memory names) -> original-format names, fusing q/k/v into
+    ``attn.qkv``. A fused tensor with a missing part raises KeyError naming the missing key."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+    for name, tensor in sd.items():
+        target = native_key_to_original(name)
+        d, k, layer = _find(normalize_native_key(name), "native")  # type: ignore[misc]
+        if not _fused(d):
+            _put(out, target, tensor, name)
+            continue
+        if target in out:
+            raise ValueError(f"two source keys map to {target!r} (second one: {name!r})")
+        group = pending.setdefault(target, {})
+        if k in group:
+            raise ValueError(f"two source keys map to part {k} of {target!r} (second one: {name!r})")
+        group[k] = (name, tensor)
+        if len(group) == len(d.native):
+            parts = [group[j][1] for j in range(len(d.native))]
+            if len({(p.shape, p.dtype) for p in parts}) != 1:
+                raise ValueError(f"the parts of {target!r} differ in shape or dtype: "
+                                 f"{[(tuple(p.shape), p.dtype) for p in parts]}")
+            out[target] = torch.cat(parts, dim=0)
+            del pending[target]
+    for target, group in pending.items():
+        d, _, layer = _find(target, "original")  # type: ignore[misc]
+        missing = [with_layer(t, layer) for j, t in enumerate(d.native) if j not in group]
+        raise KeyError(f"cannot fuse {target!r}: missing {missing} (have {next(iter(group.values()))[0]!r})")
+    return out

@@ -1,0 +1,245 @@
+"""Every parameter of InternVLModel, as data: the one description the converter, the sharding and the HF
+renames are views of.
+
+A row says, for one parameter of ours (`{i}` standing for the layer index within its module): its shape
+from the spec, how tensor parallelism splits it, which part of the model owns it (and so which pipeline
+stage), its names in both HF formats, and how several HF tensors merge into it. TP kinds:
+- `replicate`: norms, layer scales, the ViT's embeddings, biases added after a row-parallel linear;
+- `rows` / `cols`: even split of dim 0 / dim 1 (column- / row-parallel linears);
+- `glu`: the LLM's `linear_fc1` is `[gate; up]`, rank r gets `[gate_r; up_r]`;
+- `vit_qkv`: the ViT's `[Q; K; V]` by uneven head counts (`head_partition`), rank r gets `[q_r; k_r; v_r]`;
+  `vit_heads`: the ViT's `linear_proj` columns by the same head counts;
+- `vocab`: embedding and output rows, zero-padded to a multiple of TP (the model masks padded logits).
+Merges: `copy` (one HF tensor), `concat` (row blocks stacked), `interleave` (the LLM's q, k, v stacked per
+query group: `[q heads of group g; k_g; v_g]` for each g, what megatron's fused qkv expects).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional
+
+from mindspeed_mm.config.model_spec import InternVLSpec
+
+VIT_EMBED, VIT_LAYER, PROJECTOR = "vit_embed", "vit_layer", "projector"
+LLM_EMBED, LLM_LAYER, LLM_HEAD = "llm_embed", "llm_layer", "llm_head"
+TP_KINDS = ("replicate", "rows", "cols", "glu", "vit_qkv", "vit_heads", "vocab")
+# the dim tensor parallelism cuts; replicated tensors: 0, where TP 1 cuts everything
+TP_DIM = {"cols": 1, "vit_heads": 1}
+
+Shape = Callable[[InternVLSpec], tuple]
+
+
+def _always(spec: InternVLSpec) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    owner: str
+    tp: str
+    shape: Shape
+    native: tuple[str, ...]
+    original: tuple[str, ...]
+    merge: str = "copy"
+    when: Callable[[InternVLSpec], bool] = _always
+    pattern: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        assert self.tp in TP_KINDS and self.merge in ("copy", "concat", "interleave"), self
+        object.__setattr__(self, "pattern", _template_regex(self.name))
+
+    def hf(self, fmt: str) -> tuple[str, ...]:
+        if fmt not in ("native", "original"):
+            raise ValueError(f"unknown HF format {fmt!r} (expected 'native' or 'original')")
+        return self.native if fmt == "native" else self.original
+
+
+@dataclass(frozen=True)
+class Param:
+    """One row of the registry made concrete for a spec: a parameter of the full model."""
+    name: str
+    owner: str
+    layer: Optional[int]
+    tp: str
+    shape: tuple[int, ...]
+    native: tuple[str, ...]
+    original: tuple[str, ...]
+    merge: str
+
+    def hf(self, fmt: str) -> tuple[str, ...]:
+        return self.native if fmt == "native" else self.original
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+def _norm_bias(spec: InternVLSpec) -> bool:
+    return spec.vision.normalization == "LayerNorm"
+
+
+def _vit_qkv_bias(spec: InternVLSpec) -> bool:
+    return spec.vision.add_qkv_bias
+
+
+def _vit_qk_norm(spec: InternVLSpec) -> bool:
+    return spec.vision.qk_layernorm
+
+
+def _llm_qkv_bias(spec: InternVLSpec) -> bool:
+    return spec.text.add_qkv_bias
+
+
+def _c(s: InternVLSpec) -> tuple:
+    return (s.vision.hidden_size,)
+
+
+def _llm_qkv_rows(s: InternVLSpec) -> int:
+    t = s.text
+    return (t.num_attention_heads + 2 * t.num_query_groups) * t.kv_channels
+
+
+def _vit() -> list[ParamDef]:
+    e, n, o = "image_encoder.encoder.embeddings.", "vision_tower.embeddings.", "vision_model.embeddings."
+    out = [
+        ParamDef(e + "class_embedding", VIT_EMBED, "replicate", lambda s: (1, 1, s.vision.hidden_size),
+                 (n + "cls_token",), (o + "class_embedding",)),
+        ParamDef(e + "position_embedding", VIT_EMBED, "replicate",
+                 lambda s: (1, s.vision.num_patches + 1, s.vision.hidden_size),
+                 (n + "position_embeddings",), (o + "position_embedding",)),
+        ParamDef(e + "patch_embedding.weight", VIT_EMBED, "replicate",
+                 lambda s: (s.vision.hidden_size, s.vision.num_channels, s.vision.patch_size, s.vision.patch_size),
+                 (n + "patch_embeddings.projection.weight",), (o + "patch_embedding.weight",)),
+        ParamDef(e + "patch_embedding.bias", VIT_EMBED, "replicate", _c,
+                 (n + "patch_embeddings.projection.bias",), (o + "patch_embedding.bias",)),
+    ]
+    L, n, o = "image_encoder.encoder.encoder.layers.{i}.", "vision_tower.encoder.layer.{i}.", \
+        "vision_model.encoder.layers.{i}."
+    for p, when, shape in (("weight", _always, lambda s: (3 * s.vision.hidden_size, s.vision.hidden_size)),
+                           ("bias", _vit_qkv_bias, lambda s: (3 * s.vision.hidden_size,))):
+        out.append(ParamDef(L + f"self_attention.linear_qkv.{p}", VIT_LAYER, "vit_qkv", shape,
+                            tuple(n + f"attention.{x}_proj.{p}" for x in "qkv"), (o + f"attn.qkv.{p}",),
+                            "concat", when))
+    out += [
+        ParamDef(L + "self_attention.linear_proj.weight", VIT_LAYER, "vit_heads",
+                 lambda s: (s.vision.hidden_size,) * 2,
+                 (n + "attention.projection_layer.weight",), (o + "attn.proj.weight",)),
+        ParamDef(L + "self_attention.linear_proj.bias", VIT_LAYER, "replicate", _c,
+                 (n + "attention.projection_layer.bias",), (o + "attn.proj.bias",)),
+    ]
+    out += [ParamDef(L + f"self_attention.{x}_layernorm.weight", VIT_LAYER, "replicate", _c,
+                     (n + f"attention.{x}_norm.weight",), (o + f"attn.{x}_norm.weight",), when=_vit_qk_norm)
+            for x in "qk"]
+    out += [ParamDef(L + f"ls{k}", VIT_LAYER, "replicate", _c, (n + f"lambda_{k}",), (o + f"ls{k}",))
+            for k in (1, 2)]
+    for ours, native, original in (("input_layernorm", "layernorm_before", "norm1"),
+                                   ("pre_mlp_layernorm", "layernorm_after", "norm2")):
+        out += [ParamDef(L + f"{ours}.{p}", VIT_LAYER, "replicate", _c, (n + f"{native}.{p}",),
+                         (o + f"{original}.{p}",), when=when)
+                for p, when in (("weight", _always), ("bias", _norm_bias))]
+    out += [
+        ParamDef(L + "mlp.linear_fc1.weight", VIT_LAYER, "rows",
+                 lambda s: (s.vision.ffn_hidden_size, s.vision.hidden_size),
+                 (n + "mlp.fc1.weight",), (o + "mlp.fc1.weight",)),
+        ParamDef(L + "mlp.linear_fc1.bias", VIT_LAYER, "rows", lambda s: (s.vision.ffn_hidden_size,),
+                 (n + "mlp.fc1.bias",), (o + "mlp.fc1.bias",)),
+        ParamDef(L + "mlp.linear_fc2.weight", VIT_LAYER, "cols",
+                 lambda s: (s.vision.hidden_size, s.vision.ffn_hidden_size),
+                 (n + "mlp.fc2.weight",), (o + "mlp.fc2.weight",)),
+        ParamDef(L + "mlp.linear_fc2.bias", VIT_LAYER, "replicate", _c, (n + "mlp.fc2.bias",), (o + "mlp.fc2.bias",)),
+    ]
+    return out
+
+
+def _projector() -> list[ParamDef]:
+    P, n = "image_encoder.projector.", "multi_modal_projector."
+    pin = lambda s: (s.projector.input_size,)  # noqa: E731
+    h = lambda s: (s.text.hidden_size,)  # noqa: E731
+    return [
+        ParamDef(P + "norm.weight", PROJECTOR, "replicate", pin, (n + "layer_norm.weight",), ("mlp1.0.weight",)),
+        ParamDef(P + "norm.bias", PROJECTOR, "replicate", pin, (n + "layer_norm.bias",), ("mlp1.0.bias",)),
+        ParamDef(P + "linear_fc1.weight", PROJECTOR, "rows", lambda s: (s.text.hidden_size, s.projector.input_size),
+                 (n + "linear_1.weight",), ("mlp1.1.weight",)),
+        ParamDef(P + "linear_fc1.bias", PROJECTOR, "rows", h, (n + "linear_1.bias",), ("mlp1.1.bias",)),
+        ParamDef(P + "linear_fc2.weight", PROJECTOR, "cols", lambda s: (s.text.hidden_size,) * 2,
+                 (n + "linear_2.weight",), ("mlp1.3.weight",)),
+        ParamDef(P + "linear_fc2.bias", PROJECTOR, "replicate", h, (n + "linear_2.bias",), ("mlp1.3.bias",)),
+    ]
+
+
+def _llm() -> list[ParamDef]:
+    def same(ours, owner, tp, shape, *hf, merge="copy", when=_always):
+        return ParamDef(ours, owner, tp, shape, hf, hf, merge, when)
+
+    h = lambda s: (s.text.hidden_size,)  # noqa: E731
+    vocab = lambda s: (s.text.vocab_size, s.text.hidden_size)  # noqa: E731
+    L, hf = "text_decoder.decoder.layers.{i}.", "language_model.model.layers.{i}."
+    return [
+        same("text_decoder.embedding.word_embeddings.weight", LLM_EMBED, "vocab", vocab,
+             "language_model.model.embed_tokens.weight"),
+        same(L + "self_attention.linear_qkv.weight", LLM_LAYER, "rows",
+             lambda s: (_llm_qkv_rows(s), s.text.hidden_size),
+             *(hf + f"self_attn.{x}_proj.weight" for x in "qkv"), merge="interleave"),
+        same(L + "self_attention.linear_qkv.bias", LLM_LAYER, "rows", lambda s: (_llm_qkv_rows(s),),
+             *(hf + f"self_attn.{x}_proj.bias" for x in "qkv"), merge="interleave", when=_llm_qkv_bias),
+        same(L + "self_attention.linear_proj.weight", LLM_LAYER, "cols",
+             lambda s: (s.text.hidden_size, s.text.num_attention_heads * s.text.kv_channels),
+             hf + "self_attn.o_proj.weight"),
+        same(L + "input_layernorm.weight", LLM_LAYER, "replicate", h, hf + "input_layernorm.weight"),
+        same(L + "pre_mlp_layernorm.weight", LLM_LAYER, "replicate", h, hf + "post_attention_layernorm.weight"),
+        same(L + "mlp.linear_fc1.weight", LLM_LAYER, "glu", lambda s: (2 * s.text.ffn_hidden_size, s.text.hidden_size),
+             hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight", merge="concat"),
+        same(L + "mlp.linear_fc2.weight", LLM_LAYER, "cols", lambda s: (s.text.hidden_size, s.text.ffn_hidden_size),
+             hf + "mlp.down_proj.weight"),
+        same("text_decoder.decoder.final_layernorm.weight", LLM_HEAD, "replicate", h, "language_model.model.norm.weight"),
+        same("text_decoder.output_layer.weight", LLM_HEAD, "vocab", vocab, "language_model.lm_head.weight"),
+    ]
+
+
+REGISTRY: tuple[ParamDef, ...] = (*_vit(), *_projector(), *_llm())
+LAYER_OWNERS = {VIT_LAYER: "vision", LLM_LAYER: "text"}  # owner -> the spec section whose num_layers counts them
+
+
+def params(spec: InternVLSpec) -> list[Param]:
+    """Every parameter of the full model for `spec`, in the registry's order, layer by layer."""
+    out = []
+    for d in REGISTRY:
+        if not d.when(spec):
+            continue
+        shape = tuple(d.shape(spec))
+        if d.owner in LAYER_OWNERS:
+            layers: list = list(range(getattr(spec, LAYER_OWNERS[d.owner]).num_layers))
+        else:
+            layers = [None]
+        for i in layers:
+            fill = (lambda t: t) if i is None else (lambda t, i=i: t.replace("{i}", str(i)))
+            out.append(Param(fill(d.name), d.owner, i, d.tp, shape, tuple(map(fill, d.native)),
+                             tuple(map(fill, d.original)), d.merge))
+    order = {VIT_EMBED: 0, VIT_LAYER: 1, PROJECTOR: 2, LLM_EMBED: 3, LLM_LAYER: 4, LLM_HEAD: 5}
+    return sorted(out, key=lambda p: (order[p.owner], -1 if p.layer is None else p.layer))
+
+
+def param_shapes(spec: InternVLSpec) -> dict[str, tuple[int, ...]]:
+    """The full (unsharded) shape of every parameter of ours, from the spec alone."""
+    return {p.name: p.shape for p in params(spec)}
+
+
+@lru_cache(maxsize=None)
+def lookup(name: str) -> tuple[ParamDef, Optional[int]]:
+    """The registry row of one of our parameter names (global or stage-local) and its layer index."""
+    for d in REGISTRY:
+        m = d.pattern.match(name)
+        if m:
+            return d, int(m.group(1)) if m.groups() else None
+    raise KeyError(f"{name}: not a parameter of the InternVL3 model")
+
+
+def tp_kind(name: str) -> str:
+    return lookup(name)[0].tp
+
+
+def with_layer(template: str, layer: Optional[int]) -> str:
+    return template if layer is None else template.replace("{i}", str(layer))

@@ -1,0 +1,111 @@
+"""Per-rank, per-stage views of InternVL3's full state dict: the registry (`params.py`) applied to names.
+
+The converter writes shards with these, the parallel tests merge gradients back with them, and the model's
+parallel layers are built to match them (tests/unit/test_param_registry.py checks that they do).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.models.internvl.params import (
+    LLM_EMBED, LLM_HEAD, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, lookup, tp_kind, with_layer,
+)
+from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, head_partition
+from mindspeed_mm.parallel.sharding import Slice, cat, cut_from_shards, take, tp_slice
+
+if TYPE_CHECKING:
+    from torch import Tensor
+else:
+    Tensor = Any
+
+
+def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
+                padded_vocab: int) -> Slice:
+    """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp`."""
+    kind = tp_kind(name)
+    rows = ()
+    if kind in ("vit_qkv", "vit_heads"):
+        rows = [h * spec.vision.head_dim for h in head_partition(spec.vision.num_attention_heads, tp)]
+    return tp_slice(kind, full_shape, tp, rank, padded_vocab, rows)
+
+
+def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int) -> Tensor:
+    """Rank `rank`'s slice of the full tensor `name` at tensor-parallel size `tp`."""
+    return take(t, shard_slice(name, tuple(t.shape), spec, tp, rank, padded_vocab))
+
+
+def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, shards: list[Tensor],
+                      padded_vocab: int, want: Slice) -> tuple[int, list[Tensor]]:
+    """`take(merge_tensor(name, shards, spec), want)` as views of the shards (`cut_from_shards`); `shards`
+    are the TP ranks' slices at tp = len(shards) with that layout's `padded_vocab`, `want` a slice at any
+    TP size (`shard_slice`)."""
+    tp = len(shards)
+    have = [shard_slice(name, full_shape, spec, tp, r, padded_vocab) for r in range(tp)]
+    return cut_from_shards(name, full_shape, shards, have, want)
+
+
+def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
+    """The full tensor from every TP rank's slice, in rank order (inverse of `shard_tensor`)."""
+    tp = len(shards)
+    kind = tp_kind(name)
+    shape = list(shards[0].shape)
+    if kind == "vocab":
+        shape[0] = spec.text.vocab_size
+    elif kind != "replicate" and tp > 1:
+        dim = TP_DIM.get(kind, 0)
+        shape[dim] = sum(s.shape[dim] for s in shards)
+    padded_vocab = shards[0].shape[0] * tp
+    dim, pieces = slice_from_shards(name, tuple(shape), spec, shards, padded_vocab, Slice(0, ((0, shape[0]),)))
+    return cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+
+def _held(owner: str, stage: StagePlan) -> bool:
+    return {VIT_EMBED: stage.has_vit_embed, PROJECTOR: stage.has_projector, LLM_EMBED: stage.has_llm_embed,
+            LLM_HEAD: stage.has_llm_head}[owner]
+
+
+def _layers(owner: str, stage: StagePlan) -> range:
+    return stage.vit_layers if owner == VIT_LAYER else stage.llm_layers
+
+
+def stage_name(name: str, stage: StagePlan) -> str | None:
+    """The stage-local name of full-model parameter `name`, or None if the stage does not hold it."""
+    d, layer = lookup(name)
+    if layer is None:
+        return name if _held(d.owner, stage) else None
+    layers = _layers(d.owner, stage)
+    return with_layer(d.name, layer - layers.start) if layer in layers else None
+
+
+def global_name(local: str, stage: StagePlan) -> str:
+    d, layer = lookup(local)
+    return local if layer is None else with_layer(d.name, layer + _layers(d.owner, stage).start)
+
+
+def local_state_dict(full: Mapping[str, Tensor], spec: InternVLSpec, plan: LayoutPlan,
+                     tp_rank: int, stage: StagePlan) -> dict[str, Tensor]:
+    """What the model chunk of `stage` on TP rank `tp_rank` loads."""
+    out = {}
+    for name, t in full.items():
+        local = stage_name(name, stage)
+        if local is not None:
+            out[local] = shard_tensor(name, t, spec, plan.parallel.tp, tp_rank, plan.padded_vocab_size)
+    return out
+
+
+def full_state_dict(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: InternVLSpec,
+                    plan: LayoutPlan) -> dict[str, Tensor]:
+    """Inverse of `local_state_dict` over all `(tp_rank, stage)` pieces; each name must be complete."""
+    pieces: dict[str, dict[int, Tensor]] = {}
+    for (tp_rank, stage_idx), sd in shards.items():
+        stage = plan.stages[stage_idx]
+        for local, t in sd.items():
+            pieces.setdefault(global_name(local, stage), {})[tp_rank] = t
+    tp = plan.parallel.tp
+    out = {}
+    for name, by_rank in pieces.items():
+        if sorted(by_rank) != list(range(tp)):
+            raise KeyError(f"{name}: have TP ranks {sorted(by_rank)}, need 0..{tp - 1}")
+        out[name] = merge_tensor(name, [by_rank[r] for r in range(tp)], spec)
+    return out
