@@ -92,7 +92,7 @@ class MMCheckpointMeta:
 
     def plan(self, spec: Optional[InternVLSpec] = None) -> LayoutPlan:
         spec = spec or self.spec()
-        par = ParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp if self.vpp > 1 else None)
+        par = ParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp)
         plan = plan_layout(spec, par, self.tp * self.pp, self.vit_pp_layers, self.llm_pp_layers)
         if plan.padded_vocab_size != self.padded_vocab_size:
             raise CheckpointFormatError(f"{META_FILE}: padded_vocab_size {self.padded_vocab_size} does not match the "

@@ -9,7 +9,7 @@ __all__ = ["ParallelSizes", "ParallelConfig"]
 
 @dataclass(frozen=True)
 class ParallelSizes:
-    """tp/pp/cp/dp degrees, virtual-pipeline chunks per stage (``vpp``, None = not interleaved) and
+    """tp/pp/cp/dp degrees, virtual-pipeline chunks per stage (``vpp``, None = not interleaved; 1 becomes None) and
     sequence parallelism (``sp``, needs tp > 1). ``world_size = tp * pp * cp * dp``."""
 
     tp: int = 1
@@ -29,6 +29,8 @@ class ParallelSizes:
                 raise ValueError(f"ParallelSizes.vpp must be null or an int >= 1, got {self.vpp!r}")
             if self.vpp > 1 and self.pp == 1:
                 raise ValueError(f"ParallelSizes.vpp={self.vpp} needs pp > 1")
+            if self.vpp == 1:  # the one place VPP is normalised: megatron takes None for "not interleaved"
+                object.__setattr__(self, "vpp", None)
         if not isinstance(self.sp, bool):
             raise ValueError(f"ParallelSizes.sp must be a bool, got {self.sp!r}")
         if self.sp and self.tp == 1:

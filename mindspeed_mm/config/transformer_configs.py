@@ -55,8 +55,7 @@ def _check_layout(path: str, layout: Any, parallel: ParallelSizes) -> None:
     shape = pipeline_shape(layout)
     if shape is None:
         return
-    vpp = parallel.vpp if parallel.vpp and parallel.vpp > 1 else None
-    want = (parallel.pp, vpp)
+    want = (parallel.pp, parallel.vpp)
     got = (shape[0], shape[1] if shape[1] and shape[1] > 1 else None)
     if got != want:
         raise ModelSpecError(path, f"layout {[list(x) if isinstance(x, tuple) else x for x in layout]} is for "
@@ -65,11 +64,10 @@ def _check_layout(path: str, layout: Any, parallel: ParallelSizes) -> None:
 
 def _common(module: Any, parallel: ParallelSizes) -> Dict[str, Any]:
     dtype = torch_dtype(module.params_dtype)
-    vpp = parallel.vpp if parallel.vpp and parallel.vpp > 1 else None
     return dict(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
         num_layers=module.num_layers,
         hidden_size=module.hidden_size,
         ffn_hidden_size=module.ffn_hidden_size,

@@ -192,7 +192,7 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
     if vit is None:
         vit = [[spec.vision.num_layers if (v, p) == (0, 0) else 0 for p in range(pp)] for v in range(vpp)]
     try:
-        par = ParallelSizes(tp=pc.tp_size, pp=pp, vpp=vpp if vpp > 1 else None)
+        par = ParallelSizes(tp=pc.tp_size, pp=pp, vpp=vpp)
     except ValueError as e:
         raise LayoutError(f"parallel_config: {e}") from None
     try:

@@ -101,7 +101,7 @@ def train(args) -> RunState:
     vpp = args.virtual_pipeline_model_parallel_size
     parallel = ParallelSizes.from_world_size(world, tp=tp, pp=pp, cp=cp, vpp=vpp, sp=args.sequence_parallel)
     plan = plan_layout(spec, parallel, world)  # validates the JSON's stage lists before any group exists
-    initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp if vpp and vpp > 1 else None, seed=args.seed)
+    initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=parallel.vpp, seed=args.seed)
     dp, dp_rank = parallel.dp, parallel_state.get_data_parallel_rank()
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):

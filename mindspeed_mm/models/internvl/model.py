@@ -102,7 +102,7 @@ class InternVLModel(MegatronModule):
         text_config = text_transformer_config(spec, parallel, variable_seq_lengths=parallel.pp > 1)
         super().__init__(config=text_config)
         self.spec, self.plan, self.stage, self.parallel = spec, plan, stage, parallel
-        self.vp_stage = stage.stage // parallel.pp if plan.num_chunks > 1 else None
+        self.vp_stage = stage.stage // parallel.pp if plan.vpp else None
         self.img_context_token_id = spec.img_context_token_id
         self.image_encoder = (VisionModel(spec, stage, vision_transformer_config(spec, parallel), text_config,
                                           self.vp_stage) if stage.has_vit else None)

@@ -1,0 +1,39 @@
+"""The parameter registry (models/internvl/params.py) is the model megatron builds: names, per-rank shapes at
+TP1, TP2 and unaligned TP2 (5 ViT heads), and which dim each tensor-parallel layer splits."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mindspeed_mm.testing.launch import run_torchrun
+
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+
+WORKER = Path(__file__).parent / "workers" / "param_registry_worker.py"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("registry") / "out"
+    run_torchrun(WORKER, 2, [str(prefix)], timeout=300)
+    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", ["vit300m/tp1", "vit300m/tp2", "vit6b/tp1", "vit6b/tp2"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_registry_is_what_megatron_builds(results, case, rank):
+    built, registry = results[rank][case]["built"], results[rank][case]["registry"]
+    assert sorted(built) == sorted(registry)
+    for name, want in registry.items():
+        got = built[name]
+        assert got["shape"] == want["shape"], (name, want["kind"])
+        assert (got["split"], got["dim"]) == (want["split"], want["dim"]), (name, want["kind"], got)
+
+
+def test_unaligned_heads_differ_per_rank(results):
+    """vit6b's 5 heads at TP2: rank 0 holds 3, rank 1 holds 2, so their ViT qkv rows differ."""
+    name = "image_encoder.encoder.encoder.layers.0.self_attention.linear_qkv.weight"
+    rows = [results[r]["vit6b/tp2"]["built"][name]["shape"][0] for r in range(2)]
+    assert rows[0] > rows[1] and rows[0] * 2 == rows[1] * 3, rows
