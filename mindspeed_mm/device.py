@@ -7,6 +7,11 @@ Like MindSpeed adapts Megatron to NPUs, this module patches those assumptions, i
 entry point, before any model is built. With CUDA available only the groups for any device are applied
 (those not in ``CPU_ONLY_GROUPS``: generation fast paths), unless forced (tests).
 
+``device_map`` rebinds torch's factory functions process-wide rather than pushing a
+``torch.overrides.TorchFunctionMode``: a mode is entered for every torch call and tensor attribute read,
+not only factories, and that Python call per op slows the small-model CPU steps this project runs (tests,
+decoding) far beyond what the rebinding costs; it would also be thread-local, so threads would miss it.
+
 It is tied to megatron-core's source: the version is checked, and every source rewrite asserts that
 its pattern is still there, so an upgrade fails here, loudly, instead of computing something else.
 """
