@@ -4,7 +4,13 @@ megatron-core assumes CUDA: it allocates on ``torch.cuda.current_device()``, syn
 keeps its RNG states on the GPU generator and checks ``param.type() == 'torch.cuda.FloatTensor'``.
 Like MindSpeed adapts Megatron to NPUs, this module patches those assumptions, in named groups
 (``PATCH_GROUPS``), each documented with what it replaces and why. Apply it first thing in every
-entry point, before any model is built. It does nothing when CUDA is available, unless forced (tests).
+entry point, before any model is built. With CUDA available only the groups for any device are applied
+(those not in ``CPU_ONLY_GROUPS``: generation fast paths), unless forced (tests).
+
+``device_map`` rebinds torch's factory functions process-wide rather than pushing a
+``torch.overrides.TorchFunctionMode``: a mode is entered for every torch call and tensor attribute read,
+not only factories, and that Python call per op slows the small-model CPU steps this project runs (tests,
+decoding) far beyond what the rebinding costs; it would also be thread-local, so threads would miss it.
 
 It is tied to megatron-core's source: the version is checked, and every source rewrite asserts that
 its pattern is still there, so an upgrade fails here, loudly, instead of computing something else.
@@ -23,7 +29,9 @@ import torch
 import torch.distributed as dist
 
 EXPECTED_MEGATRON_VERSION = "0.16.1"
-PATCH_GROUPS = ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes")
+PATCH_GROUPS = ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes",
+                "inference_fast_paths")
+CPU_ONLY_GROUPS = frozenset(PATCH_GROUPS) - {"inference_fast_paths"}
 _applied: list[str] = []
 
 
@@ -304,9 +312,96 @@ def _patch_no_apex_fixes() -> None:
         DO.load_state_dict, [('s["step"] = step\n', 's["step"] = step.clone()\n')], DO)
 
 
+def _rotary_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False):
+    """flash-attn's `apply_rotary_emb` in torch: x [b, s, heads, d], cos/sin [s, r/2]; the first r dims rotate
+    (rotate-half pairs), the rest pass through. The same products as megatron's own RoPE
+    (x * [cos, cos] + [-x2, x1] * [sin, sin]), written per half so that no cos/sin copy is built."""
+    if interleaved:
+        raise NotImplementedError("interleaved RoPE (Qwen2 is not interleaved)")
+    half = cos.shape[-1]
+    cos, sin = (t[None, :, None, :].to(x.dtype) for t in (cos, sin))
+    x1, x2, x_pass = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    return torch.cat(parts + [x_pass] if x_pass.shape[-1] else parts, dim=-1)
+
+
+def _patch_inference_fast_paths() -> None:
+    """Generation fast paths, on every device (not CPU-only). Process-wide it only fills
+    rope_utils.apply_rotary_emb_flash when flash-attn is missing: generation chunks run with
+    config.flash_decode (the KV cache holds keys with RoPE applied), and megatron's fallback for that
+    hook feeds the cos/sin values to cos() and sin() again, giving wrong numbers; `_rotary_cos_sin` is
+    flash-attn's function in torch. Training never sets flash_decode, so it never reaches the hook.
+    The rest is per chunk, in `use_generation_fast_paths`, because training must keep megatron's
+    autograd linears: it switches the chunk's LLM to flash_decode (megatron otherwise caches keys
+    unrotated and re-applies RoPE to the whole cache in every layer at every step), memoizes GPTModel's
+    per-length cos/sin tables and gives its tensor-parallel linears a plain F.linear forward."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.apply_rotary_emb_flash is None:
+        rope_utils.apply_rotary_emb_flash = _rotary_cos_sin
+
+
+def use_generation_fast_paths(chunk: torch.nn.Module) -> None:
+    """The per-chunk half of ``inference_fast_paths``, for a chunk that only generates (eval, no backward)."""
+    apply_device_adaptor(groups=("inference_fast_paths",))
+    _use_plain_linears(chunk)
+    decoder = getattr(chunk, "text_decoder", None)
+    if decoder is not None:
+        # Never switched to decode mode, so megatron's flash decoding kernel (flash-attn, CUDA) is not called
+        # and attention stays the model's core attention: only the rotated-key cache is taken.
+        decoder.config.flash_decode = True
+        _memoize_rope_tables(decoder)
+
+
+def _memoize_rope_tables(gpt) -> None:
+    # GPTModel caches the flash-decode tables with `cache.setdefault(n, get_cos_sin(n))`, which computes them
+    # again at every step anyway (3% of a CPU decode step); they depend on the length alone.
+    rope = gpt.rotary_pos_emb
+    compute, tables = rope.get_cos_sin, {}
+
+    def get_cos_sin(max_seq_len: int, offset: int = 0):
+        key = (max_seq_len, offset)
+        if key not in tables:
+            tables[key] = compute(max_seq_len, offset)
+        return tables[key]
+
+    rope.get_cos_sin = get_cos_sin
+
+
+def _inference_linear(input, weight, bias=None, sequence_parallel: bool = False, **_):
+    # Without SP the forward is the local matmul alone (TP communication sits outside `_forward_impl`), and the
+    # autograd Function's wrapping costs ~15 us per call, a tenth of a CPU decode step of a small model.
+    if sequence_parallel:
+        raise AssertionError("sequence parallelism is not used at inference")
+    return torch.nn.functional.linear(input, weight, bias)
+
+
+def _use_plain_linears(chunk: torch.nn.Module) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    tp1 = parallel_state.get_tensor_model_parallel_world_size() == 1
+    for module in chunk.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not module.sequence_parallel:
+            module._forward_impl = _inference_linear
+            if tp1:
+                # without TP the scatter/gather/reduce around the matmul are identities, each still an
+                # autograd Function call (~5 us): the whole layer is one F.linear
+                module.forward = functools.partial(_tp1_linear_forward, module)
+
+
+def _tp1_linear_forward(module, input_, weight=None, runtime_gather_output=None):
+    """Column/RowParallelLinear.forward at TP1 without SP: (output, bias returned separately or None)."""
+    w = module.weight if weight is None else weight
+    bias = getattr(module, "bias", None)
+    if module.skip_bias_add:
+        return torch.nn.functional.linear(input_, w), bias
+    return torch.nn.functional.linear(input_, w, bias), None
+
+
 _PATCHERS = {"cuda_shim": _patch_cuda_shim, "device_map": _patch_device_map, "rng": _patch_rng,
              "p2p_order": _patch_p2p_order, "type_str": _patch_type_str,
-             "no_apex_fixes": _patch_no_apex_fixes}
+             "no_apex_fixes": _patch_no_apex_fixes, "inference_fast_paths": _patch_inference_fast_paths}
 
 
 def _check_megatron_version() -> None:
@@ -321,19 +416,20 @@ def _check_megatron_version() -> None:
 def apply_device_adaptor(force: bool = False, groups: Iterable[str] | None = None) -> tuple[str, ...]:
     """Apply the patch groups (all by default); idempotent. Returns the groups applied so far.
 
-    With CUDA available nothing is applied unless ``force`` (tests of the adaptor on a GPU host).
+    With CUDA available the CPU_ONLY_GROUPS are skipped unless ``force`` (tests of the adaptor on a GPU host).
     """
-    if torch.cuda.is_available() and not force:
-        return tuple(_applied)
     wanted = PATCH_GROUPS if groups is None else tuple(groups)
     unknown = set(wanted) - set(PATCH_GROUPS)
     if unknown:
         raise ValueError(f"unknown patch groups {sorted(unknown)}; known: {PATCH_GROUPS}")
-    _check_megatron_version()
-    for name in PATCH_GROUPS:
-        if name in wanted and name not in _applied:
-            _PATCHERS[name]()
-            _applied.append(name)
+    if torch.cuda.is_available() and not force:
+        wanted = tuple(g for g in wanted if g not in CPU_ONLY_GROUPS)
+    todo = [g for g in PATCH_GROUPS if g in wanted and g not in _applied]
+    if todo:
+        _check_megatron_version()
+    for name in todo:
+        _PATCHERS[name]()
+        _applied.append(name)
     return tuple(g for g in PATCH_GROUPS if g in _applied)
 
 

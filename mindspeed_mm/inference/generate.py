@@ -1,8 +1,8 @@
 """Token generation: a prefill over the prompts, then one token per step against megatron-core's own KV cache
 (`StaticInferenceContext`, which megatron's attention fills and reads when it is passed to GPTModel; keys are
-cached with RoPE applied, see `stages.use_rotated_key_cache`), or,
-with ``use_cache: false``, the whole sequence recomputed every step (the reference system's way, kept as the
-baseline the cache is tested and benchmarked against).
+cached with RoPE applied, see the `inference_fast_paths` group of `mindspeed_mm.device`), or, with
+``use_cache: false``, the whole sequence recomputed every step (the reference system's way, kept as the baseline
+the cache is tested and benchmarked against).
 
 Batched prompts of different lengths are left-padded, so every request's newest token sits in the same
 column and one cache offset serves the batch (the static context has a single offset). The pads are masked
@@ -134,7 +134,7 @@ def generate(runner: StageRunner, prompts: Sequence[Tensor], pixel_values: Tenso
                                     attention_mask=_mask(pads, length + n, length + n))
         if context is not None:
             # The context stays in "prefill mode": decode mode would route attention to megatron's flash
-            # decoding kernel (see stages.use_rotated_key_cache); the cache offset is all our steps need.
+            # decoding kernel (see device.use_generation_fast_paths); the cache offset is all our steps need.
             context.increment_sequence_len_offset(length if n == 0 else 1)
         token = torch.empty(b, dtype=torch.long, device=device)
         if runner.is_last_stage:

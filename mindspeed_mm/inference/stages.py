@@ -12,16 +12,15 @@ starts the pass.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
+from mindspeed_mm.device import use_generation_fast_paths
 from mindspeed_mm.models.internvl.model import InternVLModel
 
-__all__ = ["StageRunner", "use_rotated_key_cache"]
+__all__ = ["StageRunner"]
 
 _WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_DIMS = 4
@@ -46,89 +45,10 @@ def _recv(src: int, device: torch.device) -> Tensor:
     return t
 
 
-def _rotary_cos_sin(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
-    """flash-attn's `apply_rotary_emb` in torch: x [b, s, heads, d], cos/sin [s, r/2]; the first r dims rotate
-    (rotate-half pairs), the rest pass through. The same products as megatron's own RoPE
-    (x * [cos, cos] + [-x2, x1] * [sin, sin]), written per half so that no cos/sin copy is built."""
-    if interleaved:
-        raise NotImplementedError("interleaved RoPE (Qwen2 is not interleaved)")
-    half = cos.shape[-1]
-    cos, sin = (t[None, :, None, :].to(x.dtype) for t in (cos, sin))
-    x1, x2, x_pass = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-    return torch.cat(parts + [x_pass] if x_pass.shape[-1] else parts, dim=-1)
-
-
-def use_rotated_key_cache(decoder_config) -> None:
-    """Make megatron's static KV cache hold keys with RoPE already applied, as its `flash_decode` option does.
-
-    Without it, megatron caches keys unrotated and re-applies RoPE to the whole cache in every layer at every
-    step (cos, sin and products over all cached positions): 15% of a decode step at 300 cached tokens on CPU,
-    more on longer prompts. With `flash_decode` the prompt's and each new token's keys are rotated once, by
-    cos/sin tables computed once per step. We never switch the context to decode mode, so megatron's flash
-    decoding kernel (flash-attn, CUDA) is not called and attention stays our core attention. Where flash-attn
-    is missing, megatron's fallback for the rotation feeds cos/sin values to cos() and sin() again (wrong
-    numbers), so its hook takes a torch version of flash-attn's rotary function."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.apply_rotary_emb_flash is None:
-        rope_utils.apply_rotary_emb_flash = _rotary_cos_sin
-    decoder_config.flash_decode = True
-
-
-def memoize_rope_tables(gpt) -> None:
-    """megatron's GPTModel caches the flash-decode cos/sin tables with `cache.setdefault(n, get_cos_sin(n))`,
-    which computes them (cos and sin over every position up to the cache length) again at every step anyway:
-    3% of a CPU decode step. The tables depend on the length alone, so compute each once."""
-    rope = gpt.rotary_pos_emb
-    compute, tables = rope.get_cos_sin, {}
-
-    def get_cos_sin(max_seq_len: int, offset: int = 0):
-        key = (max_seq_len, offset)
-        if key not in tables:
-            tables[key] = compute(max_seq_len, offset)
-        return tables[key]
-
-    rope.get_cos_sin = get_cos_sin
-
-
-def _inference_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, sequence_parallel: bool = False,
-                      **_) -> Tensor:
-    """The forward of megatron's tensor-parallel linears without their autograd Function: with no sequence
-    parallelism the forward is the local matmul alone (the TP communication sits outside `_forward_impl`), and
-    the Function's wrapping costs ~15 us per call, a tenth of a CPU decode step of a small model."""
-    if sequence_parallel:
-        raise AssertionError("sequence parallelism is not used at inference")
-    return torch.nn.functional.linear(input, weight, bias)
-
-
-def use_plain_linears(chunk: torch.nn.Module) -> None:
-    """Give every Column/RowParallelLinear of a generation-only chunk the plain forward (`_inference_linear`)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    tp1 = parallel_state.get_tensor_model_parallel_world_size() == 1
-    for module in chunk.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not module.sequence_parallel:
-            module._forward_impl = _inference_linear
-            if tp1:
-                # without TP the scatter/gather/reduce around the matmul are identities, each still an
-                # autograd Function call (~5 us): the whole layer is one F.linear
-                module.forward = functools.partial(_tp1_linear_forward, module)
-
-
-def _tp1_linear_forward(module, input_: Tensor, weight: Tensor | None = None, runtime_gather_output=None):
-    """Column/RowParallelLinear.forward at TP1 without SP: (output, bias returned separately or None)."""
-    w = module.weight if weight is None else weight
-    bias = getattr(module, "bias", None)
-    if module.skip_bias_add:
-        return torch.nn.functional.linear(input_, w), bias
-    return torch.nn.functional.linear(input_, w, bias), None
-
-
 class StageRunner:
-    """This rank's model chunks (one per virtual stage) and how a forward crosses the pipeline. It switches the
-    chunks' LLM config to the rotated-key cache (`use_rotated_key_cache`) and their linears to a plain forward
-    (`use_plain_linears`): chunks for generation only."""
+    """This rank's model chunks (one per virtual stage) and how a forward crosses the pipeline. It gives the
+    chunks the device adaptor's generation fast paths (`use_generation_fast_paths`: rotated-key cache, plain
+    linears): chunks for generation only."""
 
     def __init__(self, chunks: list[InternVLModel]):
         self.chunks = sorted(chunks, key=lambda c: c.stage.stage)
@@ -143,10 +63,7 @@ class StageRunner:
         self.device, self.dtype = param.device, param.dtype
         self._features: Tensor | None = None  # image features at the LLM's first stage (recompute steps)
         for chunk in self.chunks:
-            use_plain_linears(chunk)
-            if chunk.text_decoder is not None:
-                use_rotated_key_cache(chunk.text_decoder.config)
-                memoize_rope_tables(chunk.text_decoder)
+            use_generation_fast_paths(chunk)
 
     @property
     def is_last_stage(self) -> bool:

@@ -16,7 +16,9 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # megatron t
 # --- patch groups -------------------------------------------------------------------------------
 
 def test_patch_groups_listed():
-    assert PATCH_GROUPS == ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes")
+    assert PATCH_GROUPS == ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes",
+                            "inference_fast_paths")
+    assert device.CPU_ONLY_GROUPS == set(PATCH_GROUPS) - {"inference_fast_paths"}
     for name in PATCH_GROUPS:
         patcher = device._PATCHERS[name]
         assert patcher.__doc__ and len(patcher.__doc__) > 100, name
@@ -291,6 +293,22 @@ def test_distributed_optimizer_resumes_adam_step(megatron_single_rank):
             model_param, {k: v for k, v in tensors.items() if k != "step"})
     train_step(resumed_ddp, resumed)  # torch Adam adds 1 to each param's own step
     assert {s["step"].item() for s in resumed.optimizer.state.values()} == {3.0}
+
+
+# --- inference_fast_paths ----------------------------------------------------------------------------
+
+def test_rotated_key_hook_matches_megatron_rope():
+    """flash_decode rotates keys through rope_utils' flash-attn hook; without flash-attn megatron's fallback
+    gives other numbers, so the group fills the hook with a torch version of flash-attn's function."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.apply_rotary_emb_flash is not device._rotary_cos_sin:
+        pytest.skip("flash-attn is installed: megatron uses its own kernel")
+    theta = torch.randn(5, 4)
+    t = torch.randn(5, 2, 3, 10)  # [s, b, heads, d]: 8 dims rotate, 2 pass through
+    ref = rope_utils._apply_rotary_pos_emb_bshd(t, torch.cat([theta, theta], -1)[:, None, None, :])
+    assert torch.allclose(rope_utils.apply_rotary_pos_emb_with_cos_sin(t, theta.cos(), theta.sin()), ref,
+                          atol=1e-6)
 
 
 # --- megatron on one rank ---------------------------------------------------------------------------
