@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mindspeed_mm.testing.launch import run_torchrun
+from tests.helpers.launch import run_torchrun
 
 WORKERS = Path(__file__).parent / "workers"
 LOSS_TOL, GRAD_REL_TOL = 1e-5, 1e-5

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mindspeed_mm.testing.launch import run_torchrun
+from tests.helpers.launch import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "cp_attention.py"
 OUT_TOL, GRAD_REL_TOL = 1e-5, 1e-5

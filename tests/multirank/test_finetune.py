@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mindspeed_mm.testing.launch import run_torchrun
+from tests.helpers.launch import run_torchrun
 from mindspeed_mm.testing.tiny_run import pretrain_args, prepare_tiny_run, write_model_json
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]

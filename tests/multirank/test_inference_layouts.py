@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mindspeed_mm.testing.launch import run_torchrun
+from tests.helpers.launch import run_torchrun
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]

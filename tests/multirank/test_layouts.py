@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mindspeed_mm.testing.launch import run_torchrun
+from tests.helpers.launch import run_torchrun
 from mindspeed_mm.testing.layout_check import LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 

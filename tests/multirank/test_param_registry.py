@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mindspeed_mm.testing.launch import run_torchrun
+from tests.helpers.launch import run_torchrun
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 

@@ -97,7 +97,7 @@ def test_cp1_module_is_causal_attention(megatron_single_rank, algo):
     from megatron.core.transformer.enums import AttnMaskType
 
     from mindspeed_mm.parallel.context_parallel import ContextParallelAttention
-    from mindspeed_mm.testing.attention import reference_causal_attention
+    from tests.helpers.attention import reference_causal_attention
 
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                kv_channels=8, attention_dropout=0.0, use_cpu_initialization=True)

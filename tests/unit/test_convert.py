@@ -34,7 +34,7 @@ from mindspeed_mm.models.internvl.hf import mapping as hf_mapping
 from mindspeed_mm.parallel.layout import LayoutError
 from mindspeed_mm.models.internvl.sharding import local_state_dict
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
-from mindspeed_mm.testing.torch_files import without_serialization_id
+from tests.helpers.torch_files import without_serialization_id
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 from mindspeed_mm.checkpoint import streaming_save as ss
 from mindspeed_mm.checkpoint.streaming_save import LazyTensor, no_crc32, save_streaming
-from mindspeed_mm.testing.torch_files import without_serialization_id
+from tests.helpers.torch_files import without_serialization_id
 
 
 def _obj(g: torch.Generator) -> dict:

@@ -20,7 +20,7 @@ from mindspeed_mm.device import apply_device_adaptor
 from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
 from mindspeed_mm.parallel.context_parallel import (
     RING_ALGO, ULYSSES_ALGO, ContextParallelAttention, pad_to_multiple, zigzag_positions, zigzag_split)
-from mindspeed_mm.testing.attention import reference_causal_attention
+from tests.helpers.attention import reference_causal_attention
 from tiny_gpt import VOCAB, full_state, load_full_state, max_rel_diff, tiny_config  # beside this script
 
 LENGTH, BATCH, HEADS, GROUPS, HEAD_DIM = 13, 2, 4, 2, 8
