@@ -50,6 +50,7 @@ from mindspeed_mm.checkpoint.mm_format import (
 from mindspeed_mm.checkpoint.streaming_save import LazyTensor, SideBySide, owned
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_hf_dir
 from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.internvl.hf_mapping import Rule, mapping_rules, pieces_from_parts
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_layout
 from mindspeed_mm.parallel.sharding import Slice, cat, shard_slice, slice_from_shards, stage_name
@@ -166,7 +167,7 @@ def _log(msg: str) -> None:
 
 def _workers(n: int) -> int:
     if n < 0:
-        raise ValueError(f"workers: must be >= 0 (0 = one per CPU core), got {n}")
+        raise UserError(f"workers: must be >= 0 (0 = one per CPU core), got {n}")
     return n or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -193,6 +194,15 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
         if val is not None and not (isinstance(val, (list, tuple)) and val
                                     and all(isinstance(r, (list, tuple)) and r for r in val)):
             raise LayoutError(f"parallel_config.{name}: expected a non-empty list of non-empty lists, got {val!r}")
+        if val is not None and len({len(r) for r in val}) > 1:
+            raise LayoutError(f"parallel_config.{name}: {_compact(val)} has inner lists of lengths "
+                              f"{[len(r) for r in val]}; each needs one entry per pipeline stage")
+    if llm is not None and vit is not None and (len(llm), len(llm[0])) != (len(vit), len(vit[0])):
+        # pp and vpp are read off llm_pp_layers: name it too, not vit_pp_layers alone
+        n, what, run = ((len(vit[0]), "entries", f"pp={len(llm[0])}") if len(vit[0]) != len(llm[0])
+                        else (len(vit), "virtual-stage lists", f"vpp={len(llm)}"))
+        raise LayoutError(f"parallel_config: vit_pp_layers {_compact(vit)} has {n} {what} but the run has {run}, read "
+                          f"off llm_pp_layers {_compact(llm)}; give both the same [vpp][pp] shape")
     shape_src = llm if llm is not None else vit
     if shape_src is None:
         pp, vpp = 1, 1
@@ -211,7 +221,12 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
     try:
         return plan_layout(spec, par, pc.tp_size * pp, vit, llm)
     except LayoutError as e:
-        raise LayoutError(f"parallel_config.{e}" if str(e).startswith(("vit_pp", "llm_pp")) else str(e)) from None
+        msg = str(e).replace("tensor_model_parallel_size", "parallel_config.tp_size")
+        raise LayoutError(f"parallel_config.{msg}" if msg.startswith(("vit_pp", "llm_pp")) else msg) from None
+
+
+def _compact(rows) -> str:
+    return json.dumps(rows, separators=(",", ":"))
 
 
 def _layout_str(plan: LayoutPlan) -> str:
@@ -590,7 +605,7 @@ def _parse_size(size: Union[int, str]) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size: cannot parse {size!r} (use bytes or e.g. '5GB')")
+        raise UserError(f"max_shard_size: cannot parse {size!r} (use bytes or e.g. '5GB')")
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
@@ -631,7 +646,8 @@ def _target_config(config: dict, src_fmt: str, fmt: str, spec: InternVLSpec) -> 
 def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
     t0 = time.perf_counter()
     if not cfg.hf_config.hf_dir:
-        raise ValueError("hf_config.hf_dir is required")
+        raise UserError("hf_config.hf_dir is required: the HF checkpoint to convert (--cfg.hf_config.hf_dir DIR)")
+    workers = _workers(cfg.workers)
     check_output_dir(Path(cfg.mm_dir).absolute(), cfg.overwrite)
     if cfg.trust_remote_code:
         _log("note: trust_remote_code is ignored; config.json is read as data and no checkpoint code is run")
@@ -663,7 +679,7 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
 
     with atomic_output_dir(cfg.mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, cfg.progress, "hf_to_mm",
-                                   _workers(cfg.workers), cfg.direct_io,
+                                   workers, cfg.direct_io,
                                    after_write=src.mapped.drop_pages)
         src.release()
         tp = plan.parallel.tp
@@ -675,12 +691,13 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
                                                    hf_config=src.config, dtypes=dict(src.dtypes)))
     s = ConvertSummary("hf_to_mm", str(Path(cfg.mm_dir).absolute()), f"{src.format} HF -> MM {_layout_str(plan)}",
                        files, n_bytes, time.perf_counter() - t0, src.format)
-    _log(s.line())
     return s
 
 
 def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[str]
                    ) -> tuple[MMCheckpointMeta, InternVLSpec, LayoutPlan]:
+    if not mm_dir.is_dir():
+        raise FileNotFoundError(f"mm_dir: no such directory: {mm_dir}")
     if (mm_dir / META_FILE).is_file():
         meta = checkpoint_meta(mm_dir)
         spec = meta.spec()
@@ -707,14 +724,14 @@ def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
     t0 = time.perf_counter()
     mm_dir = Path(cfg.mm_dir).absolute()
     out_dir = Path(cfg.save_hf_dir).absolute()
+    if cfg.hf_format not in (None, NATIVE, ORIGINAL):
+        raise UserError(f"hf_format: expected 'native' or 'original', got {cfg.hf_format!r}")
+    max_bytes = _parse_size(cfg.max_shard_size)
     check_output_dir(out_dir, cfg.overwrite)
     if cfg.trust_remote_code:
         _log("note: trust_remote_code is ignored; no checkpoint code is run")
     meta, spec, plan = _meta_and_plan(mm_dir, cfg.parallel_config, cfg.hf_config.hf_dir)
     fmt = cfg.hf_format or meta.source_format
-    if fmt not in (NATIVE, ORIGINAL):
-        raise ValueError(f"hf_format: expected 'native' or 'original', got {fmt!r}")
-    max_bytes = _parse_size(cfg.max_shard_size)
     src = MMSource(mm_dir, meta, spec, plan)
     _log(f"{mm_dir}: MM {_layout_str(plan)} from {meta.source_format} HF -> {fmt} HF")
     shapes = mm_param_shapes(spec)
@@ -779,13 +796,13 @@ def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
     s = ConvertSummary("mm_to_hf", str(out_dir), f"MM {_layout_str(plan)} -> {fmt} HF", len(names), n_bytes,
                        time.perf_counter() - t0, meta.source_format)
     _log(f"copied {len(copied)} non-weight file(s) from {config_dir}")
-    _log(s.line())
     return s
 
 
 def resplit(cfg: ResplitConfig) -> ConvertSummary:
     t0 = time.perf_counter()
     mm_dir = Path(cfg.mm_dir).absolute()
+    workers = _workers(cfg.workers)
     check_output_dir(Path(cfg.save_mm_dir).absolute(), cfg.overwrite)
     meta, spec, plan_a = _meta_and_plan(mm_dir, None, None)
     plan_b = plan_from_parallel_config(spec, cfg.parallel_config)
@@ -793,7 +810,7 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     _log(f"{mm_dir}: MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}")
     with atomic_output_dir(cfg.save_mm_dir, cfg.overwrite) as tmp:
         files, n_bytes = _write_mm(tmp, spec, plan_b, src.pieces, src.dtype, cfg.progress, "resplit",
-                                   _workers(cfg.workers), cfg.direct_io,
+                                   workers, cfg.direct_io,
                                    after_write=src.mapped.drop_pages)
         src.release()
         if src.unused:
@@ -806,5 +823,4 @@ def resplit(cfg: ResplitConfig) -> ConvertSummary:
     s = ConvertSummary("resplit", str(Path(cfg.save_mm_dir).absolute()),
                        f"MM {_layout_str(plan_a)} -> MM {_layout_str(plan_b)}", files, n_bytes,
                        time.perf_counter() - t0, meta.source_format)
-    _log(s.line())
     return s

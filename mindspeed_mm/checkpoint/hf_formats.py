@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Literal, Mapping
 
 import numpy as np
 
+from mindspeed_mm.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,7 +64,7 @@ DEFAULT_IMAGE_TOKEN_ID = 151667  # <IMG_CONTEXT> in the Qwen2.5-based InternVL3 
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
     """A checkpoint file is missing, truncated or malformed (the message names the file)."""
 
 
@@ -81,11 +83,11 @@ def detect_format(config: Mapping) -> HFFormat:
 
     ``original``: ``architectures`` contains ``InternVLChatModel``, or ``model_type == "internvl_chat"``, or an
     ``llm_config`` next to a ``vision_config`` with InternViT fields. ``native``: ``model_type == "internvl"`` or
-    ``architectures`` contains ``InternVLForConditionalGeneration``. Anything else raises ValueError naming what
-    was found.
+    ``architectures`` contains ``InternVLForConditionalGeneration``. Anything else raises CheckpointFormatError
+    naming what was found.
     """
     if not isinstance(config, Mapping):
-        raise ValueError(f"InternVL config must be a JSON object, found {type(config).__name__}")
+        raise CheckpointFormatError(f"InternVL config must be a JSON object, found {type(config).__name__}")
     archs = config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
@@ -102,7 +104,7 @@ def detect_format(config: Mapping) -> HFFormat:
     )
     is_native = bool(_NATIVE_ARCHS.intersection(archs)) or model_type == "internvl"
     if is_original and is_native:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"config is ambiguous: it looks both original and native "
             f"(architectures={archs!r}, model_type={model_type!r}, keys={sorted(config)!r})"
         )
@@ -110,7 +112,7 @@ def detect_format(config: Mapping) -> HFFormat:
         return ORIGINAL
     if is_native:
         return NATIVE
-    raise ValueError(
+    raise CheckpointFormatError(
         "not an InternVL config: expected architectures InternVLChatModel (original) or "
         f"InternVLForConditionalGeneration / model_type 'internvl' (native); found architectures={archs!r}, "
         f"model_type={model_type!r}, top-level keys={sorted(config)!r}"
@@ -391,7 +393,7 @@ def _square(value, what: str) -> int:
     """int or [n, n] -> n."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{what} must be square, got {value!r}")
+            raise CheckpointFormatError(f"{what} must be square, got {value!r}")
         value = value[0]
     return int(value)
 
@@ -401,7 +403,7 @@ def image_seq_length(image_size: int, patch_size: int, downsample_ratio: float) 
     grid = image_size // patch_size
     n = grid * grid * downsample_ratio * downsample_ratio
     if abs(n - round(n)) > 1e-6:
-        raise ValueError(f"grid {grid}x{grid} is not divisible by downsample ratio {downsample_ratio}")
+        raise CheckpointFormatError(f"grid {grid}x{grid} is not divisible by downsample ratio {downsample_ratio}")
     return int(round(n))
 
 
@@ -417,20 +419,21 @@ def original_config_to_native(cfg: Mapping, image_token_id: int | None = None) -
     if detect_format(cfg) != ORIGINAL:
         raise ValueError("original_config_to_native() needs an original (InternVLChatModel) config")
     if "llm_config" not in cfg or "vision_config" not in cfg:
-        raise ValueError(f"original config lacks llm_config/vision_config (keys: {sorted(cfg)})")
+        raise CheckpointFormatError(f"original config lacks llm_config/vision_config (keys: {sorted(cfg)})")
     ocfg = copy.deepcopy(dict(cfg))
     ov = ocfg["vision_config"]
     missing = [k for k in _VISION_REQUIRED if k not in ov]
     if missing:
-        raise ValueError(f"original vision_config lacks {missing}")
+        raise CheckpointFormatError(f"original vision_config lacks {missing}")
     ps_version = ocfg.get("ps_version", "v2")
     if ps_version != "v2":
-        raise ValueError(f"ps_version {ps_version!r} is not supported (InternVL3 and the native model use 'v2')")
+        raise CheckpointFormatError(f"ps_version {ps_version!r} is not supported (InternVL3 and the native model "
+                                    "use 'v2')")
     image_size = _square(ov["image_size"], "vision_config.image_size")
     patch_size = _square(ov["patch_size"], "vision_config.patch_size")
     force = ocfg.get("force_image_size")
     if force is not None and int(force) != image_size:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"force_image_size {force} differs from vision_config.image_size {image_size}; the position "
             "embeddings would need resampling, which this converter does not do"
         )
@@ -499,16 +502,17 @@ def native_config_to_original(cfg: Mapping) -> dict:
     nv = ncfg.get("vision_config") or {}
     text = ncfg.get("text_config")
     if not isinstance(text, Mapping):
-        raise ValueError("native config lacks text_config")
+        raise CheckpointFormatError("native config lacks text_config")
     if ncfg.get("projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"projector_hidden_act {ncfg['projector_hidden_act']!r} has no original equivalent")
+        raise CheckpointFormatError(f"projector_hidden_act {ncfg['projector_hidden_act']!r} has no original equivalent")
     if ncfg.get("vision_feature_select_strategy", "default") != "default":
-        raise ValueError(
+        raise CheckpointFormatError(
             f"vision_feature_select_strategy {ncfg['vision_feature_select_strategy']!r} has no original "
             "equivalent (the original always drops CLS)"
         )
     if nv.get("use_mean_pooling") is False:
-        raise ValueError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm the original lacks")
+        raise CheckpointFormatError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm the original "
+                                    "lacks")
     image_size = _square(nv.get("image_size", 448), "vision_config.image_size")
     patch_size = _square(nv.get("patch_size", 14), "vision_config.patch_size")
 
@@ -541,7 +545,7 @@ def native_config_to_original(cfg: Mapping) -> dict:
     if "architectures" not in llm:
         mt = llm.get("model_type", "qwen2")
         if mt not in _LLM_ARCH:
-            raise ValueError(f"no original LLM architecture known for text_config.model_type {mt!r}")
+            raise CheckpointFormatError(f"no original LLM architecture known for text_config.model_type {mt!r}")
         llm["architectures"] = [_LLM_ARCH[mt]]
     rope = llm.get("rope_parameters")
     if isinstance(rope, Mapping) and "rope_theta" not in llm and "rope_theta" in rope:

@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.errors import UserError
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """A layout the project cannot run; the message names the offending field and value."""
 
 
