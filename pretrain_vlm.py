@@ -2,6 +2,8 @@
 
 The reference recipe's flags are accepted as written (`python pretrain_vlm.py --help` lists them all)."""
 if __name__ == "__main__":  # dist_checkpointing-style spawned helpers must not re-run the launch
+    import sys
+
     from mindspeed_mm.training.train import main
 
-    main()
+    sys.exit(main())

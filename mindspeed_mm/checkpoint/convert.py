@@ -207,6 +207,7 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
              progress: bool = True, workers: int = 0, direct_io: bool = True) -> ConvertSummary:
     """An HF checkpoint (either format) as MM shards of the layout `parallel` (default: one rank)."""
     t0 = time.perf_counter()
+    workers = _workers(workers)
     check_output_dir(Path(mm_dir).absolute(), overwrite)
     src = HFSource(hf_dir)
     _log(f"{src.dir}: detected HF format '{src.format}', {src.layout}, {len(src.files)} tensors "
@@ -236,7 +237,7 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
 
     with atomic_output_dir(mm_dir, overwrite) as tmp:
         files, n_bytes = write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, progress, "hf_to_mm",
-                                  _workers(workers), direct_io, after_write=src.mapped.drop_pages)
+                                  workers, direct_io, after_write=src.mapped.drop_pages)
         src.release()
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
@@ -251,6 +252,8 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
 
 def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[str]
                    ) -> tuple[MMCheckpointMeta, InternVLSpec, LayoutPlan]:
+    if not mm_dir.is_dir():
+        raise FileNotFoundError(f"mm_dir: no such directory: {mm_dir}")
     if (mm_dir / META_FILE).is_file():
         meta = checkpoint_meta(mm_dir)
         spec = meta.spec()
@@ -280,12 +283,12 @@ def mm_to_hf(mm_dir: str, save_hf_dir: str, hf_format: Optional[str] = None, hf_
     match the metadata (and is needed, with `hf_dir`, for a checkpoint without metadata)."""
     t0 = time.perf_counter()
     mm_dir, out_dir = Path(mm_dir).absolute(), Path(save_hf_dir).absolute()
+    if hf_format not in (None, NATIVE, ORIGINAL):
+        raise UserError(f"hf_format: expected 'native' or 'original', got {hf_format!r}")
+    max_bytes = _parse_size(max_shard_size)
     check_output_dir(out_dir, overwrite)
     meta, spec, plan = _meta_and_plan(mm_dir, parallel, hf_dir)
     fmt = hf_format or meta.source_format
-    if fmt not in (NATIVE, ORIGINAL):
-        raise UserError(f"hf_format: expected 'native' or 'original', got {fmt!r}")
-    max_bytes = _parse_size(max_shard_size)
     src = MMSource(mm_dir, meta, spec, plan)
     _log(f"{mm_dir}: MM {plan.describe()} from {meta.source_format} HF -> {fmt} HF")
     shapes = param_shapes(spec)
@@ -322,6 +325,7 @@ def resplit(mm_dir: str, save_mm_dir: str, parallel: Optional[ParallelConfig] = 
     """An MM checkpoint in another layout, cut straight from its shards (never through HF)."""
     t0 = time.perf_counter()
     mm_dir = Path(mm_dir).absolute()
+    workers = _workers(workers)
     check_output_dir(Path(save_mm_dir).absolute(), overwrite)
     meta, spec, plan_a = _meta_and_plan(mm_dir, None, None)
     plan_b = plan_from_parallel_config(spec, parallel or ParallelConfig())
@@ -329,7 +333,7 @@ def resplit(mm_dir: str, save_mm_dir: str, parallel: Optional[ParallelConfig] = 
     _log(f"{mm_dir}: MM {plan_a.describe()} -> MM {plan_b.describe()}")
     with atomic_output_dir(save_mm_dir, overwrite) as tmp:
         files, n_bytes = write_mm(tmp, spec, plan_b, src.pieces, src.dtype, progress, "resplit",
-                                  _workers(workers), direct_io, after_write=src.mapped.drop_pages)
+                                  workers, direct_io, after_write=src.mapped.drop_pages)
         src.release()
         if src.unused:
             path, v, k = sorted(src.unused)[0]

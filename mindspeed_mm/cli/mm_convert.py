@@ -12,12 +12,15 @@ options are the dataclasses below (their `help` metadata is what `--help` prints
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from mindspeed_mm.checkpoint import convert
+from mindspeed_mm.errors import UserError, run_main
 from mindspeed_mm.checkpoint.convert import ConvertSummary
 from mindspeed_mm.config.parallel import ParallelConfig
 
@@ -98,7 +101,7 @@ def _note_trust(cfg) -> None:
 
 def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
     if not cfg.hf_config.hf_dir:
-        raise convert.UserError("hf_config.hf_dir is required")
+        raise UserError("hf_config.hf_dir is required: the HF checkpoint to convert (--cfg.hf_config.hf_dir DIR)")
     _note_trust(cfg)
     return convert.hf_to_mm(cfg.hf_config.hf_dir, cfg.mm_dir, cfg.parallel_config, overwrite=cfg.overwrite,
                             progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io)
@@ -147,8 +150,10 @@ def build_parser(only: Optional[str] = None):
     that may itself take ~3 s)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    root = ArgumentParser(prog="mm-convert", description="InternVL3 checkpoint converter: HF <-> MM (Megatron) "
-                          "and MM resharding; streaming, bit-exact, atomic.")
+    # exit_on_error=False: a parse error is raised (see _parse_error) instead of printing the whole usage
+    root = ArgumentParser(prog="mm-convert", exit_on_error=False,
+                          description="InternVL3 checkpoint converter: HF <-> MM (Megatron) and MM resharding; "
+                          "streaming, bit-exact, atomic.")
     conv = ArgumentParser(description=f"{CONVERTER}: InternVL3 (InternViT + MLP projector + Qwen2 LLM).")
     root_subs = root.add_subcommands(dest="converter")
     root_subs.add_subcommand(CONVERTER, conv, help="The InternVL3 converter (hf_to_mm, mm_to_hf, resplit).")
@@ -173,11 +178,32 @@ def build_parser(only: Optional[str] = None):
     return root
 
 
+def _parse_error(message: str, command: Optional[str]) -> str:
+    """jsonargparse's report of a bad option, several lines long, as one short line naming the option."""
+    m = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if m:
+        lines = [line.strip(" -") for line in m.group(2).splitlines() if line.strip()]
+        # A Union's report lists every alternative's complaint; the first is about the type that was meant.
+        why = next((line for line in lines if line.startswith("Expected") and "NoneType" not in line), lines[0])
+        given = next((line for line in lines if line.startswith("Given value:")), None)
+        message = f"--{m.group(1)}: {why}" + (f" ({given})" if given and "Got value" not in why else "")
+    message = re.sub(r"Expected an? <class '(\w+)'>", r"expected \1", message)
+    message = re.sub(r"\.? ?(Got|Given) value:", ", got", message).replace("(, got", "(got")
+    message = re.sub(rf"\b{CONVERTER}\.\w+\.cfg\.", "--cfg.", message)  # required options, by their dest
+    return f"{message} (see mm-convert {f'{CONVERTER} {command} ' if command else ''}--help)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_main("mm-convert", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     named = argv[1] if len(argv) > 1 and argv[0] == CONVERTER and argv[1] in COMMANDS else None
     parser = build_parser(only=named)
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise UserError(_parse_error(str(e), named)) from e
     sub = ns[ns.converter]
     cls, func, _ = COMMANDS[sub.command]
     inst = getattr(parser, "instantiate", None) or parser.instantiate_classes

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
+from mindspeed_mm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -67,7 +69,7 @@ _PROJECTOR_PATH = "image_encoder.vision_projector"
 _TEXT_PATH = "text_decoder"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError):
     """A model spec is malformed or inconsistent. ``key_path`` names the offending key."""
 
     def __init__(self, key_path: str, message: str):
@@ -717,7 +719,10 @@ def load_model_spec(src: Union[str, Path, Mapping[str, Any]]) -> InternVLSpec:
     if isinstance(src, Mapping):
         return spec_from_dict(src)
     path = Path(src)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelSpecError("", f"{path}: cannot read the model spec: {e.strerror or e}") from None
     try:
         raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:

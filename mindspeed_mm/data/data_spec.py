@@ -32,6 +32,7 @@ from typing import Any
 
 from mindspeed_mm.data.tokenizer import TokenizerConfig
 from mindspeed_mm.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+from mindspeed_mm.errors import UserError
 
 __all__ = [
     "SAMPLING_PATTERN",
@@ -52,7 +53,7 @@ SAMPLING_PATTERN = re.compile(r"^(rand|middle|fps(\d+(\.\d*)?|\.\d+))$")
 _MISSING = object()
 
 
-class DataSpecError(ValueError):
+class DataSpecError(UserError):
     """A data spec is malformed. ``key_path`` names the offending key, ``source`` the file (if any)."""
 
     def __init__(self, key_path: str, message: str, source: str | None = None):

@@ -44,6 +44,7 @@ from mindspeed_mm.data.tiling import (
     to_pixel_values,
 )
 from mindspeed_mm.data.video import read_video_frames
+from mindspeed_mm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ def read_annotations(path: str | os.PathLike) -> list[Any]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if not isinstance(records, list):
-            raise ValueError(f"{path}: a .json annotation file must hold a list of records")
+            raise UserError(f"{path}: a .json annotation file must hold a list of records")
         return records
     records = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -121,7 +122,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         self.tokens_per_tile, self.system_message = p.tokens_per_tile, system_message
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if self.img_context_id is None or self.img_context_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token")
+            raise UserError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token")
 
         # (record, folder its paths are relative to, "file:n" for messages)
         self.records: list[tuple[Any, str, str]] = []
@@ -135,7 +136,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 indexed = indexed * int(basic.repeat_time)
             self.records += indexed
         if not self.records:
-            raise ValueError(f"no samples in {[b.data_path for b in p.basic_parameters]}")
+            raise UserError(f"no samples in {[b.data_path for b in p.basic_parameters]}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -155,8 +156,8 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 continue
             sample["skipped"] = dict(skipped)
             return sample
-        raise RuntimeError(f"{sum(skipped.values())} samples in a row from index {index} are unusable "
-                           f"({dict(skipped)}); the last: {last}. Check data_path / data_folder.")
+        raise UserError(f"{sum(skipped.values())} samples in a row from index {index} are unusable "
+                        f"({dict(skipped)}); the last: {last}. Check data_path / data_folder.")
 
     # ---- one record -------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mindspeed_mm.config.model_spec import IGNORE_INDEX, IMG_CONTEXT_TOKEN
-
+from mindspeed_mm.errors import UserError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -63,6 +63,9 @@ def _check_turns(conversations) -> tuple[str | None, list[dict]]:
             raise ValueError(f"turn {i}: unknown role {turn['from']!r} (expected one of {sorted(_ROLES)})")
         if not isinstance(turn["value"], str):
             raise ValueError(f"turn {i}: 'value' must be a string, got {type(turn['value']).__name__}")
+        if IMG_CONTEXT_TOKEN in turn["value"]:  # it would become an image slot with no image behind it
+            raise UserError(f"turn {i}: the text holds {IMG_CONTEXT_TOKEN}, which only {IMAGE_PLACEHOLDER} "
+                            f"placeholders may produce; write {IMAGE_PLACEHOLDER} instead")
     system = None
     turns = list(conversations)
     if turns[0]["from"] == "system":
@@ -128,7 +131,7 @@ def build_conversation(
         values[0] = IMAGE_PLACEHOLDER + "\n" + values[0]
     n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for v in values)
     if n_placeholders != len(tiles_per_image):
-        raise ValueError(
+        raise UserError(
             f"conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
             f"{len(tiles_per_image)} image(s) were given (tiles_per_image={tiles_per_image})"
         )

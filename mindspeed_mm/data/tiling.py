@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+from mindspeed_mm.errors import UserError
+
+if TYPE_CHECKING:  # imported where used: the data spec's checks import this module and run before torch
+    import torch
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -85,6 +90,8 @@ def to_pixel_values(
     tiles: list[Image.Image], mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
     """Stack RGB tiles into ``[n, 3, H, W]`` float32: ``uint8 / 255`` then ``(x - mean) / std`` per channel."""
+    import torch
+
     if not tiles:
         raise ValueError("no tiles to convert")
     arrays = []
@@ -110,4 +117,4 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             im.load()
             return im.convert("RGB")
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... on bad files
-        raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        raise UserError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e

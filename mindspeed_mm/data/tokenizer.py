@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mindspeed_mm.errors import UserError
+
 __all__ = ["TokenizerConfig", "load_tokenizer"]
 
 
@@ -30,6 +32,6 @@ def load_tokenizer(cfg: TokenizerConfig, img_context_token_id: int):
     tokenizer = cfg.load()
     img = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     if img != img_context_token_id:
-        raise ValueError(f"tokenizer {cfg.from_pretrained} maps {IMG_CONTEXT_TOKEN} to {img}, but the model's "
-                         f"img_context_token_id is {img_context_token_id}: not this model's tokenizer")
+        raise UserError(f"tokenizer {cfg.from_pretrained} maps {IMG_CONTEXT_TOKEN} to {img}, but the model's "
+                        f"img_context_token_id is {img_context_token_id}: not this model's tokenizer")
     return tokenizer

@@ -20,6 +20,8 @@ from itertools import pairwise
 import numpy as np
 from PIL import Image
 
+from mindspeed_mm.errors import UserError
+
 __all__ = ["frame_indices", "read_video_frames", "video_backend"]
 
 
@@ -93,29 +95,29 @@ def read_video_frames(path: str | os.PathLike, num_frames: int, sampling: str = 
                       ) -> list[Image.Image]:
     """``num_frames`` RGB frames of the video at ``path`` (for ``fps<r>`` sampling: at most that many), taken
     from the ``clip = [start, end]`` seconds if given. Errors name the file: FileNotFoundError if it does not
-    exist, ValueError if it cannot be decoded or the clip is empty."""
+    exist, UserError (a ValueError) if it cannot be decoded or the clip is empty."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
     try:
         video = _DecordVideo(path) if video_backend() == "decord" else _AVVideo(path)
     except Exception as e:  # decord raises DECORDError, PyAV av.error.*; both mean "not a readable video"
-        raise ValueError(f"cannot read video file {path}: {type(e).__name__}: {e}") from e
+        raise UserError(f"cannot read video file {path}: {type(e).__name__}: {e}") from e
     if video.vlen < 1:
-        raise ValueError(f"video file {path} has no frames")
+        raise UserError(f"video file {path} has no frames")
     start, vlen = 0, video.vlen
     if clip is not None:
         if len(clip) != 2 or video.fps <= 0 or not 0 <= clip[0] < clip[1]:
-            raise ValueError(f"video file {path}: bad clip {list(clip)!r} (want [start, end] seconds, "
-                             f"0 <= start < end; frame rate {video.fps})")
+            raise UserError(f"video file {path}: bad clip {list(clip)!r} (want [start, end] seconds, "
+                            f"0 <= start < end; frame rate {video.fps})")
         start = int(clip[0] * video.fps)
         vlen = min(int((clip[1] - clip[0]) * video.fps), video.vlen - start)
         if vlen < 1:
-            raise ValueError(f"video file {path}: clip {list(clip)!r} holds no frame of the {video.vlen}-frame, "
-                             f"{video.fps:g} fps video")
+            raise UserError(f"video file {path}: clip {list(clip)!r} holds no frame of the {video.vlen}-frame, "
+                            f"{video.fps:g} fps video")
     idx = [start + i for i in frame_indices(num_frames, vlen, sampling, video.fps, rng)]
     try:
         arrays = video.frames(idx)
     except Exception as e:
-        raise ValueError(f"cannot decode frames {idx} of video file {path}: {type(e).__name__}: {e}") from e
+        raise UserError(f"cannot decode frames {idx} of video file {path}: {type(e).__name__}: {e}") from e
     return [Image.fromarray(a).convert("RGB") for a in arrays]

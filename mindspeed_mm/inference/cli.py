@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from mindspeed_mm.device import apply_device_adaptor
+from mindspeed_mm.errors import run_main
 
 __all__ = ["main", "run"]
 
@@ -39,16 +40,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _device(name: str) -> str:
     import torch
 
+    from mindspeed_mm.inference.config import InferenceConfigError
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+        raise InferenceConfigError("device", "'cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
     return name
 
 
-def run(cfg) -> list[dict]:
+def run(cfg, info=None) -> list[dict]:
     """Generate for `cfg` (an InferenceConfig) on this process's share of the model; all ranks return the
-    results. Expects the default process group (init_distributed) of the checkpoint's size."""
+    results. Expects the default process group (init_distributed) of the checkpoint's size. `info`: the
+    checkpoint's `inspect_checkpoint`, if already read."""
     import torch
 
     from mindspeed_mm.data.tokenizer import load_tokenizer
@@ -59,7 +63,7 @@ def run(cfg) -> list[dict]:
     )
     from mindspeed_mm.inference.pipeline import InternVLPipeline
 
-    info = inspect_checkpoint(cfg.from_pretrained, cfg.model)
+    info = info or inspect_checkpoint(cfg.from_pretrained, cfg.model)
     check_world(info, torch.distributed.get_world_size())
     tokenizer = load_tokenizer(cfg.tokenizer, info.spec.img_context_token_id)
     runner = build_runner(info, cfg.dtype)
@@ -68,26 +72,33 @@ def run(cfg) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("inference_vlm.py", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parse(argv)
-    # Reading the config first makes a bad key or a missing file fail in a second, before any group starts.
+    # The config and the checkpoint's metadata are read before torch is imported or any group starts: a bad
+    # key, a missing file or a wrong checkpoint fails in a second, on every rank alike.
     from mindspeed_mm.inference.config import load_inference_config
+    from mindspeed_mm.inference.loading import check_world, inspect_checkpoint
 
     cfg = load_inference_config(args.config)
     overrides = {k: v for k, v in (("output_path", args.output_path), ("seed", args.seed)) if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
+    info = inspect_checkpoint(cfg.from_pretrained, cfg.model)
     if args.print_nproc:
-        from mindspeed_mm.inference.loading import inspect_checkpoint
-
-        print(inspect_checkpoint(cfg.from_pretrained, cfg.model).world_size)
+        print(info.world_size)
         return 0
+    from mindspeed_mm.device import apply_device_adaptor
+    from mindspeed_mm.distributed import destroy_distributed, init_distributed, parse_launch_env
+
+    check_world(info, parse_launch_env(os.environ).world_size)  # before megatron and any process group
     device = _device(cfg.device)
     apply_device_adaptor(force=device == "cpu")  # megatron assumes CUDA; on CPU it runs through the adaptor
-    from mindspeed_mm.distributed import destroy_distributed, init_distributed
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     launch = init_distributed(backend="nccl" if device == "cuda" else "gloo")
     try:
-        results = run(cfg)
+        results = run(cfg, info)
         if launch.rank == 0:
             for r in results:
                 print(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mindspeed_mm.data.tokenizer import TokenizerConfig
+from mindspeed_mm.errors import UserError
 
 __all__ = [
     "DATA_TYPES",
@@ -57,7 +58,7 @@ MODEL_KEYS = ("model_id", "img_context_token_id", "downsample_ratio", "select_la
 _TEXT_MODEL_ALIASES = {"Qwen2.5llm": "internllm"}
 
 
-class InferenceConfigError(ValueError):
+class InferenceConfigError(UserError):
     def __init__(self, key_path: str, message: str):
         self.key_path = key_path
         super().__init__(f"{key_path}: {message}" if key_path else message)

@@ -21,6 +21,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from torch import Tensor
 
+from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.config import GenerationConfig
 from mindspeed_mm.inference.sampling import next_tokens
 from mindspeed_mm.inference.stages import StageRunner
@@ -28,7 +29,7 @@ from mindspeed_mm.inference.stages import StageRunner
 __all__ = ["Generated", "PromptTooLong", "generate", "padded_batch"]
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(UserError):
     """A prompt that leaves no room for a new token within the model's sequence length."""
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.config import InferenceConfigError
-from mindspeed_mm.inference.stages import StageRunner
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
+
+if TYPE_CHECKING:  # torch only where a model is built: the checks before it run in a process without it
+    from mindspeed_mm.inference.stages import StageRunner
 
 __all__ = ["CheckpointInfo", "LayoutMismatch", "build_runner", "inspect_checkpoint"]
 
@@ -29,7 +30,7 @@ _FREE_KEYS = {"freeze", "pipeline_num_layers", "params_dtype", "drop_path_rate",
               "variable_seq_lengths", "max_position_embeddings", "pre_process", "post_process", "rope_scaling"}
 
 
-class LayoutMismatch(ValueError):
+class LayoutMismatch(UserError):
     """The checkpoint's TP x PP layout needs another number of processes than the run has."""
 
 
@@ -74,7 +75,13 @@ def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: s
 def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -> CheckpointInfo:
     """What the checkpoint holds and how it is split, without loading weights. `model`: the inference JSON's
     model keys (reference schema), checked against a converted checkpoint's own, required for a .pt file."""
-    from mindspeed_mm.checkpoint.mm_format import META_FILE, checkpoint_meta, iteration_dir, rank_file
+    from mindspeed_mm.checkpoint.mm_format import (
+        META_FILE,
+        TRACKER_FILE,
+        checkpoint_meta,
+        iteration_dir,
+        rank_file,
+    )
 
     path = Path(from_pretrained)
     json_spec = load_model_spec(model) if model is not None else None
@@ -85,6 +92,10 @@ def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -
         return CheckpointInfo(path, "rank_file", json_spec)
     if not path.is_dir():
         raise FileNotFoundError(f"from_pretrained: no checkpoint at {path}")
+    if not (path / TRACKER_FILE).is_file() and not (path / "release").is_dir():
+        raise InferenceConfigError("from_pretrained", f"{path} is not an mm-convert output or a training save (no "
+                                   f"{TRACKER_FILE} or release/); convert an HF checkpoint with `mm-convert "
+                                   "InternVLConverter hf_to_mm` first")
     has_meta = (path / META_FILE).is_file() or (iteration_dir(path) / META_FILE).is_file()
     if not has_meta:
         # A reference-converted directory: readable when it is one rank's file.
@@ -119,8 +130,11 @@ def _with_dtype(spec: InternVLSpec, dtype: str) -> InternVLSpec:
 def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
     """Megatron's groups for the checkpoint's layout, this rank's chunks built and loaded, in eval mode.
     Needs the default process group (`init_distributed`) of exactly `info.world_size` processes."""
+    import torch
+
     from mindspeed_mm.checkpoint.mm_format import load_rank_file
     from mindspeed_mm.distributed import initialize_model_parallel
+    from mindspeed_mm.inference.stages import StageRunner
     from mindspeed_mm.models.internvl.model import load_full_state_dict
     from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights
 

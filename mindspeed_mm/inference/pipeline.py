@@ -22,6 +22,7 @@ from mindspeed_mm.data.template import (
     build_prompt,
 )
 from mindspeed_mm.data.tiling import dynamic_tiles, load_image, to_pixel_values
+from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.config import GenerationConfig, InferenceConfig, RequestSpec
 from mindspeed_mm.inference.generate import generate
 from mindspeed_mm.inference.stages import StageRunner
@@ -60,8 +61,8 @@ def _prefixed(question: str, label: str, n: int) -> str:
     if question.count(IMAGE_PLACEHOLDER) == n:
         return question
     if IMAGE_PLACEHOLDER in question:
-        raise ValueError(f"the prompt has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                         f"but the request has {n} {label.lower()}(s)")
+        raise UserError(f"the prompt has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                        f"but the request has {n} {label.lower()}(s)")
     lines = "\n".join(f"{label}-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(n))
     if label == "Frame" and VIDEO_PLACEHOLDER in question:
         return question.replace(VIDEO_PLACEHOLDER, lines, 1)
@@ -111,7 +112,7 @@ class InternVLPipeline:
         if pad is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if pad == self.spec.img_context_token_id:
-            raise ValueError(f"pad token id {pad} is the image context token")
+            raise UserError(f"generation_config.pad_token_id: {pad} is the image context token; give another")
         self.pad_id = pad
         self.generator = torch.Generator(device=runner.device).manual_seed(config.seed)
 

@@ -9,6 +9,7 @@ stages starting at stage 0 and the LLM a contiguous run ending at the last one; 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -180,6 +181,15 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
         if val is not None and not (isinstance(val, (list, tuple)) and val
                                     and all(isinstance(r, (list, tuple)) and r for r in val)):
             raise LayoutError(f"parallel_config.{name}: expected a non-empty list of non-empty lists, got {val!r}")
+        if val is not None and len({len(r) for r in val}) > 1:
+            raise LayoutError(f"parallel_config.{name}: {_compact(val)} has inner lists of lengths "
+                              f"{[len(r) for r in val]}; each needs one entry per pipeline stage")
+    if llm is not None and vit is not None and (len(llm), len(llm[0])) != (len(vit), len(vit[0])):
+        # pp and vpp are read off llm_pp_layers: name it too, not vit_pp_layers alone
+        n, what, run = ((len(vit[0]), "entries", f"pp={len(llm[0])}") if len(vit[0]) != len(llm[0])
+                        else (len(vit), "virtual-stage lists", f"vpp={len(llm)}"))
+        raise LayoutError(f"parallel_config: vit_pp_layers {_compact(vit)} has {n} {what} but the run has {run}, read "
+                          f"off llm_pp_layers {_compact(llm)}; give both the same [vpp][pp] shape")
     shape_src = llm if llm is not None else vit
     if shape_src is None:
         pp, vpp = 1, 1
@@ -198,4 +208,9 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
     try:
         return plan_layout(spec, par, pc.tp_size * pp, vit, llm)
     except LayoutError as e:
-        raise LayoutError(f"parallel_config.{e}" if str(e).startswith(("vit_pp", "llm_pp")) else str(e)) from None
+        msg = str(e).replace("tensor_model_parallel_size", "parallel_config.tp_size")
+        raise LayoutError(f"parallel_config.{msg}" if msg.startswith(("vit_pp", "llm_pp")) else msg) from None
+
+
+def _compact(rows) -> str:
+    return json.dumps(rows, separators=(",", ":"))

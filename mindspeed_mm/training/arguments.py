@@ -16,10 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from mindspeed_mm.errors import UserError
+
 __all__ = ["TrainArgs", "ArgumentError", "parse_args", "build_parser"]
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError):
     """A flag's value is invalid or contradicts another flag or the model spec."""
 
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
+from mindspeed_mm.errors import run_main
 
-from mindspeed_mm.device import apply_device_adaptor
+# torch is imported where it is used: `main` checks the flags and the input files before paying for it.
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train", "check_inputs"]
 
 
 @dataclasses.dataclass
@@ -36,6 +37,7 @@ def _is_last_stage_rank() -> bool:
 
 def _broadcast_from_last_stage(value: float) -> float:
     """The loss lives on the last pipeline stage; every rank logs the same number."""
+    import torch
     from megatron.core import parallel_state
 
     t = torch.tensor([value], dtype=torch.float64)
@@ -48,6 +50,7 @@ def _broadcast_from_last_stage(value: float) -> float:
 
 
 def _dp_sum(values: list[float]) -> list[float]:
+    import torch
     from megatron.core import parallel_state
 
     t = torch.tensor(values, dtype=torch.float64)
@@ -58,6 +61,8 @@ def _dp_sum(values: list[float]) -> list[float]:
 
 
 def _peak_tflops(args) -> Optional[float]:
+    import torch
+
     if args.peak_tflops:
         return args.peak_tflops
     if not torch.cuda.is_available():
@@ -68,12 +73,57 @@ def _peak_tflops(args) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def train(args) -> RunState:
+def _parallel_sizes(args, world: Optional[int] = None):
+    from mindspeed_mm.config.parallel import ParallelSizes
+    from mindspeed_mm.training.arguments import ArgumentError
+
+    kw = dict(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+              cp=args.context_parallel_size, vpp=args.virtual_pipeline_model_parallel_size, sp=args.sequence_parallel)
+    try:
+        return ParallelSizes(**kw) if world is None else ParallelSizes.from_world_size(world, **kw)
+    except ValueError as e:  # it names its own fields: say which flags set them
+        raise ArgumentError(f"{e}; set by --tensor-model-parallel-size, --pipeline-model-parallel-size, "
+                            "--context-parallel-size and --virtual-pipeline-model-parallel-size") from None
+
+
+def check_inputs(args):
+    """The model and data JSON, the layout and the files they and the flags name, checked before torch,
+    megatron or any process group: bad input fails in a second and on every rank alike, so no rank waits in a
+    collective for one that stopped. Only the number of processes is left to check. Returns (model spec with
+    the flags' settings, data spec)."""
+    from mindspeed_mm.config.model_spec import load_model_spec
+    from mindspeed_mm.data.data_spec import DataSpecError, load_data_spec
+    from mindspeed_mm.parallel.layout import LayoutError, plan_layout
+    from mindspeed_mm.training.arguments import ArgumentError, reconcile_with_spec
+
+    spec, _ = reconcile_with_spec(args, load_model_spec(args.mm_model), cuda=False)  # errors: device-independent
+    try:
+        plan_layout(spec, _parallel_sizes(args))
+    except LayoutError as e:  # named by the model JSON's keys, where the stage lists come from
+        text = str(e).replace("vit_pp_layers", "image_encoder.vision_encoder.pipeline_num_layers")
+        raise LayoutError(f"{text.replace('llm_pp_layers', 'text_decoder.pipeline_num_layers')} (in {args.mm_model})"
+                          ) from None
+    data_spec = load_data_spec(args.mm_data)
+    param = data_spec.dataset_param
+    tok = param.tokenizer_config.from_pretrained
+    if not Path(tok).is_dir():
+        raise DataSpecError("dataset_param.tokenizer_config.from_pretrained", f"no such directory: {tok}", args.mm_data)
+    for i, basic in enumerate(param.basic_parameters):
+        key = "dataset_param.basic_parameters" + (f"[{i}]" if len(param.basic_parameters) > 1 else "")
+        if not Path(basic.data_path).is_file():
+            raise DataSpecError(f"{key}.data_path", f"file not found: {basic.data_path}", args.mm_data)
+        if basic.data_folder is not None and not Path(basic.data_folder).is_dir():
+            raise DataSpecError(f"{key}.data_folder", f"no such directory: {basic.data_folder}", args.mm_data)
+    if args.load and not Path(args.load).is_dir():
+        raise ArgumentError(f"--load {args.load}: no such directory")
+    return spec, data_spec
+
+
+def train(args, spec, data_spec) -> RunState:
+    """Train as `args` say; `spec` and `data_spec`: the model and data JSON, as `check_inputs` read them."""
+    import torch
     from megatron.core import parallel_state
     from mindspeed_mm.checkpoint.mm_format import MMCheckpointMeta
-    from mindspeed_mm.config.model_spec import load_model_spec
-    from mindspeed_mm.config.parallel import ParallelSizes
-    from mindspeed_mm.data.data_spec import load_data_spec
     from mindspeed_mm.data.dataset import SKIP_REASONS
     from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
@@ -93,13 +143,12 @@ def train(args) -> RunState:
     logger = MetricsLogger(rank == 0, args.metrics_file, args.tensorboard_dir)
     cuda = torch.distributed.get_backend() == "nccl"
 
-    spec = load_model_spec(args.mm_model)
     spec, warnings = reconcile_with_spec(args, spec, cuda)
     for w in warnings:
         logger.info(f"warning: {w}")
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     vpp = args.virtual_pipeline_model_parallel_size
-    parallel = ParallelSizes.from_world_size(world, tp=tp, pp=pp, cp=cp, vpp=vpp, sp=args.sequence_parallel)
+    parallel = _parallel_sizes(args, world)
     plan = plan_layout(spec, parallel, world)  # validates the JSON's stage lists before any group exists
     initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=parallel.vpp, seed=args.seed)
     dp, dp_rank = parallel.dp, parallel_state.get_data_parallel_rank()
@@ -114,7 +163,6 @@ def train(args) -> RunState:
                 f"global batch {gbs} = {args.micro_batch_size} x {num_micro} micro-batches x DP{dp}; "
                 f"loss {loss_mode.value}")
 
-    data_spec = load_data_spec(args.mm_data)
     tok_dir = data_spec.tokenizer_config.from_pretrained
     tokenizer = load_tokenizer(data_spec.tokenizer_config, spec.img_context_token_id)
 
@@ -207,14 +255,25 @@ def train(args) -> RunState:
     return state
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    apply_device_adaptor()
-    from mindspeed_mm.distributed import destroy_distributed
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main("pretrain_vlm.py", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from mindspeed_mm.training.arguments import parse_args
 
     args = parse_args(argv)
+    spec, data_spec = check_inputs(args)
+    import torch
+
+    from mindspeed_mm.device import apply_device_adaptor
+    from mindspeed_mm.distributed import destroy_distributed, parse_launch_env
+
+    _parallel_sizes(args, parse_launch_env(os.environ).world_size)  # the number of processes, before megatron
+    apply_device_adaptor()
     try:
-        train(args)
+        train(args, spec, data_spec)
     finally:
         if torch.distributed.is_initialized():
             destroy_distributed()
+    return 0

@@ -48,11 +48,11 @@ def detect_format(config: Mapping) -> HFFormat:
 
     ``original``: ``architectures`` contains ``InternVLChatModel``, or ``model_type == "internvl_chat"``, or an
     ``llm_config`` next to a ``vision_config`` with InternViT fields. ``native``: ``model_type == "internvl"`` or
-    ``architectures`` contains ``InternVLForConditionalGeneration``. Anything else raises ValueError naming what
-    was found.
+    ``architectures`` contains ``InternVLForConditionalGeneration``. Anything else raises CheckpointFormatError
+    naming what was found.
     """
     if not isinstance(config, Mapping):
-        raise ValueError(f"InternVL config must be a JSON object, found {type(config).__name__}")
+        raise CheckpointFormatError(f"InternVL config must be a JSON object, found {type(config).__name__}")
     archs = config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
@@ -69,7 +69,7 @@ def detect_format(config: Mapping) -> HFFormat:
     )
     is_native = bool(_NATIVE_ARCHS.intersection(archs)) or model_type == "internvl"
     if is_original and is_native:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"config is ambiguous: it looks both original and native "
             f"(architectures={archs!r}, model_type={model_type!r}, keys={sorted(config)!r})"
         )
@@ -77,7 +77,7 @@ def detect_format(config: Mapping) -> HFFormat:
         return ORIGINAL
     if is_native:
         return NATIVE
-    raise ValueError(
+    raise CheckpointFormatError(
         "not an InternVL config: expected architectures InternVLChatModel (original) or "
         f"InternVLForConditionalGeneration / model_type 'internvl' (native); found architectures={archs!r}, "
         f"model_type={model_type!r}, top-level keys={sorted(config)!r}"
@@ -145,7 +145,7 @@ def image_seq_length(image_size: int, patch_size: int, downsample_ratio: float) 
     grid = image_size // patch_size
     n = grid * grid * downsample_ratio * downsample_ratio
     if abs(n - round(n)) > 1e-6:
-        raise ValueError(f"grid {grid}x{grid} is not divisible by downsample ratio {downsample_ratio}")
+        raise CheckpointFormatError(f"grid {grid}x{grid} is not divisible by downsample ratio {downsample_ratio}")
     return int(round(n))
 
 
@@ -161,20 +161,20 @@ def original_config_to_native(cfg: Mapping, image_token_id: int | None = None) -
     if detect_format(cfg) != ORIGINAL:
         raise ValueError("original_config_to_native() needs an original (InternVLChatModel) config")
     if "llm_config" not in cfg or "vision_config" not in cfg:
-        raise ValueError(f"original config lacks llm_config/vision_config (keys: {sorted(cfg)})")
+        raise CheckpointFormatError(f"original config lacks llm_config/vision_config (keys: {sorted(cfg)})")
     ocfg = copy.deepcopy(dict(cfg))
     ov = ocfg["vision_config"]
     missing = [k for k in _VISION_REQUIRED if k not in ov]
     if missing:
-        raise ValueError(f"original vision_config lacks {missing}")
+        raise CheckpointFormatError(f"original vision_config lacks {missing}")
     ps_version = ocfg.get("ps_version", "v2")
     if ps_version != "v2":
-        raise ValueError(f"ps_version {ps_version!r} is not supported (InternVL3 and the native model use 'v2')")
+        raise CheckpointFormatError(f"ps_version {ps_version!r} is not supported (InternVL3 and the native model use 'v2')")
     image_size = _square("vision_config.image_size", ov["image_size"])
     patch_size = _square("vision_config.patch_size", ov["patch_size"])
     force = ocfg.get("force_image_size")
     if force is not None and int(force) != image_size:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"force_image_size {force} differs from vision_config.image_size {image_size}; the position "
             "embeddings would need resampling, which this converter does not do"
         )
@@ -243,16 +243,16 @@ def native_config_to_original(cfg: Mapping) -> dict:
     nv = ncfg.get("vision_config") or {}
     text = ncfg.get("text_config")
     if not isinstance(text, Mapping):
-        raise ValueError("native config lacks text_config")
+        raise CheckpointFormatError("native config lacks text_config")
     if ncfg.get("projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"projector_hidden_act {ncfg['projector_hidden_act']!r} has no original equivalent")
+        raise CheckpointFormatError(f"projector_hidden_act {ncfg['projector_hidden_act']!r} has no original equivalent")
     if ncfg.get("vision_feature_select_strategy", "default") != "default":
-        raise ValueError(
+        raise CheckpointFormatError(
             f"vision_feature_select_strategy {ncfg['vision_feature_select_strategy']!r} has no original "
             "equivalent (the original always drops CLS)"
         )
     if nv.get("use_mean_pooling") is False:
-        raise ValueError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm the original lacks")
+        raise CheckpointFormatError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm the original lacks")
     image_size = _square("vision_config.image_size", nv.get("image_size", 448))
     patch_size = _square("vision_config.patch_size", nv.get("patch_size", 14))
 
@@ -285,7 +285,7 @@ def native_config_to_original(cfg: Mapping) -> dict:
     if "architectures" not in llm:
         mt = llm.get("model_type", "qwen2")
         if mt not in _LLM_ARCH:
-            raise ValueError(f"no original LLM architecture known for text_config.model_type {mt!r}")
+            raise CheckpointFormatError(f"no original LLM architecture known for text_config.model_type {mt!r}")
         llm["architectures"] = [_LLM_ARCH[mt]]
     rope = llm.get("rope_parameters")
     if isinstance(rope, Mapping) and "rope_theta" not in llm and "rope_theta" in rope:
