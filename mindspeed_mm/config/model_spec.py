@@ -19,34 +19,54 @@ Rules, applied the same way whether a spec comes from JSON, from an HF ``config.
   behaviour if they held another value (dropouts, ``reset_attention_mask``) must hold the harmless value;
 * keys that duplicate another one (``num_key_value_heads`` vs ``num_query_groups``, ``bf16`` vs
   ``params_dtype``, the ViT's copy of ``downsample_ratio``) must agree with it;
-* size inconsistencies are errors. Every error is a :class:`ModelSpecError` (a ``ValueError``) whose
-  message starts with the key path and quotes the bad value.
+* size inconsistencies are errors. Every error is a :class:`ModelSpecError` (the one
+  :class:`~mindspeed_mm.config.validate.ConfigError` of every config file) whose message starts with the key
+  path and quotes the bad value.
 
 ``num_layers`` is always the module's GLOBAL layer count; ``pipeline_num_layers`` says how the layers are
 spread over pipeline stages (``[pp]``, or ``[vpp][pp]`` under virtual pipelining) and must sum to it.
+
+Architecture and run settings. A field declared with ``_run(...)`` is a run setting: it says how a run trains,
+lays out or computes the model, not what the model is, so a checkpoint written under one value loads under any
+other (:data:`RUN_SETTINGS` lists them; :func:`architecture_differences` compares the rest). They are
+
+* training only: ``freeze``, ``recompute_granularity``/``recompute_method``/``recompute_num_layers``,
+  ``drop_path_rate`` (stochastic depth, the identity in eval), ``init_method_std`` and ``initializer_factor``
+  (initial values; loaded weights replace them);
+* layout and parallelism: ``pipeline_num_layers``, the ViT's ``sequence_parallel`` and
+  ``context_parallel_size``, ``variable_seq_lengths``, ``pre_process``/``post_process``;
+* precision: ``params_dtype`` (the same weights in another dtype; inference names its own ``dtype``);
+* context length: ``max_position_embeddings`` and ``rope_scaling`` (RoPE has no weights, and the maths is
+  plain RoPE up to ``max_position_embeddings`` positions).
+
+Everything else, ``attention_softmax_in_fp32`` included (it changes what the forward computes), is the
+architecture.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from mindspeed_mm.errors import UserError
+from mindspeed_mm.config.validate import ConfigError, Section, check_fields, check_value, describe, join, read_json
+
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelSpecError",
+    "RUN_SETTINGS",
     "RopeScaling",
     "VisionEncoderSpec",
     "ProjectorSpec",
     "TextDecoderSpec",
     "InternVLSpec",
+    "architecture_differences",
     "load_model_spec",
+    "spec_from_dict",
     "to_dict",
     "to_json",
     "dump_model_spec",
@@ -69,67 +89,17 @@ _PROJECTOR_PATH = "image_encoder.vision_projector"
 _TEXT_PATH = "text_decoder"
 
 
-class ModelSpecError(UserError):
-    """A model spec is malformed or inconsistent. ``key_path`` names the offending key."""
+ModelSpecError = ConfigError  # the name this module's callers and users know
 
-    def __init__(self, key_path: str, message: str):
-        self.key_path = key_path
-        self.detail = message
-        super().__init__(f"{key_path}: {message}" if key_path else message)
+
+def _run(default: Any) -> Any:
+    """A run setting (see the module docstring): how a run trains, lays out or computes the model, not what it is."""
+    return dataclasses.field(default=default, metadata={"run": True})
 
 
 # --------------------------------------------------------------------------------------------------
-# Generic, annotation-driven value checking (shared by every spec dataclass)
+# Shared checks of the spec dataclasses
 # --------------------------------------------------------------------------------------------------
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    if get_origin(hint) is Union:
-        return " or ".join(_type_name(a) for a in get_args(hint))
-    return getattr(hint, "__name__", str(hint))
-
-
-def _check_value(path: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against a simple annotation and return it normalised (int -> float)."""
-    if get_origin(hint) is Union:
-        args = get_args(hint)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ModelSpecError(path, f"expected {_type_name(hint)}, got null")
-        inner = [a for a in args if a is not type(None)]
-        assert len(inner) == 1, hint
-        return _check_value(path, inner[0], value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ModelSpecError(path, f"expected bool, got {type(value).__name__} {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ModelSpecError(path, f"expected int, got {type(value).__name__} {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ModelSpecError(path, f"expected number, got {type(value).__name__} {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ModelSpecError(path, f"expected a finite number, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ModelSpecError(path, f"expected string, got {type(value).__name__} {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, hint):
-            raise ModelSpecError(path, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {hint!r} for {path}")  # programming error
-
 
 def _check_pipeline(path: str, value: Any, num_layers: int) -> Optional[Tuple[Any, ...]]:
     """Validate ``pipeline_num_layers`` ([pp] or [vpp][pp] non-negative ints summing to num_layers)."""
@@ -142,22 +112,16 @@ def _check_pipeline(path: str, value: Any, num_layers: int) -> Optional[Tuple[An
         if len(lengths) != 1 or min(lengths) < 2:
             raise ModelSpecError(path, "a virtual-pipeline layout must be [vpp][pp] lists of equal length with "
                                  f"pp >= 2, got {value!r}")
-        rows = tuple(tuple(_pipeline_int(f"{path}[{i}][{j}]", n) for j, n in enumerate(row))
+        rows = tuple(tuple(check_value(f"{path}[{i}][{j}]", int, n, minimum=0) for j, n in enumerate(row))
                      for i, row in enumerate(value))
         total = sum(sum(r) for r in rows)
         result: Tuple[Any, ...] = rows
     else:
-        result = tuple(_pipeline_int(f"{path}[{i}]", n) for i, n in enumerate(value))
+        result = tuple(check_value(f"{path}[{i}]", int, n, minimum=0) for i, n in enumerate(value))
         total = sum(result)
     if total != num_layers:
         raise ModelSpecError(path, f"{list(_plain(result))} sums to {total}, but num_layers is {num_layers}")
     return result
-
-
-def _pipeline_int(path: str, n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ModelSpecError(path, f"expected a non-negative int, got {n!r}")
-    return n
 
 
 def pipeline_shape(layout: Optional[Tuple[Any, ...]]) -> Optional[Tuple[int, Optional[int]]]:
@@ -185,23 +149,14 @@ class _SpecBase:
     _CHOICES: Dict[str, Tuple[Any, ...]] = {}
 
     def _check_fields(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if f.name == "pipeline_num_layers":
-                continue  # checked by the subclass once num_layers is known
-            path = _join(self._PATH, f.name)
-            value = _check_value(path, hints[f.name], getattr(self, f.name))
-            choices = self._CHOICES.get(f.name)
-            if choices is not None and value is not None and value not in choices:
-                raise ModelSpecError(path, f"{json.dumps(value)} is not supported; expected "
-                                     f"{' or '.join(json.dumps(c) for c in choices)}")
-            object.__setattr__(self, f.name, value)
+        # pipeline_num_layers is checked by the subclass once num_layers is known
+        check_fields(self, self._PATH, self._CHOICES, skip=("pipeline_num_layers",))
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 
     def _err(self, name: str, message: str) -> ModelSpecError:
-        return ModelSpecError(_join(self._PATH, name), message)
+        return ModelSpecError(join(self._PATH, name), message)
 
     def _positive(self, *names: str) -> None:
         for n in names:
@@ -260,21 +215,21 @@ class VisionEncoderSpec(_SpecBase):
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-6
     activation_func: str = "gelu"
-    drop_path_rate: float = 0.0
-    initializer_factor: float = 1.0
-    init_method_std: float = 0.02
+    drop_path_rate: float = _run(0.0)
+    initializer_factor: float = _run(1.0)
+    init_method_std: float = _run(0.02)
     post_layer_norm: bool = False
     downsample_ratio: Optional[float] = None
     select_layer: Optional[int] = None
     ps_version: Optional[str] = None
-    freeze: bool = True
-    params_dtype: str = "fp32"
-    pipeline_num_layers: PipelineNumLayers = None
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None
-    recompute_num_layers: Optional[int] = None
-    sequence_parallel: Optional[bool] = None
-    context_parallel_size: int = 1
+    freeze: bool = _run(True)
+    params_dtype: str = _run("fp32")
+    pipeline_num_layers: PipelineNumLayers = _run(None)
+    recompute_granularity: Optional[str] = _run(None)
+    recompute_method: Optional[str] = _run(None)
+    recompute_num_layers: Optional[int] = _run(None)
+    sequence_parallel: Optional[bool] = _run(None)
+    context_parallel_size: int = _run(1)
 
     _PATH = _VISION_PATH
     _CHOICES = {
@@ -301,7 +256,7 @@ class VisionEncoderSpec(_SpecBase):
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise self._err("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate!r}")
         self._set("pipeline_num_layers", _check_pipeline(
-            _join(self._PATH, "pipeline_num_layers"), self.pipeline_num_layers, self.num_layers))
+            join(self._PATH, "pipeline_num_layers"), self.pipeline_num_layers, self.num_layers))
         self._check_recompute()
 
     @property
@@ -327,7 +282,7 @@ class ProjectorSpec(_SpecBase):
     downsample_ratio: Optional[float] = None
     vit_hidden_size: Optional[int] = None
     llm_hidden_size: Optional[int] = None
-    freeze: bool = False
+    freeze: bool = _run(False)
     activation_func: str = "gelu"
     layernorm_epsilon: float = 1e-5
 
@@ -355,13 +310,9 @@ class RopeScaling:
     factor: float
 
     def __post_init__(self) -> None:
-        path = _join(_TEXT_PATH, "rope_scaling")
-        object.__setattr__(self, "type", _check_value(f"{path}.type", str, self.type))
-        object.__setattr__(self, "factor", _check_value(f"{path}.factor", float, self.factor))
-        if self.type != "dynamic":
-            raise ModelSpecError(f"{path}.type", f"{self.type!r} is not supported; expected 'dynamic' or null")
-        if self.factor < 1.0:
-            raise ModelSpecError(f"{path}.factor", f"must be >= 1, got {self.factor!r}")
+        path = join(_TEXT_PATH, "rope_scaling")
+        object.__setattr__(self, "type", check_value(f"{path}.type", str, self.type, choices=("dynamic",)))
+        object.__setattr__(self, "factor", check_value(f"{path}.factor", float, self.factor, minimum=1.0))
 
 
 @dataclass(frozen=True)
@@ -380,26 +331,26 @@ class TextDecoderSpec(_SpecBase):
     model_id: str = "internllm"
     num_query_groups: Optional[int] = None
     kv_channels: Optional[int] = None
-    max_position_embeddings: int = 32768
+    max_position_embeddings: int = _run(32768)
     rotary_base: float = 1000000.0
     rotary_percent: float = 1.0
     position_embedding_type: str = "rope"
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: Optional[RopeScaling] = _run(None)
     normalization: str = "RMSNorm"
     layernorm_epsilon: float = 1e-6
     activation_func: str = "silu"
     gated_linear_unit: bool = True
     add_bias_linear: bool = False
     add_qkv_bias: bool = True
-    init_method_std: float = 0.02
+    init_method_std: float = _run(0.02)
     attention_softmax_in_fp32: bool = True
-    params_dtype: str = "fp32"
-    pipeline_num_layers: PipelineNumLayers = None
-    freeze: bool = False
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None
-    recompute_num_layers: Optional[int] = None
-    variable_seq_lengths: bool = False
+    params_dtype: str = _run("fp32")
+    pipeline_num_layers: PipelineNumLayers = _run(None)
+    freeze: bool = _run(False)
+    recompute_granularity: Optional[str] = _run(None)
+    recompute_method: Optional[str] = _run(None)
+    recompute_num_layers: Optional[int] = _run(None)
+    variable_seq_lengths: bool = _run(False)
     untie_embeddings_and_output_weights: bool = True
 
     _PATH = _TEXT_PATH
@@ -435,7 +386,7 @@ class TextDecoderSpec(_SpecBase):
         if not 0.0 < self.rotary_percent <= 1.0:
             raise self._err("rotary_percent", f"must be in (0, 1], got {self.rotary_percent!r}")
         self._set("pipeline_num_layers", _check_pipeline(
-            _join(self._PATH, "pipeline_num_layers"), self.pipeline_num_layers, self.num_layers))
+            join(self._PATH, "pipeline_num_layers"), self.pipeline_num_layers, self.num_layers))
         self._check_recompute()
 
     @property
@@ -444,21 +395,11 @@ class TextDecoderSpec(_SpecBase):
 
 
 def _rope_scaling_from_dict(raw: Mapping[str, Any]) -> RopeScaling:
-    path = _join(_TEXT_PATH, "rope_scaling")
-    raw = dict(raw)
+    s = Section(raw, join(_TEXT_PATH, "rope_scaling"), known=("type", "rope_type", "factor"))
     # HF writes "rope_type" (and sometimes both); the reference JSON writes "type".
-    if "rope_type" in raw:
-        rt = raw.pop("rope_type")
-        if "type" in raw and raw["type"] != rt:
-            raise ModelSpecError(f"{path}.rope_type", f"{rt!r} disagrees with type {raw['type']!r}")
-        raw["type"] = rt
-    unknown = sorted(set(raw) - {"type", "factor"})
-    if unknown:
-        raise ModelSpecError(f"{path}.{unknown[0]}", f"unknown key (value {raw[unknown[0]]!r})")
-    for k in ("type", "factor"):
-        if k not in raw:
-            raise ModelSpecError(f"{path}.{k}", "missing required key")
-    return RopeScaling(type=raw["type"], factor=raw["factor"])
+    if "rope_type" in s and "type" in s and raw["type"] != raw["rope_type"]:
+        raise ModelSpecError(s.key("rope_type"), f"{raw['rope_type']!r} disagrees with type {raw['type']!r}")
+    return RopeScaling(type=raw["rope_type"] if "rope_type" in s else s.get("type"), factor=s.get("factor"))
 
 
 @dataclass(frozen=True)
@@ -473,8 +414,8 @@ class InternVLSpec(_SpecBase):
     downsample_ratio: Optional[float] = None
     select_layer: int = -1
     ps_version: str = "v2"
-    pre_process: bool = True
-    post_process: bool = True
+    pre_process: bool = _run(True)
+    post_process: bool = _run(True)
 
     _PATH = ""
     _CHOICES = {"model_id": ("InternVL3",), "select_layer": (-1,), "ps_version": ("v2",)}
@@ -487,14 +428,14 @@ class InternVLSpec(_SpecBase):
             self._set("downsample_ratio", v.downsample_ratio or p.downsample_ratio or 0.5)
         r = self.downsample_ratio
         self._positive("downsample_ratio")
-        for path, value in ((_join(_VISION_PATH, "downsample_ratio"), v.downsample_ratio),
-                            (_join(_PROJECTOR_PATH, "downsample_ratio"), p.downsample_ratio)):
+        for path, value in ((join(_VISION_PATH, "downsample_ratio"), v.downsample_ratio),
+                            (join(_PROJECTOR_PATH, "downsample_ratio"), p.downsample_ratio)):
             if value is not None and value != r:
                 raise ModelSpecError(path, f"{value!r} disagrees with the top-level downsample_ratio {r!r}")
         for name in ("select_layer", "ps_version"):
             value = getattr(v, name)
             if value is not None and value != getattr(self, name):
-                raise ModelSpecError(_join(_VISION_PATH, name),
+                raise ModelSpecError(join(_VISION_PATH, name),
                                      f"{value!r} disagrees with the top-level {name} {getattr(self, name)!r}")
         inv = 1.0 / r
         if abs(inv - round(inv)) > 1e-9:
@@ -506,10 +447,10 @@ class InternVLSpec(_SpecBase):
         v = dataclasses.replace(v, downsample_ratio=r, select_layer=self.select_layer, ps_version=self.ps_version)
         # Projector sizes must match the modules it joins.
         if p.vit_hidden_size is not None and p.vit_hidden_size != v.hidden_size:
-            raise ModelSpecError(_join(_PROJECTOR_PATH, "vit_hidden_size"),
+            raise ModelSpecError(join(_PROJECTOR_PATH, "vit_hidden_size"),
                                  f"{p.vit_hidden_size} != {_VISION_PATH}.hidden_size {v.hidden_size}")
         if p.llm_hidden_size is not None and p.llm_hidden_size != t.hidden_size:
-            raise ModelSpecError(_join(_PROJECTOR_PATH, "llm_hidden_size"),
+            raise ModelSpecError(join(_PROJECTOR_PATH, "llm_hidden_size"),
                                  f"{p.llm_hidden_size} != {_TEXT_PATH}.hidden_size {t.hidden_size}")
         p = dataclasses.replace(p, downsample_ratio=r, vit_hidden_size=v.hidden_size, llm_hidden_size=t.hidden_size)
         self._set("vision", v)
@@ -519,7 +460,7 @@ class InternVLSpec(_SpecBase):
                                  f"[0, {_TEXT_PATH}.vocab_size={t.vocab_size})")
         vs, ts = pipeline_shape(v.pipeline_num_layers), pipeline_shape(t.pipeline_num_layers)
         if vs is not None and ts is not None and vs != ts:
-            raise ModelSpecError(_join(_VISION_PATH, "pipeline_num_layers"),
+            raise ModelSpecError(join(_VISION_PATH, "pipeline_num_layers"),
                                  f"{_plain(v.pipeline_num_layers)} has (pp, vpp) = {vs}, but "
                                  f"{_TEXT_PATH}.pipeline_num_layers {_plain(t.pipeline_num_layers)} has {ts}")
 
@@ -579,136 +520,89 @@ _IGNORED = {
 }
 
 
-def _dtype_flags_check(path: str, raw: Mapping[str, Any], dtype: str) -> None:
+def _section(cls: type, raw: Any, path: str, ignored: List[str], *,
+             handled: Tuple[str, ...] = ()) -> Tuple[Section, Dict[str, Any]]:
+    """One JSON object read into constructor kwargs (the dataclass checks their values); unknown keys are
+    errors, dead keys are recorded in ``ignored``, ``handled`` keys are left to the caller."""
+    dead = {**_IGNORED_ANYWHERE, **_IGNORED.get(path, {})}
+    fields = [f for f in dataclasses.fields(cls) if f.name not in ("vision", "projector", "text")]
+    s = Section(raw, path, known=[f.name for f in fields] + list(dead) + list(handled))
+    kwargs = {f.name: s.get(f.name) for f in fields if f.name in s or f.default is dataclasses.MISSING}
+    for key in (k for k in raw if k in dead):
+        problem = dead[key](raw[key])
+        if problem:
+            raise ModelSpecError(s.key(key), problem)
+        ignored.append(s.key(key))
+    return s, kwargs
+
+
+def _dtype_flags_check(s: Section, dtype: str) -> None:
     """``bf16``/``fp16`` duplicate ``params_dtype``: they must agree with it."""
     for flag in ("bf16", "fp16"):
-        if flag in raw:
-            value = _check_value(_join(path, flag), bool, raw[flag])
-            if value != (dtype == flag):
-                raise ModelSpecError(_join(path, flag), f"{value!r} disagrees with params_dtype {dtype!r}")
-
-
-def _section_kwargs(cls: type, raw: Any, path: str, ignored: List[str], *,
-                    handled: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Split one JSON object into constructor kwargs; unknown keys are errors, dead keys are recorded."""
-    if not isinstance(raw, Mapping):
-        raise ModelSpecError(path or "<root>", f"expected a JSON object, got {type(raw).__name__} {raw!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    dead = {**_IGNORED_ANYWHERE, **_IGNORED.get(path, {})}
-    kwargs: Dict[str, Any] = {}
-    for key, value in raw.items():
-        key_path = _join(path, key)
-        if key in handled:
-            continue
-        if key in names and key not in ("vision", "projector", "text"):
-            kwargs[key] = value
-        elif key in dead:
-            problem = dead[key](value)
-            if problem:
-                raise ModelSpecError(key_path, problem)
-            ignored.append(key_path)
-        else:
-            raise ModelSpecError(key_path, f"unknown key (value {_short(value)})")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore
-                and f.name not in ("vision", "projector", "text")]
-    for name in required:
-        if name not in kwargs:
-            raise ModelSpecError(_join(path, name), "missing required key")
-    return kwargs
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        value = s.get(flag, bool, None)
+        if value is not None and value != (dtype == flag):
+            raise ModelSpecError(s.key(flag), f"{value!r} disagrees with params_dtype {dtype!r}")
 
 
 def _vision_from_dict(raw: Any, ignored: List[str]) -> VisionEncoderSpec:
-    path = _VISION_PATH
-    kwargs = _section_kwargs(VisionEncoderSpec, raw, path, ignored, handled=("bf16", "fp16"))
+    s, kwargs = _section(VisionEncoderSpec, raw, _VISION_PATH, ignored, handled=("bf16", "fp16"))
     spec = VisionEncoderSpec(**kwargs)
-    _dtype_flags_check(path, raw, spec.params_dtype)
+    _dtype_flags_check(s, spec.params_dtype)
     for key in ("q_layernorm", "k_layernorm"):
-        if key in raw and raw[key] not in (False, None, spec.normalization):
-            raise ModelSpecError(_join(path, key), f"{raw[key]!r} must match normalization "
+        if key in s and raw[key] not in (False, None, spec.normalization):
+            raise ModelSpecError(s.key(key), f"{raw[key]!r} must match normalization "
                                  f"{spec.normalization!r} (InternViT normalises Q and K with its layer-norm type)")
     return spec
 
 
-def _projector_from_dict(raw: Any, ignored: List[str]) -> ProjectorSpec:
-    return ProjectorSpec(**_section_kwargs(ProjectorSpec, raw, _PROJECTOR_PATH, ignored))
-
-
 def _text_from_dict(raw: Any, ignored: List[str]) -> TextDecoderSpec:
-    path = _TEXT_PATH
-    kwargs = _section_kwargs(TextDecoderSpec, raw, path, ignored,
-                             handled=("bf16", "fp16", "num_key_value_heads", "group_query_attention"))
-    if "num_key_value_heads" in raw:
-        kvh = _check_value(_join(path, "num_key_value_heads"), int, raw["num_key_value_heads"])
+    s, kwargs = _section(TextDecoderSpec, raw, _TEXT_PATH, ignored,
+                         handled=("bf16", "fp16", "num_key_value_heads", "group_query_attention"))
+    kvh = s.get("num_key_value_heads", int, None)
+    if kvh is not None:
         if "num_query_groups" in kwargs and kwargs["num_query_groups"] != kvh:
-            raise ModelSpecError(_join(path, "num_key_value_heads"),
+            raise ModelSpecError(s.key("num_key_value_heads"),
                                  f"{kvh} disagrees with num_query_groups {kwargs['num_query_groups']!r}")
         kwargs["num_query_groups"] = kvh
-    if "group_query_attention" in raw:
-        gqa = _check_value(_join(path, "group_query_attention"), bool, raw["group_query_attention"])
-        groups = kwargs.get("num_query_groups")
-        if not gqa and groups is not None and groups != kwargs.get("num_attention_heads"):
-            raise ModelSpecError(_join(path, "group_query_attention"),
-                                 f"false, but num_query_groups is {groups!r} (not num_attention_heads)")
-        if gqa and groups is None:
-            raise ModelSpecError(_join(path, "num_query_groups"), "missing while group_query_attention is true")
+    gqa = s.get("group_query_attention", bool, None)
+    groups = kwargs.get("num_query_groups")
+    if gqa is False and groups is not None and groups != kwargs.get("num_attention_heads"):
+        raise ModelSpecError(s.key("group_query_attention"),
+                             f"false, but num_query_groups is {groups!r} (not num_attention_heads)")
+    if gqa and groups is None:
+        raise ModelSpecError(s.key("num_query_groups"), "missing while group_query_attention is true")
     rope = kwargs.get("rope_scaling")
     if rope is not None:
         if not isinstance(rope, Mapping):
-            raise ModelSpecError(_join(path, "rope_scaling"), f"expected an object or null, got {rope!r}")
+            raise ModelSpecError(s.key("rope_scaling"), f"expected an object or null, got {describe(rope)}")
         kwargs["rope_scaling"] = _rope_scaling_from_dict(rope)
     spec = TextDecoderSpec(**kwargs)
-    _dtype_flags_check(path, raw, spec.params_dtype)
+    _dtype_flags_check(s, spec.params_dtype)
     return spec
 
 
 def spec_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>") -> InternVLSpec:
     """Build a spec from an already-parsed reference-schema dict (see :func:`load_model_spec`)."""
     ignored: List[str] = []
-    top = _section_kwargs(InternVLSpec, raw, "", ignored,
-                          handled=("text_decoder", "image_encoder", "add_text_encoder", "text_encoder",
-                                   "video_encoder"))
-    if "add_text_encoder" in raw and raw["add_text_encoder"] is not False:
-        raise ModelSpecError("add_text_encoder", f"only false is supported, got {raw['add_text_encoder']!r}")
+    s, top = _section(InternVLSpec, raw, "", ignored, handled=("text_decoder", "image_encoder", "add_text_encoder",
+                                                               "text_encoder", "video_encoder"))
+    s.get("add_text_encoder", bool, False, choices=(False,))
     for key in ("text_encoder", "video_encoder"):
         if raw.get(key) is not None:
-            raise ModelSpecError(key, f"only null is supported, got {_short(raw[key])}")
-    if "text_decoder" not in raw:
-        raise ModelSpecError("text_decoder", "missing required key")
-    if "image_encoder" not in raw:
-        raise ModelSpecError("image_encoder", "missing required key")
-    image = raw["image_encoder"]
-    if not isinstance(image, Mapping):
-        raise ModelSpecError("image_encoder", f"expected a JSON object, got {_short(image)}")
-    for key in image:
-        if key not in ("vision_encoder", "vision_projector"):
-            raise ModelSpecError(f"image_encoder.{key}", f"unknown key (value {_short(image[key])})")
-    if "vision_encoder" not in image:
-        raise ModelSpecError(_VISION_PATH, "missing required key")
+            raise ModelSpecError(key, f"only null is supported, got {describe(raw[key])}")
+    text = s.get("text_decoder")
+    image = Section(s.get("image_encoder"), "image_encoder", known=("vision_encoder", "vision_projector"))
     spec = InternVLSpec(
-        vision=_vision_from_dict(image["vision_encoder"], ignored),
-        projector=_projector_from_dict(image.get("vision_projector", {}), ignored),
-        text=_text_from_dict(raw["text_decoder"], ignored),
+        vision=_vision_from_dict(image.get("vision_encoder"), ignored),
+        projector=ProjectorSpec(**_section(ProjectorSpec, image.get("vision_projector", dict, {}), _PROJECTOR_PATH,
+                                           ignored)[1]),
+        text=_text_from_dict(text, ignored),
         **top,
     )
     if ignored:
         logger.warning("model spec %s: ignored key(s) with no effect in mindspeed_mm: %s",
                        source, ", ".join(ignored))
     return spec
-
-
-def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
 
 
 def load_model_spec(src: Union[str, Path, Mapping[str, Any]]) -> InternVLSpec:
@@ -718,21 +612,29 @@ def load_model_spec(src: Union[str, Path, Mapping[str, Any]]) -> InternVLSpec:
     """
     if isinstance(src, Mapping):
         return spec_from_dict(src)
-    path = Path(src)
+    raw = read_json(src)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ModelSpecError("", f"{path}: cannot read the model spec: {e.strerror or e}") from None
-    try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise ModelSpecError("", f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except ValueError as e:  # duplicate key
-        raise ModelSpecError("", f"{path}: {e}") from None
-    try:
-        return spec_from_dict(raw, source=str(path))
-    except ModelSpecError as e:
-        raise ModelSpecError(e.key_path, f"{e.detail} (in {path})") from None
+        return spec_from_dict(raw, source=str(src))
+    except ConfigError as e:
+        raise e.in_file(src) from None
+
+
+RUN_SETTINGS = tuple(sorted(join(cls._PATH, f.name) for cls in (InternVLSpec, VisionEncoderSpec, ProjectorSpec,
+                                                                  TextDecoderSpec)
+                             for f in dataclasses.fields(cls) if f.metadata.get("run")))
+
+
+def architecture_differences(a: InternVLSpec, b: InternVLSpec) -> List[Tuple[str, Any, Any]]:
+    """``(key path, value in a, value in b)`` for every architecture key where two specs differ, sorted by key
+    path; run settings (:data:`RUN_SETTINGS`) are not compared. Empty: the same model, so the weights of one
+    load into the other."""
+    out = []
+    for x, y in ((a, b), (a.vision, b.vision), (a.projector, b.projector), (a.text, b.text)):
+        for f in dataclasses.fields(x):
+            if not f.metadata.get("run") and f.name not in ("vision", "projector", "text"):
+                if getattr(x, f.name) != getattr(y, f.name):
+                    out.append((join(x._PATH, f.name), _plain(getattr(x, f.name)), _plain(getattr(y, f.name))))
+    return sorted(out, key=lambda d: d[0])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ because a misspelt key silently falling back to a default is the most expensive 
 reference carries without effect here are accepted: ``use_text_processer``, ``group_by_length`` (no length
 grouping: batches are padded to their own longest sample), ``image_reader_type`` and the torchvision
 ``train_pipeline`` (our tiling is bit-exact with InternVL's PIL path; only ``norm_fun``'s mean/std and the
-presence of ``Pad2Square`` are read, and a ``Resize`` must agree with ``image_size``). Every error is a :class:`DataSpecError` naming the file and the
-key path. Relative paths in the JSON are kept as written (resolved against the working directory, as in the
-reference scripts).
+presence of ``Pad2Square`` are read, and a ``Resize`` must agree with ``image_size``). Every error is a
+:class:`DataSpecError` (the one :class:`~mindspeed_mm.config.validate.ConfigError` of every config file)
+naming the key path and the file. Relative paths in the JSON are kept as written (resolved against the working
+directory, as in the reference scripts).
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mindspeed_mm.config.validate import ConfigError, Section, check_value, read_json
 from mindspeed_mm.data.tokenizer import TokenizerConfig
 from mindspeed_mm.data.tiling import IMAGENET_MEAN, IMAGENET_STD
-from mindspeed_mm.errors import UserError
 
 __all__ = [
     "SAMPLING_PATTERN",
@@ -45,70 +46,13 @@ __all__ = [
     "TokenizerConfig",
     "data_spec_from_dict",
     "load_data_spec",
+    "tokenizer_config_from_dict",
 ]
 
 # "rand", "middle", or "fps<rate>" (frames sampled at <rate> frames per second, e.g. "fps0.5").
 SAMPLING_PATTERN = re.compile(r"^(rand|middle|fps(\d+(\.\d*)?|\.\d+))$")
 
-_MISSING = object()
-
-
-class DataSpecError(UserError):
-    """A data spec is malformed. ``key_path`` names the offending key, ``source`` the file (if any)."""
-
-    def __init__(self, key_path: str, message: str, source: str | None = None):
-        self.key_path, self.detail, self.source = key_path, message, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key_path}: {message}" if key_path else f"{where}{message}")
-
-
-def _type_ok(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-class _Section:
-    """Reads one JSON object: typed ``get`` per known key, then ``done`` rejects whatever was not read."""
-
-    def __init__(self, raw: Any, path: str):
-        if not isinstance(raw, Mapping):
-            raise DataSpecError(path, f"expected an object, got {type(raw).__name__} {raw!r}")
-        self.raw, self.path, self.seen = raw, path, set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, kind: type, default: Any = _MISSING, choices: tuple[Any, ...] = (),
-            nullable: bool = False) -> Any:
-        self.seen.add(name)
-        if name not in self.raw:
-            if default is _MISSING:
-                raise DataSpecError(self.key(name), "required key is missing")
-            return default
-        value = self.raw[name]
-        if value is None and nullable:
-            return None
-        if not _type_ok(value, kind):
-            want = {float: "number", int: "int", bool: "bool", str: "string", list: "list", dict: "object"}
-            raise DataSpecError(self.key(name), f"expected {want.get(kind, kind.__name__)}, "
-                                f"got {type(value).__name__} {json.dumps(value)}")
-        if choices and value not in choices:
-            raise DataSpecError(self.key(name), f"{json.dumps(value)} is not supported; expected "
-                                f"{' or '.join(json.dumps(c) for c in choices)}")
-        return float(value) if kind is float else value
-
-    def accept(self, *names: str) -> None:
-        """Keys the reference carries that have no effect here."""
-        self.seen.update(names)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.raw) - self.seen)
-        if unknown:
-            raise DataSpecError(self.key(unknown[0]) if len(unknown) == 1 else self.path or "<top level>",
-                                f"unknown key(s) {unknown}; known keys here: {sorted(self.seen)}")
+DataSpecError = ConfigError  # the name this module's callers and users know
 
 
 @dataclass(frozen=True)
@@ -176,7 +120,7 @@ class DataSpec:
 
 
 def _basic(raw: Any, path: str) -> BasicParameters:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     data_path = s.get("data_path", str)
     folder = s.get("data_folder", str, None, nullable=True)
     repeat = s.get("repeat_time", float, 1.0)
@@ -190,31 +134,31 @@ def _basic(raw: Any, path: str) -> BasicParameters:
     return BasicParameters(data_path, folder, repeat)
 
 
-def _norm_from_pipeline(pre: _Section, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+def _norm_from_pipeline(pre: Section, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
     """Mean/std from the ``norm_fun`` step of ``train_pipeline.image`` and whether it pads to square; the other
     steps are checked, not run."""
     mean, std, pad = IMAGENET_MEAN, IMAGENET_STD, False
     pipeline = pre.get("train_pipeline", dict, None, nullable=True)
     if pipeline is None:
         return mean, std, pad
-    pipe = _Section(pipeline, pre.key("train_pipeline"))
+    pipe = Section(pipeline, pre.key("train_pipeline"))
     steps = pipe.get("image", list, [])
     pipe.accept("video")  # the reference's per-frame pipeline; frames go through the same tiling here
     pipe.done()
     known = ("Pad2Square", "Resize", "ToTensor", "norm_fun")
     for i, raw_step in enumerate(steps):
-        step = _Section(raw_step, f"{pipe.key('image')}[{i}]")
+        step = Section(raw_step, f"{pipe.key('image')}[{i}]")
         kind = step.get("trans_type", str, choices=known)
         pad = pad or kind == "Pad2Square"
-        param = _Section(step.get("param", dict, {}), step.key("param"))
+        param = Section(step.get("param", dict, {}), step.key("param"))
         step.done()
         if kind == "norm_fun":
             values = []
             for name in ("mean", "std"):
                 v = param.get(name, list)
-                if len(v) != 3 or not all(_type_ok(x, float) for x in v):
+                if len(v) != 3:
                     raise DataSpecError(param.key(name), f"expected 3 numbers, got {json.dumps(v)}")
-                values.append(tuple(float(x) for x in v))
+                values.append(tuple(check_value(f"{param.key(name)}[{j}]", float, x) for j, x in enumerate(v)))
             mean, std = values
             if any(x <= 0 for x in std):
                 raise DataSpecError(param.key("std"), f"must be positive, got {list(std)}")
@@ -228,8 +172,24 @@ def _norm_from_pipeline(pre: _Section, image_size: int) -> tuple[tuple[float, ..
     return mean, std, pad
 
 
+def tokenizer_config_from_dict(raw: Any, path: str, use_fast: bool) -> TokenizerConfig:
+    """The reference's tokenizer object (``tokenizer_config`` here, ``tokenizer`` in the inference JSON);
+    ``use_fast``: the default when absent. ``hub_backend``/``autotokenizer_name`` can only be "hf"/"AutoTokenizer"."""
+    tok = Section(raw, path)
+    out = TokenizerConfig(
+        from_pretrained=tok.get("from_pretrained", str),
+        hub_backend=tok.get("hub_backend", str, "hf", choices=("hf",)),
+        autotokenizer_name=tok.get("autotokenizer_name", str, "AutoTokenizer", choices=("AutoTokenizer",)),
+        add_eos_token=tok.get("add_eos_token", bool, False),
+        use_fast=tok.get("use_fast", bool, use_fast),
+        trust_remote_code=tok.get("trust_remote_code", bool, False),
+    )
+    tok.done()
+    return out
+
+
 def _dataset_param(raw: Any, path: str) -> DatasetParam:
-    s = _Section(raw, path)
+    s = Section(raw, path)
     dataset_type = s.get("dataset_type", str, "multimodal", choices=("multimodal",))
     basic_raw = s.get("basic_parameters", object)
     if isinstance(basic_raw, list):
@@ -239,19 +199,10 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
     else:
         basics = (_basic(basic_raw, s.key("basic_parameters")),)
 
-    tok = _Section(s.get("tokenizer_config", dict), s.key("tokenizer_config"))
-    tokenizer = TokenizerConfig(
-        from_pretrained=tok.get("from_pretrained", str),
-        hub_backend=tok.get("hub_backend", str, "hf", choices=("hf",)),
-        autotokenizer_name=tok.get("autotokenizer_name", str, "AutoTokenizer", choices=("AutoTokenizer",)),
-        add_eos_token=tok.get("add_eos_token", bool, False),
-        use_fast=tok.get("use_fast", bool, False),
-        trust_remote_code=tok.get("trust_remote_code", bool, False),
-    )
-    tok.done()
+    tokenizer = tokenizer_config_from_dict(s.get("tokenizer_config", dict), s.key("tokenizer_config"), use_fast=False)
 
-    image_size = s.get("image_size", int, 448)
-    pre = _Section(s.get("preprocess_parameters", dict, {}), s.key("preprocess_parameters"))
+    image_size = s.get("image_size", int, 448, minimum=1)
+    pre = Section(s.get("preprocess_parameters", dict, {}), s.key("preprocess_parameters"))
     pre.get("image_reader_type", str, "torchvision", choices=("torchvision", "PIL", "CV2"))
     mean, std, pad = _norm_from_pipeline(pre, image_size)
     pre.done()
@@ -262,13 +213,13 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
         "dataset_type": dataset_type,
         "template_name": s.get("template_name", str, "internvl2_5", choices=("internvl2_5",)),
         "image_size": image_size,
-        "patch_size": s.get("patch_size", int, 14),
+        "patch_size": s.get("patch_size", int, 14, minimum=1),
         "down_sample_ratio": s.get("down_sample_ratio", float, 0.5),
         "dynamic_image_size": s.get("dynamic_image_size", bool, True),
         "use_thumbnail": s.get("use_thumbnail", bool, True),
-        "min_dynamic_patch": s.get("min_dynamic_patch", int, 1),
+        "min_dynamic_patch": s.get("min_dynamic_patch", int, 1, minimum=1),
         "max_dynamic_patch": s.get("max_dynamic_patch", int, 12),
-        "min_num_frame": s.get("min_num_frame", int, 4),
+        "min_num_frame": s.get("min_num_frame", int, 4, minimum=1),
         "max_num_frame": s.get("max_num_frame", int, 12),
         "sampling_method": s.get("sampling_method", str, "rand"),
         "norm_mean": mean,
@@ -281,9 +232,6 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
         raise DataSpecError(s.key("use_packed_ds"), "packing is not implemented; set it to false")
     s.done()
 
-    for name in ("image_size", "patch_size", "min_dynamic_patch", "min_num_frame"):
-        if kwargs[name] < 1:
-            raise DataSpecError(s.key(name), f"must be >= 1, got {kwargs[name]}")
     if image_size % kwargs["patch_size"]:
         raise DataSpecError(s.key("image_size"), f"{image_size} is not a multiple of patch_size {kwargs['patch_size']}")
     if not 0 < kwargs["down_sample_ratio"] <= 1:
@@ -305,13 +253,11 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
 
 
 def _dataloader_param(raw: Any, path: str) -> DataloaderParam:
-    s = _Section(raw, path)
-    col = _Section(s.get("collate_param", dict), s.key("collate_param"))
-    collate = CollateParam(pad_id=col.get("pad_id", int), model_name=col.get("model_name", str, "internvl",
-                                                                           choices=("internvl",)))
+    s = Section(raw, path)
+    col = Section(s.get("collate_param", dict), s.key("collate_param"))
+    collate = CollateParam(pad_id=col.get("pad_id", int, minimum=0),
+                           model_name=col.get("model_name", str, "internvl", choices=("internvl",)))
     col.done()
-    if collate.pad_id < 0:
-        raise DataSpecError(col.key("pad_id"), f"must be a token id >= 0, got {collate.pad_id}")
     out = DataloaderParam(
         collate_param=collate,
         dataloader_mode=s.get("dataloader_mode", str, "sampler", choices=("sampler",)),
@@ -327,14 +273,12 @@ def _dataloader_param(raw: Any, path: str) -> DataloaderParam:
 
 def data_spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> DataSpec:
     try:
-        top = _Section(raw, "")
+        top = Section(raw, "")
         spec = DataSpec(_dataset_param(top.get("dataset_param", dict), "dataset_param"),
                         _dataloader_param(top.get("dataloader_param", dict), "dataloader_param"), source)
         top.done()
-    except DataSpecError as e:
-        if source and not e.source:
-            raise DataSpecError(e.key_path, e.detail, source) from None
-        raise
+    except ConfigError as e:
+        raise (e.in_file(source) if source else e) from None
     return spec
 
 
@@ -342,13 +286,4 @@ def load_data_spec(src: str | Path | Mapping[str, Any]) -> DataSpec:
     """Parse and validate a data spec from a JSON file or a dict; errors name the file and the key path."""
     if isinstance(src, Mapping):
         return data_spec_from_dict(src)
-    path = Path(src)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DataSpecError("", f"cannot read the data spec: {e.strerror or e}", str(path)) from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataSpecError("", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", str(path)) from None
-    return data_spec_from_dict(raw, source=str(path))
+    return data_spec_from_dict(read_json(src), source=str(src))

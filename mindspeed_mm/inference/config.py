@@ -21,19 +21,20 @@ few optional knobs)::
                                                            with a converted dir: its metadata has them)
     }
 
-Every error is an :class:`InferenceConfigError` whose message starts with the key path.
+Every error is an :class:`InferenceConfigError` (the one :class:`~mindspeed_mm.config.validate.ConfigError` of
+every config file) whose message starts with the key path.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mindspeed_mm.config.validate import ConfigError, Section, check_value, describe, parse_json, read_json
+from mindspeed_mm.data.data_spec import tokenizer_config_from_dict
 from mindspeed_mm.data.tokenizer import TokenizerConfig
-from mindspeed_mm.errors import UserError
 
 __all__ = [
     "DATA_TYPES",
@@ -58,42 +59,7 @@ MODEL_KEYS = ("model_id", "img_context_token_id", "downsample_ratio", "select_la
 _TEXT_MODEL_ALIASES = {"Qwen2.5llm": "internllm"}
 
 
-class InferenceConfigError(UserError):
-    def __init__(self, key_path: str, message: str):
-        self.key_path = key_path
-        super().__init__(f"{key_path}: {message}" if key_path else message)
-
-
-def _type_error(path: str, want: str, value: Any) -> InferenceConfigError:
-    return InferenceConfigError(path, f"expected {want}, got {type(value).__name__} {value!r}")
-
-
-def _int(path: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _type_error(path, "int", value)
-    if minimum is not None and value < minimum:
-        raise InferenceConfigError(path, f"must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(path: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _type_error(path, "number", value)
-    return float(value)
-
-
-def _bool(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _type_error(path, "bool", value)
-    return value
-
-
-def _str(path: str, value: Any, choices: tuple[str, ...] = ()) -> str:
-    if not isinstance(value, str):
-        raise _type_error(path, "string", value)
-    if choices and value not in choices:
-        raise InferenceConfigError(path, f"{value!r} is not supported; expected one of {list(choices)}")
-    return value
+InferenceConfigError = ConfigError  # the name this module's callers and users know
 
 
 def _str_list(path: str, value: Any) -> tuple[str, ...]:
@@ -101,14 +67,8 @@ def _str_list(path: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, list):
-        raise _type_error(path, "a string or a list of strings", value)
-    return tuple(_str(f"{path}[{i}]", v) for i, v in enumerate(value))
-
-
-def _unknown(path: str, raw: Mapping[str, Any], known) -> None:
-    for key in raw:
-        if key not in known:
-            raise InferenceConfigError(f"{path}.{key}" if path else key, f"unknown key (value {raw[key]!r:.60})")
+        raise InferenceConfigError(path, f"expected a string or a list of strings, got {describe(value)}")
+    return tuple(check_value(f"{path}[{i}]", str, v) for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -129,30 +89,21 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, path: str = "generation_config") -> GenerationConfig:
-        if not isinstance(raw, Mapping):
-            raise _type_error(path, "an object", raw)
-        names = {f.name for f in dataclasses.fields(cls)}
-        _unknown(path, raw, names)
-        kw: dict[str, Any] = {}
-        for key, value in raw.items():
-            p = f"{path}.{key}"
-            if key in ("do_sample", "use_cache"):
-                kw[key] = _bool(p, value)
-            elif key in ("num_beams", "max_new_tokens"):
-                kw[key] = _int(p, value, 1)
-            elif key == "top_k":
-                kw[key] = _int(p, value, 0)
-            elif key in ("temperature", "top_p"):
-                kw[key] = _float(p, value)
-            elif key == "eos_token_id":
-                if value is None:
-                    kw[key] = None
-                elif isinstance(value, list):
-                    kw[key] = tuple(_int(f"{p}[{i}]", v, 0) for i, v in enumerate(value))
-                else:
-                    kw[key] = (_int(p, value, 0),)
-            else:  # bos/pad token ids
-                kw[key] = None if value is None else _int(p, value, 0)
+        s, d = Section(raw, path), cls()
+        ids = {name: s.get(name, int, getattr(d, name), nullable=True, minimum=0)
+               for name in ("bos_token_id", "pad_token_id")}
+        eos = s.get("eos_token_id", Any, None)  # one id or a list of them
+        if isinstance(eos, list):
+            eos = tuple(check_value(f"{s.key('eos_token_id')}[{i}]", int, v, minimum=0) for i, v in enumerate(eos))
+        elif eos is not None:
+            eos = (s.get("eos_token_id", int, minimum=0),)
+        kw = dict(do_sample=s.get("do_sample", bool, d.do_sample), use_cache=s.get("use_cache", bool, d.use_cache),
+                  num_beams=s.get("num_beams", int, d.num_beams, minimum=1),
+                  max_new_tokens=s.get("max_new_tokens", int, d.max_new_tokens, minimum=1),
+                  top_k=s.get("top_k", int, d.top_k, minimum=0),
+                  temperature=s.get("temperature", float, d.temperature), top_p=s.get("top_p", float, d.top_p),
+                  eos_token_id=eos, **ids)
+        s.done()
         out = cls(**kw)
         if out.num_beams != 1:
             raise InferenceConfigError(f"{path}.num_beams", f"only 1 is supported (no beam search), got {out.num_beams}")
@@ -164,24 +115,10 @@ class GenerationConfig:
 
 
 def _tokenizer_config(raw: Any, path: str = "tokenizer") -> TokenizerConfig:
-    """The reference's `tokenizer` keys; ``hub_backend``/``autotokenizer_name`` can only be "hf"/"AutoTokenizer"."""
-    if not isinstance(raw, Mapping):
-        raise _type_error(path, "an object", raw)
-    _unknown(path, raw, {f.name for f in dataclasses.fields(TokenizerConfig)})
-    if "from_pretrained" not in raw:
-        raise InferenceConfigError(f"{path}.from_pretrained", "missing required key (the HF directory)")
-    kw: dict[str, Any] = {"from_pretrained": _str(f"{path}.from_pretrained", raw["from_pretrained"])}
-    for key in ("use_fast", "trust_remote_code", "add_eos_token"):
-        if key in raw:
-            kw[key] = _bool(f"{path}.{key}", raw[key])
-    if "hub_backend" in raw:
-        kw["hub_backend"] = _str(f"{path}.hub_backend", raw["hub_backend"], ("hf",))
-    if "autotokenizer_name" in raw:
-        kw["autotokenizer_name"] = _str(f"{path}.autotokenizer_name", raw["autotokenizer_name"],
-                                        ("AutoTokenizer",))
-    if kw.get("add_eos_token"):
+    out = tokenizer_config_from_dict(raw, path, use_fast=TokenizerConfig.use_fast)
+    if out.add_eos_token:
         raise InferenceConfigError(f"{path}.add_eos_token", "true would end every prompt with eos; use false")
-    return TokenizerConfig(**kw)
+    return out
 
 
 @dataclass(frozen=True)
@@ -263,36 +200,23 @@ def _requests_from_file(path: str, default_type: str) -> list[RequestSpec]:
         if not line.strip():
             continue
         where = f"requests_file line {n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InferenceConfigError(where, f"invalid JSON: {e.msg}") from None
-        if not isinstance(raw, Mapping):
-            raise _type_error(where, "an object", raw)
-        _unknown(where, raw, ("prompt", "infer_data_type", "file_path", "id", "max_new_tokens"))
-        if "prompt" not in raw:
-            raise InferenceConfigError(f"{where}.prompt", "missing required key")
-        files = _str_list(f"{where}.file_path", raw["file_path"]) if raw.get("file_path") else ()
+        s = Section(parse_json(line, key_path=where), where,
+                    known=("prompt", "infer_data_type", "file_path", "id", "max_new_tokens"))
+        files = _str_list(s.key("file_path"), s.raw["file_path"]) if s.raw.get("file_path") else ()
         out.append(RequestSpec(
-            prompt=_str(f"{where}.prompt", raw["prompt"]),
-            infer_data_type=_str(f"{where}.infer_data_type",
-                                 raw.get("infer_data_type", default_type if files else "text"), DATA_TYPES),
+            prompt=s.get("prompt", str),
+            infer_data_type=s.get("infer_data_type", str, default_type if files else "text", choices=DATA_TYPES),
             file_path=files,
-            id=None if raw.get("id") is None else str(raw["id"]),
-            max_new_tokens=None if raw.get("max_new_tokens") is None
-            else _int(f"{where}.max_new_tokens", raw["max_new_tokens"], 1),
+            id=None if s.raw.get("id") is None else str(s.raw["id"]),
+            max_new_tokens=s.get("max_new_tokens", int, None, nullable=True, minimum=1),
             source=f"{where}."))
     return out
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files: bool = True) -> InferenceConfig:
-    if not isinstance(raw, Mapping):
-        raise _type_error("<root>", "a JSON object", raw)
-    _unknown("", raw, _TOP_KEYS + MODEL_KEYS)
-    for key in ("from_pretrained", "tokenizer"):
-        if key not in raw:
-            raise InferenceConfigError(key, "missing required key")
-    data_type = _str("infer_data_type", raw.get("infer_data_type", "text"), DATA_TYPES)
+    s = Section(raw, "", known=_TOP_KEYS + MODEL_KEYS)
+    from_pretrained, tokenizer = s.get("from_pretrained"), s.get("tokenizer")
+    data_type = s.get("infer_data_type", str, "text", choices=DATA_TYPES)
     requests: list[RequestSpec] = []
     if raw.get("prompts") is not None:
         files = _str_list("file_path", raw["file_path"]) if raw.get("file_path") else ()
@@ -300,10 +224,9 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files
             requests.append(RequestSpec(prompt, data_type, files, id=str(i)))
     elif raw.get("file_path"):
         raise InferenceConfigError("prompts", "missing: file_path is given but no prompt for it")
-    if raw.get("requests_file") is not None:
-        path = _str("requests_file", raw["requests_file"])
-        if check_files or Path(path).is_file():  # unchecked (a config read ahead of its inputs): skipped if absent
-            requests += _requests_from_file(path, data_type)
+    path = s.get("requests_file", str, None, nullable=True)
+    if path is not None and (check_files or Path(path).is_file()):  # unchecked: skipped if absent
+        requests += _requests_from_file(path, data_type)
     if not requests:
         raise InferenceConfigError("prompts", "no requests: give prompts (with file_path) or requests_file")
     requests = [r if r.id is not None else dataclasses.replace(r, id=str(i)) for i, r in enumerate(requests)]
@@ -311,47 +234,37 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files
         for r in requests:
             r.check_files()
     kw: dict[str, Any] = {
-        "from_pretrained": _str("from_pretrained", raw["from_pretrained"]),
-        "tokenizer": _tokenizer_config(raw["tokenizer"]),
+        "from_pretrained": check_value("from_pretrained", str, from_pretrained),
+        "tokenizer": _tokenizer_config(tokenizer),
         "requests": tuple(requests),
         "model": _model_dict(raw),
         "source": source,
     }
-    if "generation_config" in raw:
+    if "generation_config" in s:
         kw["generation_config"] = GenerationConfig.from_dict(raw["generation_config"])
+    if raw.get("device") == "npu":
+        raise InferenceConfigError("device", "'npu' is not supported by mindspeed_mm; use 'cuda', 'cpu' or 'auto'")
     choices = {"pipeline_class": PIPELINES, "template": TEMPLATES, "dtype": DTYPES, "device": DEVICES}
     for key, allowed in choices.items():
-        if key in raw:
-            value = raw[key]
-            if key == "device" and value == "npu":
-                raise InferenceConfigError("device", "'npu' is not supported by mindspeed_mm; use 'cuda', 'cpu' or "
-                                           "'auto'")
-            kw[key] = _str(key, value, allowed)
-    if "max_tiles" in raw and "max_dynamic_patch" in raw and raw["max_tiles"] != raw["max_dynamic_patch"]:
+        if key in s:
+            kw[key] = s.get(key, str, choices=allowed)
+    if "max_tiles" in s and "max_dynamic_patch" in s and raw["max_tiles"] != raw["max_dynamic_patch"]:
         raise InferenceConfigError("max_dynamic_patch", f"{raw['max_dynamic_patch']!r} disagrees with max_tiles "
                                    f"{raw['max_tiles']!r}")
-    for key, minimum in (("num_segments", 1), ("max_tiles", 1), ("max_dynamic_patch", 1), ("batch_size", 1),
-                         ("seed", 0), ("seq_length", 1)):
-        if raw.get(key) is not None:
-            kw["max_tiles" if key == "max_dynamic_patch" else key] = _int(key, raw[key], minimum)
-    if "use_thumbnail" in raw:
-        kw["use_thumbnail"] = _bool("use_thumbnail", raw["use_thumbnail"])
-    for key in ("system_message", "output_path"):
-        if raw.get(key) is not None:
-            kw[key] = _str(key, raw[key])
+    for key, kind, minimum in (("num_segments", int, 1), ("max_tiles", int, 1), ("max_dynamic_patch", int, 1),
+                               ("batch_size", int, 1), ("seed", int, 0), ("seq_length", int, 1),
+                               ("system_message", str, None), ("output_path", str, None)):
+        value = s.get(key, kind, None, nullable=True, minimum=minimum)
+        if value is not None:
+            kw["max_tiles" if key == "max_dynamic_patch" else key] = value
+    if "use_thumbnail" in s:
+        kw["use_thumbnail"] = s.get("use_thumbnail", bool)
     return InferenceConfig(**kw)
 
 
 def load_inference_config(path: str | Path, check_files: bool = True) -> InferenceConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"inference config not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InferenceConfigError("", f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    raw = read_json(path)
     try:
         return config_from_dict(raw, source=str(path), check_files=check_files)
-    except InferenceConfigError as e:
-        raise InferenceConfigError(e.key_path, f"{str(e)[len(e.key_path) + 2:] if e.key_path else e} (in {path})"
-                                   ) from None
+    except ConfigError as e:
+        raise e.in_file(path) from None

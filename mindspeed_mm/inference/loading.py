@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec, to_dict
+from mindspeed_mm.config.model_spec import InternVLSpec, architecture_differences, load_model_spec
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.config import InferenceConfigError
@@ -22,13 +22,6 @@ if TYPE_CHECKING:  # torch only where a model is built: the checks before it run
     from mindspeed_mm.inference.stages import StageRunner
 
 __all__ = ["CheckpointInfo", "LayoutMismatch", "build_runner", "inspect_checkpoint"]
-
-# Model keys that may differ between the inference JSON and the checkpoint: they do not change the weights
-# or the maths of a forward pass in eval mode.
-_FREE_KEYS = {"freeze", "pipeline_num_layers", "params_dtype", "drop_path_rate", "init_method_std",
-              "initializer_factor", "recompute_granularity", "recompute_method", "recompute_num_layers",
-              "variable_seq_lengths", "max_position_embeddings", "pre_process", "post_process", "rope_scaling"}
-
 
 class LayoutMismatch(UserError):
     """The checkpoint's TP x PP layout needs another number of processes than the run has."""
@@ -53,23 +46,14 @@ class CheckpointInfo:
         return f"TP{self.tp} x PP{self.pp}" + (f" x VPP{self.vpp}" if self.vpp > 1 else "")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
 def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: str) -> None:
-    mine, theirs = _flat(to_dict(json_spec)), _flat(to_dict(ckpt_spec))
-    for key in sorted(mine):
-        if key.rsplit(".", 1)[-1] in _FREE_KEYS:
-            continue
-        if mine[key] != theirs.get(key):
-            raise InferenceConfigError(key, f"{mine[key]!r} in the inference JSON, but the checkpoint {where} has "
-                                       f"{theirs.get(key)!r}")
+    """The inference JSON's model must be the checkpoint's; its run settings (freeze, layout, ...) may differ."""
+    diffs = architecture_differences(json_spec, ckpt_spec)
+    if diffs:
+        key, mine, theirs = diffs[0]
+        more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:])})" if diffs[1:] else ""
+        raise InferenceConfigError(key, f"{mine!r} in the inference JSON, but the checkpoint {where} has "
+                                   f"{theirs!r}{more}")
 
 
 def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -> CheckpointInfo:

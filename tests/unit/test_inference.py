@@ -209,6 +209,26 @@ def test_layout_and_model_checks(tiny):
         inspect_checkpoint(tiny / "missing")
 
 
+def test_model_keys_may_differ_in_run_settings_only(tiny):
+    """The inference JSON's model keys may differ from the checkpoint's in run settings (freeze, layout, dtype,
+    recompute, context length), not in the architecture."""
+    from mindspeed_mm.checkpoint.mm_format import checkpoint_meta
+    from mindspeed_mm.config.model_spec import to_dict
+    from mindspeed_mm.inference.loading import inspect_checkpoint
+
+    model = to_dict(checkpoint_meta(tiny / "mm").spec())
+    model["text_decoder"].update(freeze=True, params_dtype="bf16", pipeline_num_layers=None, init_method_std=0.5,
+                                 recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+                                 max_position_embeddings=64, rope_scaling={"type": "dynamic", "factor": 2.0})
+    model["image_encoder"]["vision_encoder"].update(freeze=False, drop_path_rate=0.1, sequence_parallel=False)
+    model.update(pre_process=False)
+    info = inspect_checkpoint(tiny / "mm", model)
+    assert info.spec.text.max_position_embeddings == 64 and info.spec.text.params_dtype == "fp32"
+    model["text_decoder"]["rotary_base"] = 10.0
+    with pytest.raises(InferenceConfigError, match=r"^text_decoder\.rotary_base: 10\.0 in the inference JSON"):
+        inspect_checkpoint(tiny / "mm", model)
+
+
 def _cli(tiny, tmp_path, nproc_ok=True, **extra) -> subprocess.CompletedProcess:
     cfg = {"infer_data_type": "image", "file_path": str(tiny / "wide.png"), "prompts": ["What is it?", "Again?"],
            "from_pretrained": str(tiny / "mm"), "tokenizer": {"from_pretrained": str(tiny / "hf")},
