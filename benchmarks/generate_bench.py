@@ -15,6 +15,9 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.helpers
 
 
 def main(argv=None) -> None:
@@ -45,10 +48,7 @@ def main(argv=None) -> None:
     from mindspeed_mm.inference.stages import StageRunner
     from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
     from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
-    from mindspeed_mm.testing.tiny_checkpoint import (
-        refresh_rope_buffers,
-        write_tiny_checkpoint,
-    )
+    from mindspeed_mm.testing.tiny_checkpoint import refresh_rope_buffers, write_tiny_checkpoint
 
     n = args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.helpers
 
 
 def _median_step(fn, steps: int) -> float:
@@ -39,9 +42,10 @@ def bench_step(preset: str, steps: int, tiles: int, text: int) -> dict:
     from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
     from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
     from mindspeed_mm.parallel.layout import plan_layout
-    from mindspeed_mm.testing.batches import sample_ids
-    from mindspeed_mm.testing.layout_check import trainable_spec
-    from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
+    from tests.helpers.batches import sample_ids
+    from tests.helpers.layout_check import trainable_spec
+    from tests.helpers.oracle import load_native_model
+    from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
     from mindspeed_mm.runtime.chunks import build_model_chunks, load_full_weights
     from mindspeed_mm.training.pipeline import train_step, wrap_ddp
 

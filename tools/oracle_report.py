@@ -6,6 +6,10 @@ same comparisons stay <= 1e-5.
     python tools/oracle_report.py
 """
 import tempfile
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.helpers
 
 from mindspeed_mm.device import apply_device_adaptor
 
@@ -20,9 +24,10 @@ def report(preset: str, root: str) -> str:
     from mindspeed_mm.models.internvl.hf.keys import normalize_native_key
     from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
     from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict, mean_loss
-    from mindspeed_mm.testing.batches import make_batch
-    from mindspeed_mm.testing.layout_check import trainable_spec
-    from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
+    from tests.helpers.batches import make_batch
+    from tests.helpers.layout_check import trainable_spec
+    from tests.helpers.oracle import load_native_model
+    from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
     hf_dir = write_tiny_checkpoint(f"{root}/{preset}", fmt="native", preset=preset, seed=1)
     _, fmt, state = load_hf_checkpoint(hf_dir)

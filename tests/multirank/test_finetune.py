@@ -64,7 +64,7 @@ def test_first_loss_equals_transformers(tiny, tmp_path):
 
     from mindspeed_mm.config.model_spec import load_model_spec
     from mindspeed_mm.data.data_spec import load_data_spec
-    from mindspeed_mm.testing.tiny_checkpoint import load_native_model
+    from tests.helpers.oracle import load_native_model
     from mindspeed_mm.training.arguments import parse_args
     from mindspeed_mm.training.data import build_train_iterator
 
@@ -229,7 +229,7 @@ def _assert_mm_to_hf_exact(save_dir: Path, out: Path) -> None:
     from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
     from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
     from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
-    from mindspeed_mm.testing.tiny_checkpoint import load_native_model
+    from tests.helpers.oracle import load_native_model
 
     mm_to_hf(MMToHFConfig(mm_dir=str(save_dir), save_hf_dir=str(out), progress=False))
     config, fmt, state = load_hf_checkpoint(out)

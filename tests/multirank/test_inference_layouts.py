@@ -70,7 +70,7 @@ def transformers_tokens(hf_dir: Path, result: dict) -> list[int]:
     from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
     from mindspeed_mm.inference.config import RequestSpec
     from mindspeed_mm.inference.pipeline import prepare_request
-    from mindspeed_mm.testing.tiny_checkpoint import load_native_model
+    from tests.helpers.oracle import load_native_model
 
     spec = spec_from_hf_dir(hf_dir)
     request = RequestSpec(result["prompt"], result["infer_data_type"], tuple(result["file_path"]))

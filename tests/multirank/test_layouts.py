@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.launch import run_torchrun
-from mindspeed_mm.testing.layout_check import LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout
+from tests.helpers.layout_check import LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]

@@ -17,10 +17,8 @@ from mindspeed_mm.inference.pipeline import prepare_request
 from mindspeed_mm.inference.stages import StageRunner
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
-from mindspeed_mm.testing.tiny_checkpoint import (
-    load_native_model,
-    write_tiny_checkpoint,
-)
+from tests.helpers.oracle import load_native_model
+from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 NEW_TOKENS = 20
 

@@ -15,8 +15,9 @@ from mindspeed_mm.models.internvl.hf.keys import normalize_native_key
 from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config, spec_from_hf_dir
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
-from mindspeed_mm.testing.batches import make_batch
-from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
+from tests.helpers.batches import make_batch
+from tests.helpers.oracle import load_native_model
+from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 TOL = 1e-5
 

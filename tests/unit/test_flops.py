@@ -7,8 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
-from mindspeed_mm.testing.batches import make_batch
-from mindspeed_mm.testing.tiny_checkpoint import load_native_model, write_tiny_checkpoint
+from tests.helpers.batches import make_batch
+from tests.helpers.oracle import load_native_model
+from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 from mindspeed_mm.training.flops import llm_forward_flops, step_flops, vit_forward_flops
 
 

@@ -15,10 +15,10 @@ from mindspeed_mm.testing.tiny_checkpoint import (
     TINY_PRESETS,
     build_tiny_model,
     build_tiny_tokenizer,
-    load_native_model,
     tiny_vocab_size,
     write_tiny_checkpoint,
 )
+from tests.helpers.oracle import load_native_model
 
 PRESETS = sorted(TINY_PRESETS)
 

@@ -8,7 +8,7 @@ from mindspeed_mm.device import apply_device_adaptor
 def main() -> None:
     apply_device_adaptor(force=True)
     from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
-    from mindspeed_mm.testing.layout_check import LayoutArgs, run_layout, save_rank_result
+    from tests.helpers.layout_check import LayoutArgs, run_layout, save_rank_result
 
     hf_dir, out_dir, args = sys.argv[1], sys.argv[2], LayoutArgs.from_json(sys.argv[3])
     init_distributed(backend="gloo")

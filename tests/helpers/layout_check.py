@@ -22,7 +22,7 @@ from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.parallel.layout import plan_layout
 from mindspeed_mm.models.internvl.sharding import full_state_dict
-from mindspeed_mm.testing.batches import make_microbatches
+from tests.helpers.batches import make_microbatches
 from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights, load_full_weights
 from mindspeed_mm.training.pipeline import forward_backward, microbatch_losses, local_tensors, train_step, wrap_ddp
 

@@ -1,0 +1,42 @@
+"""Transformers' InternVLForConditionalGeneration loaded from either HF format: the oracle the tests (and the
+benchmarks' baselines) compare against."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
+from mindspeed_mm.models.internvl.hf.config import NATIVE, find_token_id, original_config_to_native
+from mindspeed_mm.models.internvl.hf.keys import native_key_to_module, original_to_native_state_dict
+from mindspeed_mm.testing.tiny_checkpoint import _check_untied, refresh_rope_buffers
+
+
+def load_native_model(hf_dir: str | os.PathLike):
+    """Load either HF format into transformers' ``InternVLForConditionalGeneration`` (fp32, eval, eager
+    attention). Original checkpoints are converted in memory with the hf.keys functions; the image token id
+    comes from the config or, failing that, from the tokenizer files in ``hf_dir``."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    hf_dir = Path(hf_dir)
+    config, fmt, state = load_hf_checkpoint(hf_dir)
+    if fmt == NATIVE:
+        model, info = InternVLForConditionalGeneration.from_pretrained(
+            str(hf_dir), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if bad:
+            raise RuntimeError(f"{hf_dir}: transformers could not load every weight: {bad}")
+    else:
+        token_id = config.get("img_context_token_id", config.get("image_token_id"))
+        if token_id is None:
+            token_id = find_token_id(hf_dir)
+        native_cfg = original_config_to_native(config, image_token_id=token_id)
+        cfg = InternVLConfig.from_dict(native_cfg)
+        model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        native_sd = {native_key_to_module(k): v.float() for k, v in original_to_native_state_dict(state).items()}
+        model.load_state_dict(native_sd, strict=True)
+    refresh_rope_buffers(model)
+    _check_untied(model)
+    return model.float().eval()
