@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # torch only where a model is built: the checks before it run
 
 __all__ = ["CheckpointInfo", "LayoutMismatch", "build_runner", "inspect_checkpoint"]
 
+
 class LayoutMismatch(UserError):
     """The checkpoint's TP x PP layout needs another number of processes than the run has."""
 
@@ -32,18 +33,26 @@ class CheckpointInfo:
     path: Path
     kind: str  # "mm_dir" | "rank_file"
     spec: InternVLSpec
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    vit_pp_layers: list | None = None
-    llm_pp_layers: list | None = None
+    plan: LayoutPlan  # the split it was saved at (one rank for a single rank file)
+
+    @property
+    def tp(self) -> int:
+        return self.plan.parallel.tp
+
+    @property
+    def pp(self) -> int:
+        return self.plan.parallel.pp
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
     def describe(self) -> str:
-        return f"TP{self.tp} x PP{self.pp}" + (f" x VPP{self.vpp}" if self.vpp > 1 else "")
+        return f"TP{self.tp} x PP{self.pp}" + (f" x VPP{self.plan.vpp}" if self.plan.vpp else "")
+
+
+def _one_rank(spec: InternVLSpec) -> LayoutPlan:
+    return plan_layout(spec, ParallelSizes(), 1, [[spec.vision.num_layers]], [[spec.text.num_layers]])
 
 
 def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: str) -> None:
@@ -73,7 +82,7 @@ def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -
         if json_spec is None:
             raise InferenceConfigError("text_decoder", f"from_pretrained is a single file ({path}): the inference "
                                        f"JSON must give the model keys (text_decoder, image_encoder, ...)")
-        return CheckpointInfo(path, "rank_file", json_spec)
+        return CheckpointInfo(path, "rank_file", json_spec, _one_rank(json_spec))
     if not path.is_dir():
         raise FileNotFoundError(f"from_pretrained: no checkpoint at {path}")
     if not (path / TRACKER_FILE).is_file() and not (path / "release").is_dir():
@@ -88,14 +97,15 @@ def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -
             raise InferenceConfigError("from_pretrained", f"{path} has no {META_FILE} (not written by mm-convert): "
                                        f"only a single-rank checkpoint ({single}) with the model keys in the "
                                        f"inference JSON can be read without it")
-        return CheckpointInfo(single, "rank_file", json_spec)
+        return CheckpointInfo(single, "rank_file", json_spec, _one_rank(json_spec))
     meta = checkpoint_meta(path)
     spec = meta.spec()
+    plan = meta.plan(spec)
     if json_spec is not None:
         _check_same_model(json_spec, spec, str(path))
         spec = dataclasses.replace(spec, text=dataclasses.replace(
             spec.text, max_position_embeddings=json_spec.text.max_position_embeddings))
-    return CheckpointInfo(path, "mm_dir", spec, meta.tp, meta.pp, meta.vpp, meta.vit_pp_layers, meta.llm_pp_layers)
+    return CheckpointInfo(path, "mm_dir", spec, plan)
 
 
 def check_world(info: CheckpointInfo, world_size: int) -> None:
@@ -123,12 +133,8 @@ def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
     from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights
 
     check_world(info, torch.distributed.get_world_size())
-    vpp = info.vpp if info.vpp > 1 else None
-    initialize_model_parallel(tp=info.tp, pp=info.pp, vpp=vpp)
-    spec = _with_dtype(info.spec, dtype)
-    plan: LayoutPlan = plan_layout(spec, ParallelSizes(tp=info.tp, pp=info.pp, vpp=vpp), info.world_size,
-                                   info.vit_pp_layers, info.llm_pp_layers)
-    chunks = build_model_chunks(spec, plan)
+    initialize_model_parallel(tp=info.tp, pp=info.pp, vpp=info.plan.vpp)
+    chunks = build_model_chunks(_with_dtype(info.spec, dtype), info.plan)
     if info.kind == "mm_dir":
         load_converted_weights(chunks, info.path)
     else:

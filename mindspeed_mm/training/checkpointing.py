@@ -369,8 +369,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
         old = plan
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    same = (old.parallel.tp, old.parallel.pp, old.num_chunks, old.vit_pp_layers, old.llm_pp_layers) == (
-        plan.parallel.tp, plan.parallel.pp, plan.num_chunks, plan.vit_pp_layers, plan.llm_pp_layers)
+    same = old.same_split(plan)
     resharder = _Resharder(it_dir, spec, old, plan)
     if same:
         obj = resharder.obj(tp_rank, pp_rank)
