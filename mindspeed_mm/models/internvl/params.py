@@ -49,7 +49,7 @@ class ParamDef:
 
     def __post_init__(self) -> None:
         assert self.tp in TP_KINDS and self.merge in ("copy", "concat", "interleave"), self
-        object.__setattr__(self, "pattern", _template_regex(self.name))
+        object.__setattr__(self, "pattern", template_regex(self.name))
 
     def hf(self, fmt: str) -> tuple[str, ...]:
         if fmt not in ("native", "original"):
@@ -73,7 +73,9 @@ class Param:
         return self.native if fmt == "native" else self.original
 
 
-def _template_regex(template: str) -> re.Pattern:
+@lru_cache(maxsize=None)
+def template_regex(template: str) -> re.Pattern:
+    """A name template (`{i}`: a layer index) as a regex whose one group is that index."""
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
 

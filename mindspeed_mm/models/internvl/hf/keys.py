@@ -14,37 +14,35 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping
 
-from mindspeed_mm.models.internvl.params import REGISTRY, ParamDef, _template_regex, with_layer
+from mindspeed_mm.models.internvl.params import REGISTRY, ParamDef, template_regex, with_layer
 
 if TYPE_CHECKING:
     import torch
 
-# in-memory (module) prefix -> on-disk prefix, for InternVLForConditionalGeneration
+# in-memory (module) name or prefix -> on-disk one, for InternVLForConditionalGeneration
 _MODULE_TO_DISK = [
+    ("lm_head.weight", "language_model.lm_head.weight"),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.language_model.", "language_model.model."),
 ]
 
 
-def normalize_native_key(name: str) -> str:
-    """An in-memory native name -> the on-disk name transformers writes; on-disk names are returned unchanged."""
-    if name == "lm_head.weight":
-        return "language_model.lm_head.weight"
-    for src, dst in _MODULE_TO_DISK:
-        if name.startswith(src):
+def _swap(name: str, pairs) -> str:
+    for src, dst in pairs:
+        if name == src or src.endswith(".") and name.startswith(src):
             return dst + name[len(src):]
     return name
+
+
+def normalize_native_key(name: str) -> str:
+    """An in-memory native name -> the on-disk name transformers writes; on-disk names are returned unchanged."""
+    return _swap(name, _MODULE_TO_DISK)
 
 
 def native_key_to_module(name: str) -> str:
     """On-disk native name -> the parameter name inside ``InternVLForConditionalGeneration``."""
-    if name == "language_model.lm_head.weight":
-        return "lm_head.weight"
-    for dst, src in _MODULE_TO_DISK:
-        if name.startswith(src):
-            return dst + name[len(src):]
-    return name
+    return _swap(name, [(disk, module) for module, disk in _MODULE_TO_DISK])
 
 
 @lru_cache(maxsize=None)
@@ -52,7 +50,7 @@ def _find(name: str, fmt: str) -> tuple[ParamDef, int, int | None] | None:
     """The registry row naming `name` in format `fmt`, the position of `name` among its HF names, its layer."""
     for d in REGISTRY:
         for k, template in enumerate(d.hf(fmt)):
-            m = _template_regex(template).match(name)
+            m = template_regex(template).match(name)
             if m:
                 return d, k, int(m.group(1)) if m.groups() else None
     return None
