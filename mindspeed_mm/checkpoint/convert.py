@@ -212,7 +212,7 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
     src = HFSource(hf_dir)
     _log(f"{src.dir}: detected HF format '{src.format}', {src.layout}, {len(src.files)} tensors "
          f"({dict(src.dtypes)})")
-    spec = spec_from_hf_dir(src.dir)
+    spec = spec_from_hf_dir(src.dir, src.config)
     rules = mapping_rules(spec, src.format)
     src.check_rules(rules)
     plan = plan_from_parallel_config(spec, parallel or ParallelConfig())
@@ -268,7 +268,7 @@ def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[
         raise FileNotFoundError(f"{mm_dir / META_FILE}: missing (not written by mm-convert?); pass "
                                 "--cfg.parallel_config.* and --cfg.hf_config.hf_dir to describe the checkpoint")
     config = read_hf_config(hf_dir)
-    spec = spec_from_hf_dir(hf_dir)
+    spec = spec_from_hf_dir(hf_dir, config)
     plan = plan_from_parallel_config(spec, pc)
     meta = MMCheckpointMeta.from_plan(plan, spec, source_format=detect_format(config),
                                       source_hf_dir=str(Path(hf_dir).absolute()), hf_config=config)

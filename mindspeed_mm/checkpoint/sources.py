@@ -28,8 +28,8 @@ from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.models.internvl.hf.config import NATIVE
 from mindspeed_mm.models.internvl.hf.keys import normalize_native_key
-from mindspeed_mm.models.internvl.hf.mapping import Rule
-from mindspeed_mm.models.internvl.params import param_shapes, params
+from mindspeed_mm.models.internvl.hf.mapping import Rule, uncovered
+from mindspeed_mm.models.internvl.params import params
 from mindspeed_mm.models.internvl.sharding import slice_from_shards, stage_name
 from mindspeed_mm.parallel.layout import LayoutPlan
 from mindspeed_mm.parallel.sharding import Slice, cat
@@ -157,12 +157,11 @@ class HFSource:
         wanted = [k for r in rules for k in r.hf]
         dup = [k for k, n in Counter(wanted).items() if n > 1]
         assert not dup, f"mapping uses HF tensors twice: {dup[:3]}"
-        unknown = sorted(set(self.files) - set(wanted))
+        unknown, missing = uncovered(self.files, wanted)
         if unknown:
             raise CheckpointFormatError(
                 f"{self.files[unknown[0]]}: {len(unknown)} tensor(s) the InternVL3 mapping does not know, e.g. "
                 f"{[self.stored[k] for k in unknown[:3]]}")
-        missing = sorted(set(wanted) - set(self.files))
         if missing:
             raise CheckpointFormatError(f"{self.dir}: {len(missing)} tensor(s) the model needs are missing, e.g. "
                                         f"{missing[:3]}")
@@ -178,14 +177,15 @@ class MMSource:
         self._open: dict[tuple[int, int], RankFile] = {}
         self._lock = threading.Lock()
         self.mapped = MappedFiles()
-        self.shapes = param_shapes(spec)
+        ps = params(spec)
+        self.shapes = {p.name: p.shape for p in ps}
         self.where: dict[str, tuple[int, str]] = {}  # global name -> (stage index, local name)
         self.unused: set[tuple[Path, int, str]] = set()
         self.dtypes: Counter = Counter()
         expected: dict[tuple[int, int], set[str]] = {}
         for s in plan.stages:
             expected[(s.stage % self.pp, s.stage // self.pp)] = set()
-        for p in params(spec):
+        for p in ps:
             for s in plan.stages:
                 local = stage_name(p.name, s)
                 if local is not None:

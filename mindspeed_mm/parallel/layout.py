@@ -109,11 +109,20 @@ def _contiguous_run(name: str, counts: list[int]) -> tuple[int, int]:
     return first, last
 
 
+@dataclass(frozen=True)
+class LayoutNames:
+    """What the user called the inputs a layout error names: the keys of the file or the flags they wrote."""
+    vit: str = "vit_pp_layers"
+    llm: str = "llm_pp_layers"
+    tp: str = "tensor_model_parallel_size"
+
+
 def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optional[int] = None,
-                vit_pp_layers=None, llm_pp_layers=None) -> LayoutPlan:
+                vit_pp_layers=None, llm_pp_layers=None, names: LayoutNames = LayoutNames()) -> LayoutPlan:
     """Validate a layout against the model and the world, and say what every stage holds.
 
-    The per-stage lists default to the spec's `pipeline_num_layers`, then to an even split."""
+    The per-stage lists default to the spec's `pipeline_num_layers`, then to an even split. Errors name the
+    inputs as `names` says."""
     tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
     vpp = parallel.vpp or 1
     if world_size is not None:
@@ -123,30 +132,30 @@ def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optiona
             raise LayoutError(f"world size {world_size} is not a multiple of tp*pp*cp = {tp}*{pp}*{cp}")
     v, t = spec.vision, spec.text
     if t.num_query_groups % tp:
-        raise LayoutError(f"tensor_model_parallel_size={tp}: the LLM's num_query_groups={t.num_query_groups} "
+        raise LayoutError(f"{names.tp}={tp}: the LLM's num_query_groups={t.num_query_groups} "
                           "cannot be split evenly over it")
     for name, size in (("text_decoder.hidden_size", t.hidden_size), ("text_decoder.ffn_hidden_size", t.ffn_hidden_size),
                        ("vision_encoder.hidden_size", v.hidden_size), ("vision_encoder.ffn_hidden_size", v.ffn_hidden_size)):
         if size % tp:
-            raise LayoutError(f"tensor_model_parallel_size={tp}: {name}={size} is not divisible by it")
+            raise LayoutError(f"{names.tp}={tp}: {name}={size} is not divisible by it")
     if v.num_attention_heads < tp:
-        raise LayoutError(f"tensor_model_parallel_size={tp}: more ranks than the ViT's {v.num_attention_heads} heads")
-    vit = _normalise("vit_pp_layers", vit_pp_layers if vit_pp_layers is not None else v.pipeline_num_layers,
+        raise LayoutError(f"{names.tp}={tp}: more ranks than the ViT's {v.num_attention_heads} heads")
+    vit = _normalise(names.vit, vit_pp_layers if vit_pp_layers is not None else v.pipeline_num_layers,
                      pp, vpp, v.num_layers)
-    llm = _normalise("llm_pp_layers", llm_pp_layers if llm_pp_layers is not None else t.pipeline_num_layers,
+    llm = _normalise(names.llm, llm_pp_layers if llm_pp_layers is not None else t.pipeline_num_layers,
                      pp, vpp, t.num_layers)
     vit_flat = [n for row in vit for n in row]
     llm_flat = [n for row in llm for n in row]
     n_stages = len(vit_flat)
-    v_first, v_last = _contiguous_run("vit_pp_layers", vit_flat)
-    l_first, l_last = _contiguous_run("llm_pp_layers", llm_flat)
+    v_first, v_last = _contiguous_run(names.vit, vit_flat)
+    l_first, l_last = _contiguous_run(names.llm, llm_flat)
     if v_first != 0:
-        raise LayoutError(f"vit_pp_layers: the ViT must start on the first stage, per-stage counts {vit_flat}")
+        raise LayoutError(f"{names.vit}: the ViT must start on the first stage, per-stage counts {vit_flat}")
     if l_last != n_stages - 1:
-        raise LayoutError(f"llm_pp_layers: the LLM must end on the last stage (it computes the loss), "
+        raise LayoutError(f"{names.llm}: the LLM must end on the last stage (it computes the loss), "
                           f"per-stage counts {llm_flat}")
     if l_first < v_last:
-        raise LayoutError(f"llm_pp_layers: LLM layers on stage {l_first} come before the ViT's last stage "
+        raise LayoutError(f"{names.llm}: LLM layers on stage {l_first} come before the ViT's last stage "
                           f"{v_last} (vit {vit_flat}, llm {llm_flat})")
     if l_first > v_last + 1:
         raise LayoutError(f"stages {list(range(v_last + 1, l_first))} hold no layers (vit {vit_flat}, llm {llm_flat})")
@@ -205,11 +214,11 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
         par = ParallelSizes(tp=pc.tp_size, pp=pp, vpp=vpp)
     except ValueError as e:
         raise LayoutError(f"parallel_config: {e}") from None
-    try:
-        return plan_layout(spec, par, pc.tp_size * pp, vit, llm)
-    except LayoutError as e:
-        msg = str(e).replace("tensor_model_parallel_size", "parallel_config.tp_size")
-        raise LayoutError(f"parallel_config.{msg}" if msg.startswith(("vit_pp", "llm_pp")) else msg) from None
+    return plan_layout(spec, par, pc.tp_size * pp, vit, llm, _PARALLEL_CONFIG_NAMES)
+
+
+_PARALLEL_CONFIG_NAMES = LayoutNames("parallel_config.vit_pp_layers", "parallel_config.llm_pp_layers",
+                                     "parallel_config.tp_size")
 
 
 def _compact(rows) -> str:

@@ -205,9 +205,6 @@ def reconcile_with_spec(args: TrainArgs, spec, cuda: bool):
         raise ArgumentError(f"text_decoder.params_dtype {t.params_dtype!r} of {args.mm_model} needs "
                             f"{'--' + t.params_dtype if t.params_dtype != 'fp32' else 'neither --bf16 nor --fp16'}"
                             f" (got {'--' + args.params_dtype_name if args.params_dtype_name != 'fp32' else 'fp32'})")
-    warnings = []
-    if args.use_flash_attn and not cuda:
-        warnings.append("--use-flash-attn: no CUDA flash kernel here; attention runs through torch SDPA's CPU kernel")
     if args.recompute_granularity is not None:
         fill = dict(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                     recompute_num_layers=args.recompute_num_layers)
@@ -215,4 +212,11 @@ def reconcile_with_spec(args: TrainArgs, spec, cuda: bool):
             spec = dataclasses.replace(spec, text=dataclasses.replace(spec.text, **fill))
         if spec.vision.recompute_granularity is None:
             spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, **fill))
-    return spec, warnings
+    return spec, device_warnings(args, cuda)
+
+
+def device_warnings(args: TrainArgs, cuda: bool) -> list[str]:
+    """The flags that fall back on this device."""
+    if args.use_flash_attn and not cuda:
+        return ["--use-flash-attn: no CUDA flash kernel here; attention runs through torch SDPA's CPU kernel"]
+    return []

@@ -93,16 +93,15 @@ def check_inputs(args):
     the flags' settings, data spec)."""
     from mindspeed_mm.config.model_spec import load_model_spec
     from mindspeed_mm.data.data_spec import DataSpecError, load_data_spec
-    from mindspeed_mm.parallel.layout import LayoutError, plan_layout
+    from mindspeed_mm.parallel.layout import LayoutError, LayoutNames, plan_layout
     from mindspeed_mm.training.arguments import ArgumentError, reconcile_with_spec
 
     spec, _ = reconcile_with_spec(args, load_model_spec(args.mm_model), cuda=False)  # errors: device-independent
-    try:
-        plan_layout(spec, _parallel_sizes(args))
-    except LayoutError as e:  # named by the model JSON's keys, where the stage lists come from
-        text = str(e).replace("vit_pp_layers", "image_encoder.vision_encoder.pipeline_num_layers")
-        raise LayoutError(f"{text.replace('llm_pp_layers', 'text_decoder.pipeline_num_layers')} (in {args.mm_model})"
-                          ) from None
+    try:  # the stage lists come from the model JSON: errors name its keys
+        plan_layout(spec, _parallel_sizes(args), names=LayoutNames(
+            "image_encoder.vision_encoder.pipeline_num_layers", "text_decoder.pipeline_num_layers"))
+    except LayoutError as e:
+        raise LayoutError(f"{e} (in {args.mm_model})") from None
     data_spec = load_data_spec(args.mm_data)
     param = data_spec.dataset_param
     tok = param.tokenizer_config.from_pretrained
@@ -128,7 +127,7 @@ def train(args, spec, data_spec) -> RunState:
     from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
     from mindspeed_mm.parallel.layout import plan_layout
-    from mindspeed_mm.training.arguments import ArgumentError, reconcile_with_spec
+    from mindspeed_mm.training.arguments import ArgumentError, device_warnings
     from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
     from mindspeed_mm.training.data import build_train_iterator
     from mindspeed_mm.training.flops import step_flops
@@ -143,13 +142,11 @@ def train(args, spec, data_spec) -> RunState:
     logger = MetricsLogger(rank == 0, args.metrics_file, args.tensorboard_dir)
     cuda = torch.distributed.get_backend() == "nccl"
 
-    spec, warnings = reconcile_with_spec(args, spec, cuda)
-    for w in warnings:
+    for w in device_warnings(args, cuda):  # `spec` is reconciled with the flags already (check_inputs)
         logger.info(f"warning: {w}")
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    vpp = args.virtual_pipeline_model_parallel_size
     parallel = _parallel_sizes(args, world)
-    plan = plan_layout(spec, parallel, world)  # validates the JSON's stage lists before any group exists
+    plan = plan_layout(spec, parallel, world)
     initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=parallel.vpp, seed=args.seed)
     dp, dp_rank = parallel.dp, parallel_state.get_data_parallel_rank()
     gbs = args.global_batch_size or args.micro_batch_size * dp
@@ -159,7 +156,7 @@ def train(args, spec, data_spec) -> RunState:
     num_micro = gbs // (args.micro_batch_size * dp)
     loss_mode = LossMode.from_flags(args.calculate_per_sample_loss, args.calculate_per_token_loss)
     logger.info(f"layout: world {world} = TP{tp} x PP{pp} x CP{cp} x DP{dp}"
-                f"{f' (VPP {vpp})' if vpp else ''}{' +SP' if args.sequence_parallel else ''}; "
+                f"{f' (VPP {parallel.vpp})' if parallel.vpp else ''}{' +SP' if args.sequence_parallel else ''}; "
                 f"global batch {gbs} = {args.micro_batch_size} x {num_micro} micro-batches x DP{dp}; "
                 f"loss {loss_mode.value}")
 

@@ -25,6 +25,7 @@ from mindspeed_mm.config.model_spec import (
     VisionEncoderSpec,
     _rope_scaling_from_dict,
 )
+from mindspeed_mm.config.validate import ConfigError, parse_json
 from mindspeed_mm.errors import CheckpointFormatError
 
 ORIGINAL = "original"
@@ -324,13 +325,14 @@ def native_config_to_original(cfg: Mapping) -> dict:
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config, index), parsed as every JSON file is (`config.validate.parse_json`);
+    a malformed one is a CheckpointFormatError naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file is missing: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointFormatError(f"{path}: invalid JSON: {e}") from None
+        return parse_json(path.read_text(encoding="utf-8"), str(path))
+    except ConfigError as e:
+        raise CheckpointFormatError(str(e)) from None
 
 
 def find_token_id(hf_dir: str | os.PathLike, token: str = IMG_CONTEXT_TOKEN) -> int | None:
@@ -502,10 +504,12 @@ def spec_from_hf_config(config: Mapping[str, Any], *, img_context_token_id: Opti
     )
 
 
-def spec_from_hf_dir(hf_dir: Union[str, Path], **kwargs: Any) -> InternVLSpec:
-    """The spec of an HF checkpoint directory (either format); config.json is read as data, and the
-    original format's <IMG_CONTEXT> id is looked up in the directory's tokenizer files."""
-    config = read_hf_config(hf_dir)
+def spec_from_hf_dir(hf_dir: Union[str, Path], config: Optional[Mapping[str, Any]] = None,
+                     **kwargs: Any) -> InternVLSpec:
+    """The spec of an HF checkpoint directory (either format); config.json is read as data (or given, when the
+    caller has read it), and the original format's <IMG_CONTEXT> id is looked up in the directory's tokenizer
+    files."""
+    config = read_hf_config(hf_dir) if config is None else config
     if detect_format(config) == "original" and "img_context_token_id" not in kwargs:
         kwargs["img_context_token_id"] = config.get("img_context_token_id") or find_token_id(hf_dir)
     return spec_from_hf_config(config, **kwargs)

@@ -76,11 +76,16 @@ def original_key_to_native(name: str) -> str | tuple[str, ...]:
 def native_key_to_original(name: str) -> str:
     """One native name (on-disk or in-memory) -> its original-format name (q/k/v_proj all -> the fused
     ``attn.qkv``). An unknown name raises KeyError naming it."""
+    return _native_to_original(name)[0]
+
+
+def _native_to_original(name: str) -> tuple[str, ParamDef, int]:
+    """`native_key_to_original(name)`, with the registry row and the position of `name` among its HF names."""
     hit = _find(normalize_native_key(name), "native")
     if hit is None:
         raise KeyError(f"unknown native-format InternVL key: {name!r}")
     d, k, layer = hit
-    return with_layer(d.original[0 if _fused(d) else k], layer)
+    return with_layer(d.original[0 if _fused(d) else k], layer), d, k
 
 
 def _put(out: dict, key: str, value, source: str) -> None:
@@ -116,8 +121,7 @@ def native_to_original_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
     for name, tensor in sd.items():
-        target = native_key_to_original(name)
-        d, k, layer = _find(normalize_native_key(name), "native")  # type: ignore[misc]
+        target, d, k = _native_to_original(name)
         if not _fused(d):
             _put(out, target, tensor, name)
             continue

@@ -133,13 +133,17 @@ def mapping_rules(spec: InternVLSpec, fmt: str) -> list[Rule]:
     return [Rule(p.name, p.hf(fmt), _op(p, p.hf(fmt), spec)) for p in params(spec)]
 
 
+def uncovered(available: Iterable[str], wanted: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(unknown, missing): the names `available` has beyond `wanted`, and those of `wanted` it lacks; sorted."""
+    available, wanted = set(available), set(wanted)
+    return sorted(available - wanted), sorted(wanted - available)
+
+
 def _check_covered(available: Iterable[str], wanted: set[str], what: str) -> None:
-    available = set(available)
-    unknown = sorted(available - wanted)
+    unknown, missing = uncovered(available, wanted)
     if unknown:
         raise KeyError(f"{what} has {len(unknown)} tensor(s) the InternVL3 mapping does not know, "
                        f"e.g. {unknown[:3]}")
-    missing = sorted(wanted - available)
     if missing:
         raise KeyError(f"{what} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
 
