@@ -360,6 +360,10 @@ def _memoize_rope_tables(gpt) -> None:
     compute, tables = rope.get_cos_sin, {}
 
     def get_cos_sin(max_seq_len: int, offset: int = 0):
+        if getattr(rope, "ntk_seq_len", None) is not None:
+            # dynamic-NTK RoPE beyond max_position_embeddings (models.internvl.rope): the tables change with
+            # the length at every step, so keeping them would only grow the memo
+            return compute(max_seq_len, offset)
         key = (max_seq_len, offset)
         if key not in tables:
             tables[key] = compute(max_seq_len, offset)

@@ -81,6 +81,23 @@ OUTPUT_ARGS="
     --metrics-file $SAVE_PATH/metrics.jsonl
 "
 
+logfile=internvl3_${MODEL}
 mkdir -p logs
 torchrun $DISTRIBUTED_ARGS pretrain_vlm.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS --distributed-backend nccl \
-  2>&1 | tee logs/train_internvl3_${MODEL}.log
+  2>&1 | tee logs/train_${logfile}.log
+
+# ---- throughput summary: the reference scripts' own pipeline over Megatron's log line. Its window (lines
+# 51-150) shrinks for short runs to every line after the first, which carries the start-up cost.
+set +eo pipefail  # as the reference runs it: head closing the pipe early must not end the script
+N_LINES=`grep -c "elapsed time per iteration" logs/train_${logfile}.log`
+if [ "$N_LINES" -ge 150 ]; then HEAD_N=150; TAIL_N=100; elif [ "$N_LINES" -gt 1 ]; then HEAD_N=$N_LINES; TAIL_N=$((N_LINES - 1)); else HEAD_N=1; TAIL_N=1; fi
+STEP_TIME=`grep "elapsed time per iteration" logs/train_${logfile}.log | awk -F ':' '{print$5}' | awk -F '|' '{print$1}' | head -n $HEAD_N | tail -n $TAIL_N | awk '{sum+=$1} END {if (NR != 0) printf("%.1f",sum/NR)}'`
+SAMPLES_PER_SECOND=`awk 'BEGIN{printf "%.3f\n", '${GBS}'*1000/'${STEP_TIME}'}'`
+echo "Elapsed Time Per iteration: $STEP_TIME"
+echo "Average Samples per Second: $SAMPLES_PER_SECOND"
+LOG_TOKENS_PER_SECOND=`grep "tokens per sample" logs/train_${logfile}.log`
+if [ "$LOG_TOKENS_PER_SECOND" ]; then
+    AVERAGE_TOKENS=`grep "tokens per sample" logs/train_${logfile}.log | awk -F 'tokens per sample:' '{print$2}' | awk -F '|' '{print$1}' | head -n $HEAD_N | tail -n $TAIL_N | awk '{sum+=$1} END {if (NR != 0) printf("%.1f",sum/NR)}'`
+    TOKENS_PER_SECOND=`awk 'BEGIN{printf "%.3f\n", '${SAMPLES_PER_SECOND}'*'${AVERAGE_TOKENS}'}'`
+    echo "Consumed Tokens per Second: $TOKENS_PER_SECOND"
+fi

@@ -300,19 +300,33 @@ class ProjectorSpec(_SpecBase):
         return int(round(self.vit_hidden_size / self.downsample_ratio ** 2))
 
 
+_ROPE_SCALING_PATH = join(_TEXT_PATH, "rope_scaling")
+
+
+def _check_rope_type(value: Any) -> str:
+    """Checked before the section's keys, so that another type's own keys (yarn's, llama3's, ...) are not what
+    the error names: the type is what we lack."""
+    key = f"{_ROPE_SCALING_PATH}.type"
+    value = check_value(key, str, value)
+    if value != "dynamic":
+        raise ModelSpecError(key, f"{value!r} is not implemented; only \"dynamic\" (dynamic NTK) is")
+    return value
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """``text_decoder.rope_scaling``: dynamic-NTK RoPE. It only changes anything for sequences longer than
-    ``max_position_embeddings`` (base' = base * (factor*L/max_pos - (factor-1))^(d/(d-2)) for L > max_pos);
-    within 32k positions InternVL3 runs plain RoPE."""
+    """``text_decoder.rope_scaling``: dynamic-NTK RoPE, applied as transformers' Qwen2 applies it
+    (:mod:`mindspeed_mm.models.internvl.rope`). A forward over L > ``max_position_embeddings`` positions
+    rotates with base * (factor*L/max_pos - (factor-1))^(d/(d-2)), d the rotary dimension; shorter ones run
+    plain RoPE. Any other type is an error, never ignored."""
 
     type: str
     factor: float
 
     def __post_init__(self) -> None:
-        path = join(_TEXT_PATH, "rope_scaling")
-        object.__setattr__(self, "type", check_value(f"{path}.type", str, self.type, choices=("dynamic",)))
-        object.__setattr__(self, "factor", check_value(f"{path}.factor", float, self.factor, minimum=1.0))
+        object.__setattr__(self, "type", _check_rope_type(self.type))
+        object.__setattr__(self, "factor", check_value(f"{_ROPE_SCALING_PATH}.factor", float, self.factor,
+                                                       minimum=1.0))
 
 
 @dataclass(frozen=True)
@@ -395,7 +409,8 @@ class TextDecoderSpec(_SpecBase):
 
 
 def _rope_scaling_from_dict(raw: Mapping[str, Any]) -> RopeScaling:
-    s = Section(raw, join(_TEXT_PATH, "rope_scaling"), known=("type", "rope_type", "factor"))
+    _check_rope_type(raw.get("rope_type", raw.get("type")))
+    s = Section(raw, _ROPE_SCALING_PATH, known=("type", "rope_type", "factor"))
     # HF writes "rope_type" (and sometimes both); the reference JSON writes "type".
     if "rope_type" in s and "type" in s and raw["type"] != raw["rope_type"]:
         raise ModelSpecError(s.key("rope_type"), f"{raw['rope_type']!r} disagrees with type {raw['type']!r}")

@@ -118,7 +118,8 @@ class TrainArgs:
     finetune: bool = _f(False, "load only the weights: iteration, optimizer, schedule and data position restart")
     # ---- logging
     log_interval: int = _f(1, "iterations between log lines")
-    log_tps: bool = _f(False, "accepted: tokens/s is always logged")
+    log_tps: bool = _f(False, "add MindSpeed-MM's `tokens per sample` to the log line: the mean padded length of "
+                              "the global batch's samples, image tokens included")
     metrics_file: Optional[str] = _f(None, "append one JSON record per log line to this file")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here (needs the tensorboard package)")
     eval_interval: Optional[int] = _f(None, "accepted and unused: no evaluation is run (the reference recipe's data "

@@ -5,12 +5,13 @@ import json
 import os
 import resource
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["MetricsLogger", "memory_stats"]
+__all__ = ["MetricsLogger", "iteration_line", "memory_stats"]
 
 
 def memory_stats() -> dict[str, float]:
@@ -24,18 +25,50 @@ def memory_stats() -> dict[str, float]:
     return {"mem_rss_gib": psutil.Process().memory_info().rss / 2 ** 30, "mem_peak_gib": peak_kib / 2 ** 20}
 
 
-_LINE = [("iteration", "iter {:d}"), ("loss", "loss {:.6f}"), ("grad_norm", "grad norm {:.4f}"),
-         ("lr", "lr {:.3e}"), ("tokens_per_s", "tokens/s {:.1f}"), ("samples_per_s", "samples/s {:.2f}"),
-         ("step_time_s", "step {:.3f} s"), ("tflops_per_gpu", "TFLOP/s/GPU {:.1f}"), ("mfu", "MFU {:.1%}"),
-         ("mem_peak_gib", "mem peak {:.2f} GiB"), ("skipped_samples", "skipped {:d}"),
-         ("skipped_iterations", "skipped steps {:d}")]
+def iteration_line(record: dict[str, Any], train_iters: int, log_tps: bool = False,
+                   now: Optional[datetime] = None) -> str:
+    """Megatron's `training_log` line (its fields, formats and order, so scripts written for Megatron and
+    MindSpeed-MM logs parse it), then ours in the same ` name: value |` form.
+
+    `tokens per sample` (`--log-tps`) is MindSpeed-MM's figure: the mean padded sequence length of the global
+    batch's samples, image tokens and padding included; its finetune scripts multiply it by samples/s. Our own
+    `tokens/s` counts real tokens only (no padding), summed over DP."""
+    r = record
+    now = now or datetime.now()
+    parts = [f" [{now.strftime('%Y-%m-%d %H:%M:%S')}] iteration {r['iteration']:8d}/{train_iters:8d} |",
+             f" consumed samples: {r['consumed_samples']:12d} |",
+             f" elapsed time per iteration (ms): {r['step_time_s'] * 1000.0:.1f} |",
+             f" learning rate: {r['lr']:.6E} |",
+             f" global batch size: {r['global_batch_size']:5d} |"]
+    if log_tps:
+        parts.append(f" tokens per sample: {r['tokens_per_sample']:.6E} |")
+    parts += [f" lm loss: {r['loss']:.6E} |", f" loss scale: {r['loss_scale']:.1f} |"]
+    if r.get("grad_norm") is not None:
+        parts.append(f" grad norm: {r['grad_norm']:.3f} |")
+    # a non-finite loss stops the run (train.py), so no logged interval has a nan iteration
+    parts += [f" number of skipped iterations: {r['skipped_iterations_in_interval']:3d} |",
+              " number of nan iterations:   0 |"]
+    for key, fmt in _EXTRA:
+        if r.get(key) is not None:
+            parts.append(fmt.format(r[key]))
+    skipped = f" skipped samples: {r['skipped_samples']:d}"
+    if r.get("skipped_by_reason"):
+        skipped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped_by_reason"].items())) + ")"
+    return "".join(parts + [skipped + " |"])
+
+
+# after Megatron's fields; none of these names may contain its field names (the scripts grep for them)
+_EXTRA = [("tokens_per_s", " tokens/s: {:.1f} |"), ("samples_per_s", " samples/s: {:.2f} |"),
+          ("tflops_per_gpu", " throughput per GPU (TFLOP/s/GPU): {:.1f} |"), ("mfu", " MFU: {:.1%} |"),
+          ("mem_peak_gib", " mem peak (GiB): {:.2f} |"), ("skipped_iterations", " skipped iterations in total: {:d} |")]
 
 
 class MetricsLogger:
     """Writes only on the rank it is enabled on (rank 0); the record dict is the single source of both."""
 
-    def __init__(self, enabled: bool, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+                 train_iters: int = 0, log_tps: bool = False):
+        self.enabled, self.train_iters, self.log_tps = enabled, train_iters, log_tps
         self._file = None
         self._tb = None
         if not enabled:
@@ -53,10 +86,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        parts = [fmt.format(record[k]) for k, fmt in _LINE if record.get(k) is not None]
-        if record.get("skipped_by_reason"):
-            parts.append("(" + ", ".join(f"{k}: {v}" for k, v in sorted(record["skipped_by_reason"].items())) + ")")
-        print(" | ".join(parts), flush=True)
+        print(iteration_line(record, self.train_iters, self.log_tps), flush=True)
         if self._file is not None:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
             os.fsync(self._file.fileno())

@@ -139,7 +139,8 @@ def train(args, spec, data_spec) -> RunState:
 
     init_distributed(args.distributed_backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    logger = MetricsLogger(rank == 0, args.metrics_file, args.tensorboard_dir)
+    logger = MetricsLogger(rank == 0, args.metrics_file, args.tensorboard_dir, train_iters=args.train_iters,
+                           log_tps=args.log_tps)
     cuda = torch.distributed.get_backend() == "nccl"
 
     for w in device_warnings(args, cuda):  # `spec` is reconciled with the flags already (check_inputs)
@@ -210,7 +211,8 @@ def train(args, spec, data_spec) -> RunState:
             state.skipped.update(mb.get("skipped") or {})
         window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
                       samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
-                      time=time.perf_counter() - t0, steps=1)
+                      padded_tokens=sum(mb["input_ids"].numel() for mb in microbatches),
+                      skipped_steps=int(grad_norm is None), time=time.perf_counter() - t0, steps=1)
         if cuda:
             seq_lens = [int(mb["input_ids"].shape[1]) for mb in microbatches for _ in range(mb["input_ids"].shape[0])]
             tiles = sum(int(mb["pixel_values"].shape[0]) for mb in microbatches if mb.get("pixel_values") is not None)
@@ -218,8 +220,9 @@ def train(args, spec, data_spec) -> RunState:
         loss = reduce_reported(reports) if _is_last_stage_rank() else float("nan")
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             loss = _broadcast_from_last_stage(loss)
-            tokens, samples, flops, *skipped = _dp_sum([window["tokens"], window["samples"], window["flops"],
-                                                        *(state.skipped[r] for r in SKIP_REASONS)])
+            tokens, samples, padded, flops, *skipped = _dp_sum(
+                [window["tokens"], window["samples"], window["padded_tokens"], window["flops"],
+                 *(state.skipped[r] for r in SKIP_REASONS)])
             skipped_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
             elapsed = window["time"]
             record = {
@@ -227,7 +230,10 @@ def train(args, spec, data_spec) -> RunState:
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
                 "step_time_s": elapsed / window["steps"], "consumed_samples": state.consumed_train_samples,
+                "global_batch_size": gbs, "tokens_per_sample": padded / samples,
+                "loss_scale": float(optimizer.get_loss_scale()),
                 "skipped_samples": sum(skipped_by_reason.values()), "skipped_iterations": state.skipped_iterations,
+                "skipped_iterations_in_interval": window["skipped_steps"],
                 "skipped_by_reason": skipped_by_reason,
                 **memory_stats(),
             }

@@ -102,9 +102,30 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def single_rank_losses(tiny, tmp_path_factory):
+def single_rank_run(tiny, tmp_path_factory):
+    """(records, stdout) of 3 iterations on one rank, with `--log-tps` as the reference scripts run."""
     tmp = tmp_path_factory.mktemp("single")
-    return losses(train(tiny, tmp, "single", 1, model_json(tiny, tmp, "single"), 3, load=tiny.mm_dir))
+    metrics = tmp / "single.jsonl"
+    out = run_torchrun(PRETRAIN, 1, pretrain_args(tiny, model_json(tiny, tmp, "single"), iters=3, metrics=metrics,
+                                                  load=tiny.mm_dir, extra=("--log-tps",)), timeout=600)
+    return records(metrics), out.stdout
+
+
+@pytest.fixture(scope="module")
+def single_rank_losses(single_rank_run):
+    return [r["loss"] for r in single_rank_run[0]]
+
+
+def test_reference_throughput_summary_reads_the_log(single_rank_run, tmp_path):
+    """The reference scripts' summary, verbatim, over a real run's log prints the records' figures."""
+    from tests.helpers.throughput_summary import check_against_records, expected, summary
+
+    rec, stdout = single_rank_run
+    gbs = rec[0]["global_batch_size"]
+    assert gbs == 4 and all(r["tokens_per_sample"] > 0 for r in rec)
+    got = summary(stdout, gbs, tmp_path)
+    assert got == expected(rec, gbs)
+    check_against_records(got, rec, gbs)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

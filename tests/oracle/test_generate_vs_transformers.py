@@ -166,3 +166,48 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(setup):
     assert a == b and a != c
     assert sample(5, top_k=1) == ours(setup, [p.input_ids], p.pixel_values, new_tokens=12).tokens[0]
     assert sample(5, top_p=1e-6) == sample(6, top_k=1)
+
+
+# rope_scaling dynamic NTK: the frequencies follow the total length at every step, as in transformers' generate
+@pytest.fixture(scope="module", params=["crosses_during_decode", "prompt_above"])
+def dynamic_rope(request, setup, tmp_path_factory):
+    import json
+
+    prompt_len = len(prepared(setup, "text_only").input_ids)
+    max_pos = prompt_len + 5 if request.param == "crosses_during_decode" else prompt_len - 8
+    hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "hf", fmt="native", preset="vit300m", seed=0)
+    config = json.loads((hf_dir / "config.json").read_text())
+    text = config["text_config"]
+    text["max_position_embeddings"] = max_pos
+    text["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": text["rope_parameters"]["rope_theta"]}
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    config, fmt, state = load_hf_checkpoint(hf_dir)
+    spec = spec_from_hf_config(config)
+    assert spec.text.rope_scaling is not None and spec.text.max_position_embeddings == max_pos
+    model = InternVLModel(spec)
+    load_full_state_dict(model, hf_to_mm(state, spec, fmt))
+    return {**setup, "runner": StageRunner([model.eval()]), "spec": spec, "hf_dir": hf_dir}
+
+
+@pytest.mark.parametrize("case", ["text_only", "one_tile"])
+def test_dynamic_ntk_rope_greedy_tokens_equal_transformers(dynamic_rope, case):
+    # a fresh transformers model per case: its rotary module keeps the longest length's frequencies
+    run = {**dynamic_rope, "hf": load_native_model(dynamic_rope["hf_dir"])}
+    p = prepared(run, case)
+    assert len(p.input_ids) + NEW_TOKENS > run["spec"].text.max_position_embeddings
+    got = ours(run, [p.input_ids], p.pixel_values)
+    tokens = got.tokens[0]
+    unused = next(t for t in range(run["spec"].text.vocab_size) if t not in tokens)
+    ids = p.input_ids[None]
+    images = {} if p.pixel_values is None else {"pixel_values": p.pixel_values}
+    with torch.no_grad():
+        ref = run["hf"].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, eos_token_id=unused, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True, **images)
+    assert ref.sequences[0, ids.shape[1]:].tolist() == tokens
+    # every step's logits, as the tokens alone may not change when the base grows only a little past max_pos
+    diff = max((a - b).abs().max().item() for a, b in zip(got.step_logits, ref.logits))
+    assert diff <= 1e-4, f"max |logits diff| over {NEW_TOKENS} steps: {diff:.3g}"
+    assert len(set(tokens)) > 3, "degenerate output would make the comparison weak"
+    full = ours(run, [p.input_ids], p.pixel_values, use_cache=False)
+    assert full.tokens == got.tokens

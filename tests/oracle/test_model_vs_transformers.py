@@ -138,3 +138,61 @@ def test_converted_checkpoint_reproduces_transformers(megatron_world, tmp_path):
         ref = load_native_model(hf_dir)(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         diff = (ours.eval()(ids, pixels)[mask.bool()] - ref[mask.bool()]).abs().max().item()
     assert diff <= TOL, f"max |logits diff| {diff:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# rope_scaling: dynamic NTK (the reference JSON's and every InternVL3 config's {"type": "dynamic", "factor": 2.0})
+
+ROPE_MAX_POS = 16
+
+
+@pytest.fixture(scope="module")
+def dynamic_rope_pair(tmp_path_factory, megatron_world):
+    """(hf_dir, ours, ours_plain, spec) with max_position_embeddings 16 and dynamic NTK factor 2."""
+    import json
+
+    hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "hf", fmt="native", preset="vit300m", seed=2)
+    config = json.loads((hf_dir / "config.json").read_text())
+    text = config["text_config"]
+    text["max_position_embeddings"] = ROPE_MAX_POS
+    text["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": text["rope_parameters"]["rope_theta"]}
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    config, fmt, hf_state = load_hf_checkpoint(hf_dir)
+    spec = _unfrozen(spec_from_hf_config(config))
+    assert spec.text.rope_scaling is not None and spec.text.rope_scaling.factor == 2.0
+    models = []
+    for s in (spec, dataclasses.replace(spec, text=dataclasses.replace(spec.text, rope_scaling=None))):
+        m = InternVLModel(s)
+        load_full_state_dict(m, hf_to_mm(hf_state, s, fmt))
+        models.append(m.eval())
+    return hf_dir, models[0], models[1], spec
+
+
+@pytest.mark.parametrize("case", ["long_text", "long_with_image", "short_text"])
+def test_dynamic_ntk_rope_matches_transformers(dynamic_rope_pair, case):
+    """Longer than max_position_embeddings: transformers' dynamic-NTK logits (and not plain RoPE's);
+    shorter: plain RoPE's."""
+    hf_dir, ours, plain, spec = dynamic_rope_pair
+    # a fresh model per case: transformers' rotary module keeps the longest length's frequencies for later
+    # shorter sequences still above max_position_embeddings (models/internvl/rope.py)
+    hf = load_native_model(hf_dir)
+    assert hf.config.text_config.rope_parameters["rope_type"] == "dynamic"
+    g = torch.Generator().manual_seed(3)
+    if case == "long_with_image":  # two lengths: the dynamic base follows the padded batch's length
+        ids, mask, _, pixels = _batch(spec, [[3], [2, 1]])
+    else:
+        n = 40 if case == "long_text" else 10
+        ids = torch.randint(0, spec.img_context_token_id, (2, n), generator=g)
+        mask, pixels = torch.ones_like(ids), None
+    assert (ids.shape[1] > ROPE_MAX_POS) == (case != "short_text")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got, got_plain = ours(ids, pixels), plain(ids, pixels)
+    valid = mask.bool()
+    diff = (got[valid] - ref[valid]).abs().max().item()
+    assert diff <= TOL, f"max |logits diff| {diff:.3g}"
+    plain_diff = (got_plain[valid] - ref[valid]).abs().max().item()
+    if case == "short_text":
+        assert plain_diff <= TOL
+    else:
+        assert plain_diff > 100 * TOL, "the sequence is too short to tell dynamic NTK from plain RoPE"

@@ -156,6 +156,8 @@ MALFORMED = {
     "token_outside_vocab": (lambda r: r.update(img_context_token_id=151674), "img_context_token_id"),
     "rope_scaling_type": (lambda r: r["text_decoder"].update(rope_scaling={"type": "linear", "factor": 2.0}),
                           "text_decoder.rope_scaling.type"),
+    "rope_scaling_yarn": (lambda r: r["text_decoder"].update(rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}), "text_decoder.rope_scaling.type"),
     "recompute_incomplete": (lambda r: r["text_decoder"].update(recompute_granularity="full"),
                              "text_decoder.recompute_method"),
 }
@@ -249,6 +251,19 @@ def test_hf_6b_vit_and_transformers5_rope():
     assert s.vision.qk_layernorm and not s.vision.add_qkv_bias and s.vision.normalization == "RMSNorm"
     assert s.projector.vit_hidden_size == 3200 and s.text.rotary_base == 1e6
     assert s.text.rope_scaling == RopeScaling("dynamic", 2.0)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("rope_parameters", {"rope_theta": 1e6, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}),
+])
+def test_hf_rope_scaling_we_do_not_implement_is_an_error(key, value):
+    orig = copy.deepcopy(ORIGINAL_8B)
+    orig["llm_config"] = {k: v for k, v in QWEN2_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    orig["llm_config"][key] = value
+    with pytest.raises(ModelSpecError, match=r"^text_decoder\.rope_scaling\.type: '[a-z0-9]+' is not implemented"):
+        spec_from_hf_config(orig, img_context_token_id=151667)
 
 
 def test_hf_errors():

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
@@ -23,6 +22,7 @@ from mindspeed_mm.config.model_spec import IGNORE_INDEX, InternVLSpec
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.config.transformer_configs import text_transformer_config, vision_transformer_config
 from mindspeed_mm.models.internvl.projector import InternVLProjector
+from mindspeed_mm.models.internvl.rope import LLMDecoder
 from mindspeed_mm.models.internvl.specs import block_spec, llm_layer_spec, vit_layer_spec
 from mindspeed_mm.models.internvl.vision import InternViT
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, plan_layout
@@ -109,8 +109,9 @@ class InternVLModel(MegatronModule):
         self.text_decoder = None
         if stage.has_llm:
             t = spec.text
-            self.text_decoder = GPTModel(
+            self.text_decoder = LLMDecoder(
                 config=text_config,
+                rope_scaling=t.rope_scaling,
                 transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo), len(stage.llm_layers),
                                                   final_norm=True),
                 vocab_size=plan.padded_vocab_size,
@@ -232,6 +233,7 @@ class InternVLModel(MegatronModule):
         per-token loss [b, s_local] (0 where no target; `mean_loss(out, labels)` is the micro-batch mean).
         `s_local` is the padded sequence split over CP. Earlier stages return the boundary tensor."""
         stage = self.stage
+        seq_len = input_ids.shape[1]
         input_ids, labels = self.pad_batch(input_ids, labels)
         features, dummy = None, pixel_values is None or pixel_values.shape[0] == 0
         if self.image_encoder is not None:
@@ -248,7 +250,7 @@ class InternVLModel(MegatronModule):
             if self.parallel.sp:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=None,
-                                decoder_input=decoder_input)
+                                decoder_input=decoder_input, rope_seq_len=seq_len)
         if not stage.has_llm_head:
             return out
         logits = self._mask_padded_vocab(out)
