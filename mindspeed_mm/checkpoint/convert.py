@@ -1,5 +1,8 @@
 """mm-convert's three commands: HF (either format) -> MM, MM -> HF, MM -> MM (resplit).
 
+MM checkpoints are ours or MindSpeed-MM's (`tp_style`, `models.internvl.sharding`): hf_to_mm and resplit write
+either (`target_format`); mm_to_hf and resplit read either, one without our metadata through `discover.py`.
+
 Tensors are only sliced and concatenated, never cast, so every direction is bit-exact. Memory stays bounded
 by a few chunks, not a file: each rank file is streamed (`streaming_save`) front to back in 8 MiB chunks,
 written with O_DIRECT where the filesystem takes it, and several rank files are written at once (`workers`).
@@ -300,8 +303,9 @@ def mm_to_hf(mm_dir: str, save_hf_dir: str, hf_format: Optional[str] = None, hf_
              parallel: Optional[ParallelConfig] = None, *, max_shard_size: Union[int, str] = "5GB",
              overwrite: bool = False, progress: bool = True) -> ConvertSummary:
     """MM shards back to an HF checkpoint of `hf_format` (default: the one converted from); config and tokenizer
-    files come from `hf_dir` (default: the source recorded in the metadata). `parallel`, when given, must
-    match the metadata (and is needed, with `hf_dir`, for a checkpoint without metadata)."""
+    files come from `hf_dir` (default: the source recorded in the metadata; required for a checkpoint without
+    metadata, whose layout and TP style are read off its files). `parallel`, when given, must match the
+    recorded or discovered layout."""
     t0 = time.perf_counter()
     mm_dir, out_dir = Path(mm_dir).absolute(), Path(save_hf_dir).absolute()
     if hf_format not in (None, NATIVE, ORIGINAL):

@@ -131,7 +131,12 @@ def read_meta(mm_dir: Path) -> MMCheckpointMeta:
 def has_meta(mm_dir: Path) -> bool:
     """Whether the checkpoint records its layout (`checkpoint_meta` reads it); else `discover` finds it."""
     mm_dir = Path(mm_dir)
-    return (mm_dir / META_FILE).is_file() or (iteration_dir(mm_dir) / META_FILE).is_file()
+    if (mm_dir / META_FILE).is_file():
+        return True
+    try:
+        return (iteration_dir(mm_dir) / META_FILE).is_file()
+    except FileNotFoundError:  # not a checkpoint at all: the caller's next step says so
+        return False
 
 
 def plain_int(value: Any) -> Optional[int]:

@@ -5,6 +5,8 @@
         --cfg.parallel_config.tp_size 2
     mm-convert InternVLConverter mm_to_hf --cfg.mm_dir OUT --cfg.save_hf_dir HF2 [--cfg.hf_format native]
     mm-convert InternVLConverter resplit --cfg.mm_dir OUT --cfg.save_mm_dir OUT2 --cfg.parallel_config.tp_size 4
+    mm-convert InternVLConverter mm_to_hf --cfg.mm_dir MINDSPEED_OUT --cfg.hf_config.hf_dir HF --cfg.save_hf_dir HF2
+    mm-convert InternVLConverter hf_to_mm ... --cfg.target_format mindspeed   # MindSpeed-MM's own rank files
 
 Every subcommand also takes `--config FILE` (YAML/JSON with a `cfg:` section) and `--print_config`. The
 options are the dataclasses below (their `help` metadata is what `--help` prints); the work is done by
