@@ -118,7 +118,7 @@ def local_state_dict(full: Mapping[str, Tensor], spec: InternVLSpec, plan: Layou
 
 
 def full_state_dict(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: InternVLSpec,
-                    plan: LayoutPlan) -> dict[str, Tensor]:
+                    plan: LayoutPlan, style: str = "mm") -> dict[str, Tensor]:
     """Inverse of `local_state_dict` over all `(tp_rank, stage)` pieces; each name must be complete."""
     pieces: dict[str, dict[int, Tensor]] = {}
     for (tp_rank, stage_idx), sd in shards.items():
@@ -130,5 +130,5 @@ def full_state_dict(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec
     for name, by_rank in pieces.items():
         if sorted(by_rank) != list(range(tp)):
             raise KeyError(f"{name}: have TP ranks {sorted(by_rank)}, need 0..{tp - 1}")
-        out[name] = merge_tensor(name, [by_rank[r] for r in range(tp)], spec)
+        out[name] = merge_tensor(name, [by_rank[r] for r in range(tp)], spec, style)
     return out
