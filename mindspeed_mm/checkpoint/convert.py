@@ -1,5 +1,8 @@
 """mm-convert's three commands: HF (either format) -> MM, MM -> HF, MM -> MM (resplit).
 
+MM checkpoints are ours or MindSpeed-MM's (`tp_style`, `models.internvl.sharding`): hf_to_mm and resplit write
+either (`target_format`); mm_to_hf and resplit read either, one without our metadata through `discover.py`.
+
 Tensors are only sliced and concatenated, never cast, so every direction is bit-exact. Memory stays bounded
 by a few chunks, not a file: each rank file is streamed (`streaming_save`) front to back in 8 MiB chunks,
 written with O_DIRECT where the filesystem takes it, and several rank files are written at once (`workers`).
@@ -42,10 +45,12 @@ from mindspeed_mm.checkpoint.mm_format import (
     TRACKER_FILE,
     MMCheckpointMeta,
     checkpoint_meta,
+    has_meta,
     rank_file,
     save_rank_file,
     write_meta,
 )
+from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.sources import HFSource, MMSource, columns
 from mindspeed_mm.checkpoint.streaming_save import LazyTensor, SideBySide, owned
 from mindspeed_mm.config.model_spec import InternVLSpec
@@ -57,7 +62,7 @@ from mindspeed_mm.models.internvl.hf.config import (
 )
 from mindspeed_mm.models.internvl.hf.mapping import mapping_rules, pieces_from_parts
 from mindspeed_mm.models.internvl.params import param_shapes, params
-from mindspeed_mm.models.internvl.sharding import shard_slice, stage_name
+from mindspeed_mm.models.internvl.sharding import TP_STYLES, shard_slice, stage_name
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_from_parallel_config
 from mindspeed_mm.parallel.sharding import Slice
 
@@ -114,8 +119,9 @@ def _placement(spec: InternVLSpec, plan: LayoutPlan) -> list[list[str]]:
 def write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
               get_slice: Callable[[str, Slice], list[Array]],
               dtype_of: Callable[[str], str], progress: bool, desc: str, workers: int, direct_io: bool,
-              after_write: Optional[Callable[[Array], None]] = None) -> tuple[int, int]:
-    """Write every rank file of `plan` into `tmp/release`, `workers` files at a time; returns (files, bytes).
+              after_write: Optional[Callable[[Array], None]] = None, style: str = "mm") -> tuple[int, int]:
+    """Write every rank file of `plan` into `tmp/release` in TP style `style`, `workers` files at a time;
+    returns (files, bytes).
     `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
     need be in memory; it runs in the writer threads when they first fill a chunk holding that part
     (`save_streaming`), so it must be thread-safe. Files are written concurrently, and each by several threads,
@@ -137,7 +143,7 @@ def write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
             stage = plan.stage(pp_rank, v)
             sd: dict[str, LazyTensor] = {}
             for name in per_stage[stage.stage]:
-                sl = shard_slice(name, shapes[name], spec, tp, tp_rank, plan.padded_vocab_size)
+                sl = shard_slice(name, shapes[name], spec, tp, tp_rank, plan.padded_vocab_size, style)
                 sd[stage_name(name, stage)] = LazyTensor(  # type: ignore[index]
                     sl.shape(shapes[name]), dtype_of(name), partial(get_slice, name, sl),
                     f"{name} (tp_rank {tp_rank})", after_write)
@@ -203,10 +209,19 @@ def _target_config(config: dict, src_fmt: str, fmt: str, spec: InternVLSpec) -> 
 # The three commands
 # ------------------------------------------------------------------------------------------------------------
 
+def _target_style(target_format: str) -> str:
+    if target_format not in TP_STYLES:
+        raise UserError(f"target_format: expected one of {list(TP_STYLES)}, got {target_format!r}")
+    return target_format
+
+
 def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None, *, overwrite: bool = False,
-             progress: bool = True, workers: int = 0, direct_io: bool = True) -> ConvertSummary:
-    """An HF checkpoint (either format) as MM shards of the layout `parallel` (default: one rank)."""
+             progress: bool = True, workers: int = 0, direct_io: bool = True,
+             target_format: str = "mm") -> ConvertSummary:
+    """An HF checkpoint (either format) as MM shards of the layout `parallel` (default: one rank), in
+    `target_format`'s TP convention ("mm", or "mindspeed": exactly MindSpeed-MM's rank files)."""
     t0 = time.perf_counter()
+    style = _target_style(target_format)
     workers = _workers(workers)
     check_output_dir(Path(mm_dir).absolute(), overwrite)
     src = HFSource(hf_dir)
@@ -237,7 +252,7 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
 
     with atomic_output_dir(mm_dir, overwrite) as tmp:
         files, n_bytes = write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, progress, "hf_to_mm",
-                                  workers, direct_io, after_write=src.mapped.drop_pages)
+                                  workers, direct_io, after_write=src.mapped.drop_pages, style=style)
         src.release()
         tp = plan.parallel.tp
         wrong = {k: n for k, n in used.items() if n != tp}
@@ -245,16 +260,23 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
             raise AssertionError(f"source tensors not used exactly once per TP rank: unused "
                                  f"{sorted(set(src.files) - set(used))[:3]}, miscounted {list(wrong.items())[:3]}")
         write_meta(tmp, MMCheckpointMeta.from_plan(plan, spec, source_format=src.format, source_hf_dir=str(src.dir),
-                                                   hf_config=src.config, dtypes=dict(src.dtypes)))
-    return ConvertSummary("hf_to_mm", str(Path(mm_dir).absolute()), f"{src.format} HF -> MM {plan.describe()}",
+                                                   hf_config=src.config, dtypes=dict(src.dtypes), tp_style=style))
+    return ConvertSummary("hf_to_mm", str(Path(mm_dir).absolute()),
+                          f"{src.format} HF -> MM {plan.describe()}{_style_note(style)}",
                           files, n_bytes, time.perf_counter() - t0, src.format)
+
+
+def _style_note(style: str) -> str:
+    return "" if style == "mm" else f" ({style} convention)"
 
 
 def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[str]
                    ) -> tuple[MMCheckpointMeta, InternVLSpec, LayoutPlan]:
+    """The checkpoint's metadata (read, or for one without: the model from `hf_dir`, the layout and TP style
+    from its files), spec and layout; `pc`, when given, must be that layout."""
     if not mm_dir.is_dir():
         raise FileNotFoundError(f"mm_dir: no such directory: {mm_dir}")
-    if (mm_dir / META_FILE).is_file():
+    if has_meta(mm_dir):
         meta = checkpoint_meta(mm_dir)
         spec = meta.spec()
         plan = meta.plan(spec)
@@ -264,23 +286,26 @@ def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[
                 raise LayoutError(f"parallel_config says {told.describe()} but {mm_dir / META_FILE} records "
                                   f"{plan.describe()}")
         return meta, spec, plan
-    if pc is None or not hf_dir:
-        raise FileNotFoundError(f"{mm_dir / META_FILE}: missing (not written by mm-convert?); pass "
-                                "--cfg.parallel_config.* and --cfg.hf_config.hf_dir to describe the checkpoint")
+    if not hf_dir:
+        raise UserError(f"hf_config.hf_dir is required: {mm_dir} has no {META_FILE} (a MindSpeed-MM checkpoint?), "
+                        "so the model config must come from its HF checkpoint (--cfg.hf_config.hf_dir DIR)")
     config = read_hf_config(hf_dir)
     spec = spec_from_hf_dir(hf_dir, config)
-    plan = plan_from_parallel_config(spec, pc)
-    meta = MMCheckpointMeta.from_plan(plan, spec, source_format=detect_format(config),
-                                      source_hf_dir=str(Path(hf_dir).absolute()), hf_config=config)
-    return meta, spec, plan
+    found = discover(mm_dir, spec, plan_from_parallel_config(spec, pc) if pc is not None else None)
+    _log(f"{mm_dir}: no {META_FILE}; read {found.plan.describe()}{_style_note(found.tp_style)} off its files")
+    meta = MMCheckpointMeta.from_plan(found.plan, spec, source_format=detect_format(config),
+                                      source_hf_dir=str(Path(hf_dir).absolute()), hf_config=config,
+                                      tp_style=found.tp_style)
+    return meta, spec, found.plan
 
 
 def mm_to_hf(mm_dir: str, save_hf_dir: str, hf_format: Optional[str] = None, hf_dir: Optional[str] = None,
              parallel: Optional[ParallelConfig] = None, *, max_shard_size: Union[int, str] = "5GB",
              overwrite: bool = False, progress: bool = True) -> ConvertSummary:
     """MM shards back to an HF checkpoint of `hf_format` (default: the one converted from); config and tokenizer
-    files come from `hf_dir` (default: the source recorded in the metadata). `parallel`, when given, must
-    match the metadata (and is needed, with `hf_dir`, for a checkpoint without metadata)."""
+    files come from `hf_dir` (default: the source recorded in the metadata; required for a checkpoint without
+    metadata, whose layout and TP style are read off its files). `parallel`, when given, must match the
+    recorded or discovered layout."""
     t0 = time.perf_counter()
     mm_dir, out_dir = Path(mm_dir).absolute(), Path(save_hf_dir).absolute()
     if hf_format not in (None, NATIVE, ORIGINAL):
@@ -321,26 +346,30 @@ def mm_to_hf(mm_dir: str, save_hf_dir: str, hf_format: Optional[str] = None, hf_
 
 
 def resplit(mm_dir: str, save_mm_dir: str, parallel: Optional[ParallelConfig] = None, *, overwrite: bool = False,
-            progress: bool = True, workers: int = 0, direct_io: bool = True) -> ConvertSummary:
-    """An MM checkpoint in another layout, cut straight from its shards (never through HF)."""
+            progress: bool = True, workers: int = 0, direct_io: bool = True, target_format: str = "mm",
+            hf_dir: Optional[str] = None) -> ConvertSummary:
+    """An MM checkpoint in another layout and/or TP convention (`target_format`), cut straight from its
+    shards (never through HF). `hf_dir`: the model config, for a checkpoint without metadata."""
     t0 = time.perf_counter()
+    style = _target_style(target_format)
     mm_dir = Path(mm_dir).absolute()
     workers = _workers(workers)
     check_output_dir(Path(save_mm_dir).absolute(), overwrite)
-    meta, spec, plan_a = _meta_and_plan(mm_dir, None, None)
+    meta, spec, plan_a = _meta_and_plan(mm_dir, None, hf_dir)
     plan_b = plan_from_parallel_config(spec, parallel or ParallelConfig())
     src = MMSource(mm_dir, meta, spec, plan_a)
-    _log(f"{mm_dir}: MM {plan_a.describe()} -> MM {plan_b.describe()}")
+    layout = (f"MM {plan_a.describe()}{_style_note(meta.tp_style)} -> MM {plan_b.describe()}"
+              f"{_style_note(style)}")
+    _log(f"{mm_dir}: {layout}")
     with atomic_output_dir(save_mm_dir, overwrite) as tmp:
         files, n_bytes = write_mm(tmp, spec, plan_b, src.pieces, src.dtype, progress, "resplit",
-                                  workers, direct_io, after_write=src.mapped.drop_pages)
+                                  workers, direct_io, after_write=src.mapped.drop_pages, style=style)
         src.release()
         if src.unused:
             path, v, k = sorted(src.unused)[0]
             raise CheckpointFormatError(f"{path}: {len(src.unused)} tensor(s) were not used, e.g. chunk {v} {k!r}")
         write_meta(tmp, MMCheckpointMeta.from_plan(plan_b, spec, source_format=meta.source_format,
                                                    source_hf_dir=meta.source_hf_dir, hf_config=meta.hf_config,
-                                                   dtypes=meta.dtypes))
-    return ConvertSummary("resplit", str(Path(save_mm_dir).absolute()),
-                          f"MM {plan_a.describe()} -> MM {plan_b.describe()}", files, n_bytes,
+                                                   dtypes=meta.dtypes or dict(src.dtypes), tp_style=style))
+    return ConvertSummary("resplit", str(Path(save_mm_dir).absolute()), layout, files, n_bytes,
                           time.perf_counter() - t0, meta.source_format)

@@ -10,13 +10,18 @@ Layout (the reference system's, so its users' tooling keeps working)::
 Each ``model_optim_rng.pt`` holds ``{"model": sd, "checkpoint_version": 3.0}``, or ``model0 .. model{V-1}``
 instead of ``model`` under virtual pipeline parallelism (one per chunk, ``vpp_rank`` order); the ``_{pp:03d}``
 suffix appears only when pp > 1. ``sd`` is exactly ``sharding.local_state_dict(full, spec, plan, tp_rank,
-stage)`` of the chunk's stage. Files are read back lazily: by the model through
-``torch.load(mmap=True, weights_only=True)``, by the converter without torch (`read_rank_file`).
+stage, tp_style)`` of the chunk's stage: ``tp_style`` "mm" (ours, the default) or "mindspeed" (MindSpeed-MM's
+files, which differ only at TP > 1: projector whole on every rank, vocabulary in unpadded uneven row blocks).
+MindSpeed-MM writes no metadata file; such a checkpoint's layout and style are read off its files
+(`discover.py`). Files are read back lazily: by the model through ``torch.load(mmap=True, weights_only=True)``,
+by the converter (and for other tools' training saves, which weights_only refuses) without torch
+(`read_rank_file`).
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 import sys
 
 import json
@@ -29,9 +34,10 @@ import numpy as np
 
 from mindspeed_mm.checkpoint import torch_file
 from mindspeed_mm.errors import CheckpointFormatError
-from mindspeed_mm.checkpoint.streaming_save import LazyTensor, dtype_name, no_crc32, save_streaming
+from mindspeed_mm.checkpoint.streaming_save import LazyTensor, no_crc32, save_streaming
 from mindspeed_mm.config.model_spec import InternVLSpec, spec_from_dict, to_dict
 from mindspeed_mm.config.parallel import ParallelSizes
+from mindspeed_mm.models.internvl.sharding import TP_STYLES
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
 
 if TYPE_CHECKING:
@@ -41,6 +47,7 @@ __all__ = [
     "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
     "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
     "save_rank_object", "load_rank_object", "checkpoint_meta", "RankFile", "read_rank_file", "drop_resident_pages",
+    "chunk_count", "EXTRA_STATE", "has_meta", "plain_int",
 ]
 
 META_FILE = "mm_convert_meta.json"
@@ -78,6 +85,11 @@ class MMCheckpointMeta:
     dtypes: dict[str, int] = field(default_factory=dict)  # tensor dtype -> count (e.g. {"bfloat16": 412})
     iteration: str = "release"
     meta_version: int = META_VERSION
+    tp_style: str = "mm"  # whose TP convention the rank files follow (models.internvl.sharding.TP_STYLES)
+
+    def __post_init__(self) -> None:
+        if self.tp_style not in TP_STYLES:
+            raise CheckpointFormatError(f"{META_FILE}: tp_style {self.tp_style!r} is not one of {list(TP_STYLES)}")
 
     @classmethod
     def from_plan(cls, plan: LayoutPlan, spec: InternVLSpec, **kw: Any) -> "MMCheckpointMeta":
@@ -114,6 +126,22 @@ def read_meta(mm_dir: Path) -> MMCheckpointMeta:
         return MMCheckpointMeta(**raw)
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointFormatError(f"{path}: invalid metadata: {e}") from None
+
+
+def has_meta(mm_dir: Path) -> bool:
+    """Whether the checkpoint records its layout (`checkpoint_meta` reads it); else `discover` finds it."""
+    mm_dir = Path(mm_dir)
+    if (mm_dir / META_FILE).is_file():
+        return True
+    try:
+        return (iteration_dir(mm_dir) / META_FILE).is_file()
+    except FileNotFoundError:  # not a checkpoint at all: the caller's next step says so
+        return False
+
+
+def plain_int(value: Any) -> Optional[int]:
+    """`value` if it is an int as pickled by plain Python (not a bool, not a stand-in), else None."""
+    return value if type(value) is int else None
 
 
 def checkpoint_meta(mm_dir: Path) -> MMCheckpointMeta:
@@ -178,16 +206,35 @@ def load_rank_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _chunks(path: Path, obj: Any, num_chunks: int) -> list[dict]:
+def chunk_count(path: Path, obj: Any) -> int:
+    """How many model chunks a rank file holds: 1 for ``model``, V for ``model0 .. model{V-1}``."""
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if "model" in obj:
+        return 1
+    n = 0
+    while f"model{n}" in obj:
+        n += 1
+    if not n:
+        raise CheckpointFormatError(f"{path}: no 'model' or 'model0' entry (found {sorted(map(str, obj))[:6]})")
+    return n
+
+
+def _chunks(path: Path, obj: Any, num_chunks: Optional[int]) -> list[dict]:
+    if num_chunks is None:
+        num_chunks = chunk_count(path, obj)
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
     keys = [chunk_key(v, num_chunks) for v in range(num_chunks)]
     if any(not isinstance(obj.get(k), dict) for k in keys):
         raise CheckpointFormatError(f"{path}: expected keys {keys} (vpp={num_chunks}), found {sorted(obj)}")
-    extra = sorted(k for k in obj if k.startswith("model") and k not in keys)
+    extra = sorted(k for k in obj if isinstance(k, str) and re.fullmatch(r"model\d*", k) and k not in keys)
     if extra:
         raise CheckpointFormatError(f"{path}: has {extra} beyond the {num_chunks} chunk(s) the layout says")
     return [obj[k] for k in keys]
+
+
+EXTRA_STATE = "_extra_state"  # Transformer Engine's per-module metadata in megatron state dicts: not weights
 
 
 def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, "torch.Tensor"]]:
@@ -198,42 +245,43 @@ def load_rank_file(path: Path, num_chunks: int) -> list[dict[str, "torch.Tensor"
 @dataclass
 class RankFile:
     """One rank's chunks read without torch: each tensor a `torch_file.StoredTensor`, a numpy view of one
-    private mapping of the file at `base` (so a tensor's place in the file is its address minus `base`;
-    None where the tensors are not views of the file, after a fallback to torch.load)."""
+    private mapping of the file at `base` (so a tensor's place in the file is its address minus `base`).
+    `extra_state`: the ``*._extra_state`` entries dropped from the chunks; `other`: the file's entries besides
+    the chunks, as read (plain values, or `torch_file.StandIn` records of anything else)."""
     path: Path
     chunks: list[dict[str, torch_file.StoredTensor]]
-    base: Optional[int]
+    base: int
+    extra_state: int = 0
+    other: dict = field(default_factory=dict)
 
 
-def read_rank_file(path: Path, num_chunks: int) -> RankFile:
-    """`load_rank_file` for the converter, which must not pay torch's import: the pickle is read with an
-    allowlist (`torch_file.load`). A file whose pickle needs more than the allowlist (a training save with
-    some object of another library) is read by `torch.load(weights_only=True)` instead."""
+def read_rank_file(path: Path, num_chunks: Optional[int] = None) -> RankFile:
+    """`load_rank_file` for the converter, which must not pay torch's import, and for files torch.load's
+    weights_only refuses (MindSpeed-MM's training saves pickle an argparse.Namespace with enums in it): the
+    pickle is read with the allowlist, anything outside it an inert stand-in (`torch_file.load`), and the
+    chunks must then hold only tensors. `num_chunks` None: as many as the file has."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file is missing: {path}")
     try:
-        obj, mapping = torch_file.load(path)
+        obj, mapping = torch_file.load(path, stand_ins=True)
         base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    except torch_file.UnsupportedPickle:  # a training save: its rng state holds a uint32 tensor, for one
-        obj, base = load_rank_object(path), None
-        obj = {k: _stored_tensors(v) if k.startswith("model") else v for k, v in obj.items()}
-    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
+            zipfile.BadZipFile) as e:
         raise CheckpointFormatError(f"{path}: cannot read checkpoint file: {e}") from e
-    return RankFile(path, _chunks(path, obj, num_chunks), base)
-
-
-def _stored_tensors(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _stored_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_stored_tensors(v) for v in obj)
-    if hasattr(obj, "untyped_storage"):
-        import torch
-
-        name = dtype_name(obj.dtype)
-        array = (obj.view(torch.int16) if name == "bfloat16" else obj).numpy()  # numpy has no bfloat16
-        return torch_file.StoredTensor(array.view(torch_file.NUMPY_DTYPES[name]), name)
-    return obj
+    chunks, extra = [], 0
+    for v, sd in enumerate(_chunks(path, obj, num_chunks)):
+        kept = {}
+        for k, t in sd.items():
+            if isinstance(k, str) and k.endswith(EXTRA_STATE):
+                extra += 1
+            elif isinstance(t, torch_file.StoredTensor):
+                kept[k] = t
+            else:
+                raise CheckpointFormatError(f"{path}: chunk {v} entry {k!r} is not a tensor of a supported dtype "
+                                            f"({t!r})")
+        chunks.append(kept)
+    other = {k: v for k, v in obj.items() if not (isinstance(k, str) and re.fullmatch(r"model\d*", k))}
+    return RankFile(path, chunks, base, extra, other)
 
 
 def _span(x: Any) -> tuple[int, int]:

@@ -168,11 +168,13 @@ class HFSource:
 
 
 class MMSource:
-    """An MM checkpoint read lazily: `get(global_name)` merges the tensor from its TP shards."""
+    """An MM checkpoint read lazily: `get(global_name)` merges the tensor from its TP shards, which follow
+    `meta.tp_style` (of a tensor whole on every rank, MindSpeed-MM's projector, rank 0's copy is read and the
+    others' shapes checked; all count as used)."""
 
     def __init__(self, mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, plan: LayoutPlan):
         self.iter_dir = iteration_dir(mm_dir)
-        self.spec, self.plan, self.meta = spec, plan, meta
+        self.spec, self.plan, self.meta, self.style = spec, plan, meta, meta.tp_style
         self.tp, self.pp, self.vpp = plan.parallel.tp, plan.parallel.pp, plan.num_chunks
         self._open: dict[tuple[int, int], RankFile] = {}
         self._lock = threading.Lock()
@@ -229,7 +231,8 @@ class MMSource:
             with self._lock:  # writer threads read at once
                 self.unused.discard((path, v, local))
         try:
-            return slice_from_shards(name, self.shapes[name], self.spec, shards, self.plan.padded_vocab_size, sl)
+            return slice_from_shards(name, self.shapes[name], self.spec, shards, self.plan.padded_vocab_size, sl,
+                                     self.style)
         except ValueError as e:
             raise CheckpointFormatError(f"{self.iter_dir}: {e}") from None
 

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["ALIGNMENT", "NUMPY_DTYPES", "STORAGE_TYPES", "ArchiveLayout", "StoredTensor", "UnsupportedPickle",
-           "archive_layout", "dumps", "load", "record_spans", "write_archive"]
+__all__ = ["ALIGNMENT", "NUMPY_DTYPES", "STORAGE_TYPES", "ArchiveLayout", "StandIn", "StoredTensor",
+           "UnsupportedPickle", "archive_layout", "dumps", "load", "record_spans", "write_archive"]
 
 STORAGE_TYPES = {"float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
                  "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
@@ -292,21 +292,62 @@ _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
                for t in (dict, list, tuple, str, int, float, bool, bytes)}}
 
 
+class StandIn:
+    """What a global outside the allowlist unpickles to in `load(..., stand_ins=True)`: an inert record of its
+    name and of whatever the pickle passed it (call arguments, state). Its subclasses are made per global, so
+    that the pickle's NEWOBJ (which needs a class) works; nothing of the named module is imported or called."""
+    module: ClassVar[str] = ""
+    qualname: ClassVar[str] = ""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    # what APPENDS / SETITEMS do to an object reduced from a list or dict subclass
+    def append(self, item):
+        self.__dict__.setdefault("items", []).append(item)
+
+    def extend(self, items):
+        self.__dict__.setdefault("items", []).extend(items)
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", []).append((key, value))
+
+    def __repr__(self) -> str:
+        return f"<stand-in {self.module}.{self.qualname}>"
+
+
+def _stand_in(module: str, name: str) -> type:
+    return type(f"StandIn[{module}.{name}]", (StandIn,), {"module": module, "qualname": name})
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, path, mm: mmap.mmap, spans: dict[str, tuple[int, int]]):
+    def __init__(self, data: bytes, path, mm: mmap.mmap, spans: dict[str, tuple[int, int]], stand_ins: bool):
         super().__init__(io.BytesIO(data))
         self.path, self.mm, self.spans, self.storages = path, mm, spans, {}
+        self.stand_ins: dict[tuple[str, str], type] | None = {} if stand_ins else None
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return self._rebuild
         if (module, name) not in _ALLOWED:
+            if self.stand_ins is not None:
+                return self.stand_ins.setdefault((module, name), _stand_in(module, name))
             raise UnsupportedPickle(f"{self.path}: data.pkl needs {module}.{name}, which this reader does not allow")
         return _ALLOWED[module, name]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
+            if self.stand_ins is not None:  # e.g. an UntypedStorage (uint32 tensors): never read
+                return _stand_in("torch", "storage")(pid)
             raise UnsupportedPickle(f"{self.path}: unexpected persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:
@@ -317,6 +358,8 @@ class _Unpickler(pickle.Unpickler):
         return self.storages[key]
 
     def _rebuild(self, storage, storage_offset, size, stride, requires_grad, hooks, *metadata):
+        if isinstance(storage, StandIn):
+            return _stand_in("torch._utils", "_rebuild_tensor_v2")(storage, storage_offset, size, stride)
         if not isinstance(storage, _Storage):
             raise UnsupportedPickle(f"{self.path}: a tensor's storage is not a storage record")
         np_dtype = NUMPY_DTYPES[storage.dtype]
@@ -330,11 +373,13 @@ class _Unpickler(pickle.Unpickler):
         return StoredTensor(array, storage.dtype)
 
 
-def load(path) -> tuple[Any, mmap.mmap]:
+def load(path, stand_ins: bool = False) -> tuple[Any, mmap.mmap]:
     """The object torch.save wrote to `path`, each tensor a StoredTensor viewing one private (copy-on-write)
     mapping of the file, which is returned too: array address - mapping address = file offset. Unpickling
     allows only the globals torch.save uses for plain tensors and builtin values (UnsupportedPickle else),
-    so nothing in the file can run code."""
+    so nothing in the file can run code. `stand_ins`: every other global (a training save's argparse
+    Namespace, numpy arrays, enums, torch dtypes, storages of other dtypes) becomes an inert `StandIn`
+    instead, for a caller that then ignores those entries."""
     spans = record_spans(path)
     if "data.pkl" not in spans:
         raise ValueError(f"{path}: no data.pkl record")
@@ -345,4 +390,4 @@ def load(path) -> tuple[Any, mmap.mmap]:
         if mm[offset:offset + size] != b"little":
             raise ValueError(f"{path}: big-endian tensors are not supported")
     offset, size = spans["data.pkl"]
-    return _Unpickler(mm[offset:offset + size], path, mm, spans).load(), mm
+    return _Unpickler(mm[offset:offset + size], path, mm, spans, stand_ins).load(), mm

@@ -5,6 +5,8 @@
         --cfg.parallel_config.tp_size 2
     mm-convert InternVLConverter mm_to_hf --cfg.mm_dir OUT --cfg.save_hf_dir HF2 [--cfg.hf_format native]
     mm-convert InternVLConverter resplit --cfg.mm_dir OUT --cfg.save_mm_dir OUT2 --cfg.parallel_config.tp_size 4
+    mm-convert InternVLConverter mm_to_hf --cfg.mm_dir MINDSPEED_OUT --cfg.hf_config.hf_dir HF --cfg.save_hf_dir HF2
+    mm-convert InternVLConverter hf_to_mm ... --cfg.target_format mindspeed   # MindSpeed-MM's own rank files
 
 Every subcommand also takes `--config FILE` (YAML/JSON with a `cfg:` section) and `--print_config`. The
 options are the dataclasses below (their `help` metadata is what `--help` prints); the work is done by
@@ -51,11 +53,16 @@ class HFConfig:
         "source directory recorded in the MM metadata).", default=None)
 
 
+_TARGET_HELP = ("TP convention of the rank files: 'mm' (ours) or 'mindspeed' (exactly MindSpeed-MM's: projector "
+                "whole on every TP rank, vocabulary in unpadded uneven row blocks; our metadata file is added).")
+
+
 @dataclass
 class HFToMMConfig:
     mm_dir: str = _h("Output MM checkpoint directory (must not exist or be empty unless overwrite).")
     hf_config: HFConfig = _h("The HF source.", default_factory=HFConfig)
     parallel_config: ParallelConfig = _h("The MM layout to write.", default_factory=ParallelConfig)
+    target_format: str = _h(_TARGET_HELP, default="mm")
     trust_remote_code: bool = _h(_TRUST_HELP, default=False)
     overwrite: bool = _h("Replace a non-empty output directory (only once the new one is complete).",
                          default=False)
@@ -66,15 +73,17 @@ class HFToMMConfig:
 
 @dataclass
 class MMToHFConfig:
-    mm_dir: str = _h("Input MM checkpoint directory (written by mm-convert).")
+    mm_dir: str = _h("Input MM checkpoint directory (written by mm-convert, or by MindSpeed-MM: its conversion or "
+                     "training save, read with hf_config.hf_dir).")
     save_hf_dir: str = _h("Output HF checkpoint directory (must not exist or be empty unless overwrite).")
     hf_format: Optional[str] = _h("'native' (transformers InternVLForConditionalGeneration) or 'original' "
                                   "(InternVLChatModel). Default: the format the MM checkpoint was made from.",
                                   default=None)
-    hf_config: HFConfig = _h("Where the config and tokenizer come from.", default_factory=HFConfig)
+    hf_config: HFConfig = _h("Where the config and tokenizer come from (required for a checkpoint without "
+                             "mm-convert's metadata).", default_factory=HFConfig)
     parallel_config: Optional[ParallelConfig] = _h(
-        "The MM checkpoint's layout. Optional: read from its metadata; when given, it is checked against it "
-        "(needed, with hf_config.hf_dir, only for a checkpoint without metadata).", default=None)
+        "The MM checkpoint's layout. Optional: read from its metadata, or off its files when it has none; when "
+        "given, it is checked against that.", default=None)
     max_shard_size: Union[int, str] = _h("Largest safetensors file to write, bytes or e.g. '5GB', '500MB'.",
                                          default="5GB")
     trust_remote_code: bool = _h(_TRUST_HELP, default=False)
@@ -84,9 +93,13 @@ class MMToHFConfig:
 
 @dataclass
 class ResplitConfig:
-    mm_dir: str = _h("Input MM checkpoint directory (written by mm-convert).")
+    mm_dir: str = _h("Input MM checkpoint directory (written by mm-convert, or by MindSpeed-MM with "
+                     "hf_config.hf_dir).")
     save_mm_dir: str = _h("Output MM checkpoint directory (must not exist or be empty unless overwrite).")
     parallel_config: ParallelConfig = _h("The new layout.", default_factory=ParallelConfig)
+    target_format: str = _h(_TARGET_HELP, default="mm")
+    hf_config: HFConfig = _h("The model config, for an input without mm-convert's metadata (a MindSpeed-MM "
+                             "checkpoint).", default_factory=HFConfig)
     overwrite: bool = _h("Replace a non-empty output directory.", default=False)
     progress: bool = _h("Show a progress bar.", default=True)
     workers: int = _h(_WORKERS_HELP, default=0)
@@ -104,7 +117,8 @@ def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
         raise UserError("hf_config.hf_dir is required: the HF checkpoint to convert (--cfg.hf_config.hf_dir DIR)")
     _note_trust(cfg)
     return convert.hf_to_mm(cfg.hf_config.hf_dir, cfg.mm_dir, cfg.parallel_config, overwrite=cfg.overwrite,
-                            progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io)
+                            progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io,
+                            target_format=cfg.target_format)
 
 
 def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
@@ -115,7 +129,8 @@ def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
 
 def resplit(cfg: ResplitConfig) -> ConvertSummary:
     return convert.resplit(cfg.mm_dir, cfg.save_mm_dir, cfg.parallel_config, overwrite=cfg.overwrite,
-                           progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io)
+                           progress=cfg.progress, workers=cfg.workers, direct_io=cfg.direct_io,
+                           target_format=cfg.target_format, hf_dir=cfg.hf_config.hf_dir)
 
 
 CONVERTER = "InternVLConverter"

@@ -1,8 +1,9 @@
 """The checkpoint to generate with: its model and layout, checked against the run, built and loaded.
 
 `from_pretrained` is an `mm-convert` output directory (any TP/PP/VPP layout, read from its
-`mm_convert_meta.json`) or one rank's `model_optim_rng.pt` of a single-rank conversion (the reference's way;
-the model keys must then be in the inference JSON). The run's layout is the checkpoint's: torchrun must start
+`mm_convert_meta.json`), a MindSpeed-MM checkpoint directory (conversion or training save: no metadata, so its
+layout is read off its files and the model keys must be in the inference JSON) or one rank's
+`model_optim_rng.pt` of a single-rank conversion (the reference's way; model keys in the JSON too). The run's layout is the checkpoint's: torchrun must start
 tp * pp processes, and a run of another size stops before building anything, saying what to launch.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class CheckpointInfo:
     kind: str  # "mm_dir" | "rank_file"
     spec: InternVLSpec
     plan: LayoutPlan  # the split it was saved at (one rank for a single rank file)
+    tp_style: str = "mm"  # the rank files' TP convention (models.internvl.sharding.TP_STYLES)
 
     @property
     def tp(self) -> int:
@@ -68,13 +70,8 @@ def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: s
 def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -> CheckpointInfo:
     """What the checkpoint holds and how it is split, without loading weights. `model`: the inference JSON's
     model keys (reference schema), checked against a converted checkpoint's own, required for a .pt file."""
-    from mindspeed_mm.checkpoint.mm_format import (
-        META_FILE,
-        TRACKER_FILE,
-        checkpoint_meta,
-        iteration_dir,
-        rank_file,
-    )
+    from mindspeed_mm.checkpoint.discover import discover
+    from mindspeed_mm.checkpoint.mm_format import META_FILE, TRACKER_FILE, checkpoint_meta, has_meta
 
     path = Path(from_pretrained)
     json_spec = load_model_spec(model) if model is not None else None
@@ -89,15 +86,14 @@ def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -
         raise InferenceConfigError("from_pretrained", f"{path} is not an mm-convert output or a training save (no "
                                    f"{TRACKER_FILE} or release/); convert an HF checkpoint with `mm-convert "
                                    "InternVLConverter hf_to_mm` first")
-    has_meta = (path / META_FILE).is_file() or (iteration_dir(path) / META_FILE).is_file()
-    if not has_meta:
-        # A reference-converted directory: readable when it is one rank's file.
-        single = rank_file(iteration_dir(path), 0, 0, 1)
-        if json_spec is None or not single.is_file():
-            raise InferenceConfigError("from_pretrained", f"{path} has no {META_FILE} (not written by mm-convert): "
-                                       f"only a single-rank checkpoint ({single}) with the model keys in the "
-                                       f"inference JSON can be read without it")
-        return CheckpointInfo(single, "rank_file", json_spec, _one_rank(json_spec))
+    if not has_meta(path):
+        # MindSpeed-MM's conversion or training save: the model from the JSON, the layout from the files.
+        if json_spec is None:
+            raise InferenceConfigError("text_decoder", f"{path} has no {META_FILE} (not written by mm-convert): "
+                                       f"the inference JSON must give the model keys (text_decoder, "
+                                       f"image_encoder, ...)")
+        found = discover(path, json_spec, told_as="from_pretrained")
+        return CheckpointInfo(path, "mm_dir", json_spec, found.plan, found.tp_style)
     meta = checkpoint_meta(path)
     spec = meta.spec()
     plan = meta.plan(spec)
@@ -105,7 +101,7 @@ def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -
         _check_same_model(json_spec, spec, str(path))
         spec = dataclasses.replace(spec, text=dataclasses.replace(
             spec.text, max_position_embeddings=json_spec.text.max_position_embeddings))
-    return CheckpointInfo(path, "mm_dir", spec, plan)
+    return CheckpointInfo(path, "mm_dir", spec, plan, meta.tp_style)
 
 
 def check_world(info: CheckpointInfo, world_size: int) -> None:
@@ -136,7 +132,7 @@ def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
     initialize_model_parallel(tp=info.tp, pp=info.pp, vpp=info.plan.vpp)
     chunks = build_model_chunks(_with_dtype(info.spec, dtype), info.plan)
     if info.kind == "mm_dir":
-        load_converted_weights(chunks, info.path)
+        load_converted_weights(chunks, info.path, info.tp_style)
     else:
         (state,) = load_rank_file(info.path, 1)
         load_full_state_dict(chunks[0], state)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.config.parallel import ParallelConfig, ParallelSizes
 from mindspeed_mm.errors import UserError
+from mindspeed_mm.parallel.sharding import uneven_split
 
 
 class LayoutError(UserError):
@@ -74,7 +75,7 @@ class LayoutPlan:
 
 def head_partition(num_heads: int, tp: int) -> list[int]:
     """Heads per TP rank without padding: the first `num_heads % tp` ranks get one more (25 on 8: 4,3,...,3)."""
-    return [num_heads // tp + (r < num_heads % tp) for r in range(tp)]
+    return uneven_split(num_heads, tp)
 
 
 def _normalise(name: str, layers, pp: int, vpp: int, num_layers: int) -> tuple[tuple[int, ...], ...]:

@@ -53,12 +53,23 @@ def cat(parts: list[Tensor], dim: int) -> Tensor:
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone()
 
 
+def uneven_split(n: int, tp: int) -> list[int]:
+    """`n` rows over `tp` ranks without padding, the first `n % tp` ranks one more (MindSpeed-MM's
+    `cal_split_sizes`; 397 on 2: 199, 198)."""
+    return [n // tp + (r < n % tp) for r in range(tp)]
+
+
 def tp_slice(kind: str, full_shape: tuple[int, ...], tp: int, rank: int, padded_vocab: int,
              head_rows: Sequence[int] = ()) -> Slice:
     """Which ranges of a full tensor of TP kind `kind` rank `rank` holds at tensor-parallel size `tp`
     (`head_rows`: rows per rank of the uneven `vit_qkv` / `vit_heads` kinds). Lets a reader fetch just those
-    ranges from disk instead of the whole tensor."""
+    ranges from disk instead of the whole tensor. Besides the registry's kinds (`models/internvl/params.py`),
+    `uneven_rows`: dim 0 by `uneven_split`, unpadded (another system's vocabulary split)."""
     n = full_shape[0]
+    if kind == "uneven_rows":
+        sizes = uneven_split(n, tp)
+        start = sum(sizes[:rank])
+        return Slice(0, ((start, start + sizes[rank]),))
     if kind == "replicate" or tp == 1 and kind != "vocab":
         return Slice(0, ((0, n),))
     if kind == "rows":

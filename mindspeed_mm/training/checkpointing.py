@@ -14,7 +14,9 @@ A save is ``<save>/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
 
 The save is written into ``.iter_N.tmp`` and renamed into place after every rank has written; the metadata and
 then ``latest_checkpointed_iteration.txt`` are replaced last, so a process killed mid-save leaves the previous
-checkpoint as the latest and intact. Everything is read with ``weights_only=True``.
+checkpoint as the latest and intact. Everything is read with ``weights_only=True``, but for checkpoints without
+our metadata (MindSpeed-MM's): their layout is discovered (`checkpoint.discover`) and only their weights are read,
+with the allowlist reader (`runtime.chunks.Resharder`).
 """
 from __future__ import annotations
 
@@ -33,20 +35,22 @@ from torch import Tensor
 
 from mindspeed_mm.checkpoint.atomic import replace_dir, replace_file
 from mindspeed_mm.errors import CheckpointFormatError
+from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.mm_format import (
     META_FILE,
     TRACKER_FILE,
     MMCheckpointMeta,
     checkpoint_meta,
     chunk_key,
+    has_meta,
     iteration_dir,
-    load_rank_object,
+    plain_int,
     rank_file,
     save_rank_object,
     write_meta,
 )
 from mindspeed_mm.parallel.layout import LayoutPlan
-from mindspeed_mm.models.internvl.sharding import global_name, merge_tensor, shard_tensor, stage_name
+from mindspeed_mm.runtime.chunks import Resharder
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedState"]
 
@@ -307,44 +311,6 @@ class LoadedState:
     same_layout: bool
 
 
-class _Resharder:
-    """Reads one section (the weights, or one optimizer-state kind) of a checkpoint saved at `old` and cuts
-    the tensors this rank holds at `new`, through the converter's merge/shard functions."""
-
-    def __init__(self, iter_dir: Path, spec, old: LayoutPlan, new: LayoutPlan):
-        self.iter_dir, self.spec, self.old, self.new = iter_dir, spec, old, new
-        self._objs: dict[tuple[int, int], dict] = {}
-
-    def obj(self, tp_rank: int, pp_rank: int) -> dict:
-        key = (tp_rank, pp_rank)
-        if key not in self._objs:
-            self._objs[key] = load_rank_object(rank_file(self.iter_dir, tp_rank, pp_rank, self.old.parallel.pp))
-        return self._objs[key]
-
-    def section(self, pick: Callable[[dict, int], Optional[dict]], tp_rank: int, pp_rank: int) -> list[dict]:
-        """`pick(rank_object, vpp_rank)` -> that chunk's {local name: tensor} (or None)."""
-        old_pp, old_tp = self.old.parallel.pp, self.old.parallel.tp
-        where: dict[str, dict[int, Tensor]] = {}
-        for stage in self.old.stages:
-            for t in range(old_tp):
-                sd = pick(self.obj(t, stage.stage % old_pp), stage.stage // old_pp) or {}
-                for local, tensor in sd.items():
-                    where.setdefault(global_name(local, stage), {})[t] = tensor
-        out = []
-        for v in range(self.new.num_chunks):
-            stage = self.new.stage(pp_rank, v)
-            sd = {}
-            for name, shards in where.items():
-                local = stage_name(name, stage)
-                if local is None:
-                    continue
-                full = merge_tensor(name, [shards[t] for t in range(old_tp)], self.spec)
-                sd[local] = shard_tensor(name, full, self.spec, self.new.parallel.tp, tp_rank,
-                                         self.new.padded_vocab_size).clone()
-            out.append(sd)
-        return out
-
-
 def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optimizer=None, scheduler=None,
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
                     log: Callable[[str], None] = print) -> LoadedState:
@@ -358,37 +324,44 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
         raise FileNotFoundError(f"--load {load_dir}: no such directory")
     it_dir = iteration_dir(load_dir)
     spec = _module(chunks[0]).spec
-    if (it_dir / META_FILE).is_file() or (load_dir / META_FILE).is_file():
+    foreign = not has_meta(load_dir)
+    if not foreign:
         meta = checkpoint_meta(load_dir)
         old = meta.plan(spec)
     else:
-        # Written by another tool (the reference system's converter or trainer): it records no layout, so it
-        # must be this run's, as there; a mismatch shows up as the rank file's missing or unexpected names.
-        log(f"note: {load_dir} has no {META_FILE}; reading it as saved at this run's layout")
-        meta = MMCheckpointMeta.from_plan(plan, spec, source_format="native", source_hf_dir=None, hf_config={})
-        old = plan
+        # Written by another tool (MindSpeed-MM's converter or trainer): no layout recorded, so it is read off
+        # the files and checked against this run's model.
+        found = discover(load_dir, spec, told_as="--load")
+        old = found.plan
+        meta = MMCheckpointMeta.from_plan(old, spec, source_format="native", source_hf_dir=None, hf_config={},
+                                          tp_style=found.tp_style)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    same = old.same_split(plan)
-    resharder = _Resharder(it_dir, spec, old, plan)
-    if same:
-        obj = resharder.obj(tp_rank, pp_rank)
-        weights = [obj[chunk_key(v, plan.num_chunks)] for v in range(plan.num_chunks)]
-    else:
-        log(f"loading {it_dir} saved at TP{old.parallel.tp} PP{old.parallel.pp} VPP{old.num_chunks} into "
+    resharder = Resharder(it_dir, spec, old, plan, meta.tp_style, foreign)
+    same = resharder.same
+    if not same:
+        log(f"loading {it_dir} saved at TP{old.parallel.tp} PP{old.parallel.pp} VPP{old.num_chunks}"
+            f"{'' if meta.tp_style == 'mm' else f' ({meta.tp_style} convention)'} into "
             f"TP{plan.parallel.tp} PP{plan.parallel.pp} VPP{plan.num_chunks}: resharding")
-        weights = resharder.section(lambda o, v: o.get(chunk_key(v, old.num_chunks)), tp_rank, pp_rank)
+    weights = resharder.weights(tp_rank, pp_rank)
     for chunk, sd in zip(chunks, weights):
         load_full_state_dict(_module(chunk), sd)
     if optimizer is not None:
         optimizer.reload_model_params()  # main params are copies made when the optimizer was built
 
     own = resharder.obj(tp_rank, pp_rank) if same else resharder.obj(0, 0)
-    release = it_dir.name == "release" or "iteration" not in own
-    iteration = 0 if (release or finetune) else int(own["iteration"])
-    consumed = 0 if (release or finetune) else int(own.get("consumed_train_samples", 0))
+    saved_iteration = plain_int(own.get("iteration"))
+    release = it_dir.name == "release" or saved_iteration is None
+    iteration = 0 if (release or finetune) else saved_iteration
+    consumed = 0 if (release or finetune) else plain_int(own.get("consumed_train_samples")) or 0
+    if foreign:
+        # Their optimizer state is megatron's own (DP-sharded, by its param order) and their scheduler and RNG
+        # sit in objects this reader leaves unread: only the weights carry over.
+        log(f"note: {load_dir} has no {META_FILE} (MindSpeed-MM's layout, {old.describe()}, {meta.tp_style} "
+            f"convention): loaded the weights only; optimizer, LR schedule and RNG start afresh"
+            f"{f', skipped {resharder.extra_state} _extra_state entries' if resharder.extra_state else ''}")
     optimizer_loaded = False
-    if optimizer is not None and load_optim and not (release or finetune):
+    if optimizer is not None and load_optim and not (release or finetune or foreign):
         saved = own.get("optimizer")
         if saved is None:
             raise CheckpointFormatError(f"{it_dir}: saved without optimizer state (--no-save-optim); resume "
@@ -409,7 +382,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
         if scheduler is not None and own.get("opt_param_scheduler") is not None:
             scheduler.load_state_dict(own["opt_param_scheduler"])
         optimizer_loaded = True
-    if load_rng and not (release or finetune) and "rng_state" in own:
+    if load_rng and not (release or finetune or foreign) and "rng_state" in own:
         states = own["rng_state"]
         if same and len(states) == torch.distributed.get_world_size(_dp_cp_group()):
             _set_rng_state(states[torch.distributed.get_rank(_dp_cp_group())])

@@ -28,6 +28,9 @@ LAYOUTS = {
     "pp2_vit_split_features_cross": ("vit300m", 1, [[1, 1]], [[0, 2]]),
     "pp2_vpp2": ("vit6b", 1, [[1, 1], [0, 0]], [[0, 0], [1, 1]]),
     "tp2_pp2": ("vit6b", 2, [[2, 0]], [[1, 1]]),
+    # MindSpeed-MM's own rank files (projector whole per rank, uneven vocabulary rows), without our metadata:
+    # the layout is read off the files, the model from the JSON's model keys
+    "tp2_mindspeed_files": ("vit6b", 2, [[2]], [[2]]),
 }
 
 
@@ -86,19 +89,29 @@ def transformers_tokens(hf_dir: Path, result: dict) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def convert(hf_dir: Path, mm_dir: Path, tp: int, vit, llm) -> None:
+def convert(hf_dir: Path, mm_dir: Path, tp: int, vit, llm, target_format: str = "mm") -> None:
     from mindspeed_mm.cli.mm_convert import HFConfig, HFToMMConfig, ParallelConfig, hf_to_mm
 
     hf_to_mm(HFToMMConfig(mm_dir=str(mm_dir), hf_config=HFConfig(hf_dir=str(hf_dir)), progress=False,
-                          parallel_config=ParallelConfig(tp_size=tp, vit_pp_layers=vit, llm_pp_layers=llm)))
+                          parallel_config=ParallelConfig(tp_size=tp, vit_pp_layers=vit, llm_pp_layers=llm),
+                          target_format=target_format))
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_generates_transformers_tokens(name, hf_dirs, inputs, tmp_path):
+    from mindspeed_mm.checkpoint.mm_format import META_FILE
+    from mindspeed_mm.testing.tiny_run import write_model_json
+
     preset, tp, vit, llm = LAYOUTS[name]
-    convert(hf_dirs[preset], tmp_path / "mm", tp, vit, llm)
+    mindspeed = name.endswith("_mindspeed_files")
+    convert(hf_dirs[preset], tmp_path / "mm", tp, vit, llm, "mindspeed" if mindspeed else "mm")
     nproc = tp * len(vit[0])  # tp x pp
+    model_keys = {}
+    if mindspeed:
+        (tmp_path / "mm" / META_FILE).unlink()
+        model_keys = json.loads(write_model_json(hf_dirs[preset], tmp_path / "model.json").read_text())
     config = {
+        **model_keys,
         "requests_file": str(requests_file(inputs)), "from_pretrained": str(tmp_path / "mm"),
         "tokenizer": {"from_pretrained": str(hf_dirs[preset])}, "dtype": "fp32", "device": "cpu",
         "max_tiles": 6, "num_segments": 3, "batch_size": 2,

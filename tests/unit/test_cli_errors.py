@@ -135,7 +135,7 @@ CONVERT_CASES = {  # name: (argv(root), what the error line must name)
     "truncated_safetensors": (lambda r: _hf_to_mm(r, hf="hf_truncated"), ("model.safetensors", "truncated")),
     "bad_workers": (lambda r: _hf_to_mm(r, "--cfg.workers", "-1"), ("workers",)),
     "missing_meta": (lambda r: ["mm_to_hf", "--cfg.mm_dir", r / "hf", "--cfg.save_hf_dir", r / "back"],
-                     ("mm_convert_meta.json", "--cfg.parallel_config")),
+                     ("mm_convert_meta.json", "--cfg.hf_config.hf_dir")),
     "bad_shard_size": (lambda r: ["mm_to_hf", "--cfg.mm_dir", r / "mm", "--cfg.save_hf_dir", r / "back",
                                   "--cfg.max_shard_size", "5QB"], ("max_shard_size", "5QB")),
     "missing_mm_dir": (lambda r: ["resplit", "--cfg.mm_dir", r / "no_mm", "--cfg.save_mm_dir", r / "out"],

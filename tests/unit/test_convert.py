@@ -383,21 +383,25 @@ def test_mm_rank_file_tensors_are_found_on_disk(ckpts, tmp_path):
                 assert os.pread(f.fileno(), len(raw), stored.array.__array_interface__["data"][0] - rf.base) == raw, k
 
 
-def test_rank_file_outside_the_allowlist_is_read_through_torch(ckpts, tmp_path, monkeypatch):
-    """A rank file whose pickle the converter's allowlist refuses is read by torch.load(weights_only=True);
-    resplit then gives the same files, its row copies going through memory."""
-    from mindspeed_mm.checkpoint import torch_file
+def test_rank_file_outside_the_allowlist_is_read_without_torch(ckpts, tmp_path):
+    """A rank file whose pickle holds more than the allowlist (a training save's uint32 RNG tensor, an
+    argparse.Namespace) is still read by the torch-free reader, those entries as inert stand-ins; resplit then
+    gives the same files as from the plain conversion."""
+    import argparse
+    import shutil
+
+    import numpy as np
 
     _to_mm(ckpts["tp4_native"], tmp_path / "a", _pc(2, vit=[[2, 0]], llm=[[1, 1]]))
-    resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"), parallel_config=_pc(1),
-                          progress=False))
-
-    def refuse(path):
-        raise torch_file.UnsupportedPickle(f"{path}: refused for the test")
-
-    monkeypatch.setattr(torch_file, "load", refuse)
-    resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "c"), parallel_config=_pc(1),
-                          progress=False))
+    shutil.copytree(tmp_path / "a", tmp_path / "saved")
+    for f in sorted((tmp_path / "saved").rglob("*.pt")):
+        obj = torch.load(f, weights_only=True)
+        obj.update(rng_state=[{"np": torch.from_numpy(np.random.RandomState(0).get_state()[1].copy())}],
+                   args=argparse.Namespace(lr=1e-3), iteration=7)
+        torch.save(obj, f)
+    for src, out in (("a", "b"), ("saved", "c")):
+        resplit(ResplitConfig(mm_dir=str(tmp_path / src), save_mm_dir=str(tmp_path / out), parallel_config=_pc(1),
+                              progress=False))
     for f in sorted((tmp_path / "b").rglob("*.pt")):
         assert f.read_bytes() == (tmp_path / "c" / f.relative_to(tmp_path / "b")).read_bytes(), f
 

@@ -117,6 +117,7 @@ def tiny_6b_spec(spec78b):
     return dataclasses.replace(spec78b, vision=v, projector=p, text=t, img_context_token_id=100)
 
 
+@pytest.mark.parametrize("style", ["mm", "mindspeed"])
 @pytest.mark.parametrize("tp, pp, vpp, vit, llm", [
     (1, 1, None, [[3]], [[4]]),
     (2, 1, None, [[3]], [[4]]),
@@ -124,15 +125,27 @@ def tiny_6b_spec(spec78b):
     (4, 2, None, [[2, 1]], [[0, 4]]),
     (2, 2, 2, [[2, 1], [0, 0]], [[0, 1], [2, 1]]),
 ])
-def test_slices_merge_back_bit_exact(tiny_6b_spec, tp, pp, vpp, vit, llm):
+def test_slices_merge_back_bit_exact(tiny_6b_spec, tp, pp, vpp, vit, llm, style):
     spec = tiny_6b_spec
     full = _random_full_state(spec)
     plan = plan_layout(spec, ParallelSizes(tp=tp, pp=pp, vpp=vpp), tp * pp, vit, llm)
-    shards = {(r, s.stage): local_state_dict(full, spec, plan, r, s) for r in range(tp) for s in plan.stages}
-    back = full_state_dict(shards, spec, plan)
+    shards = {(r, s.stage): local_state_dict(full, spec, plan, r, s, style) for r in range(tp) for s in plan.stages}
+    back = full_state_dict(shards, spec, plan, style)
     assert back.keys() == full.keys()
     for k in full:
         assert torch.equal(back[k], full[k]), k
+
+
+def test_mindspeed_style_keeps_the_projector_whole_and_splits_the_vocabulary_unevenly(tiny_6b_spec):
+    spec = tiny_6b_spec  # vocab 101
+    rows = torch.arange(101, dtype=torch.float32)[:, None]
+    vocab = "text_decoder.output_layer.weight"
+    parts = [shard_tensor(vocab, rows, spec, 8, r, 104, "mindspeed") for r in range(8)]
+    assert [p.shape[0] for p in parts] == [13] * 5 + [12] * 3 and torch.equal(torch.cat(parts), rows)
+    assert [shard_tensor(vocab, rows, spec, 8, r, 104).shape[0] for r in range(8)] == [13] * 8  # ours: padded
+    fc1 = "image_encoder.projector.linear_fc1.weight"
+    w = torch.randn(spec.text.hidden_size, spec.projector.input_size)
+    assert all(torch.equal(shard_tensor(fc1, w, spec, 4, r, 104, "mindspeed"), w) for r in range(4))
 
 
 def test_vit_qkv_slice_holds_this_ranks_heads_of_q_k_v(tiny_6b_spec):
@@ -145,19 +158,23 @@ def test_vit_qkv_slice_holds_this_ranks_heads_of_q_k_v(tiny_6b_spec):
     assert torch.equal(part[:, 0], expect)
 
 
+@pytest.mark.parametrize("style_a, style_b", [("mm", "mm"), ("mindspeed", "mm"), ("mm", "mindspeed"),
+                                              ("mindspeed", "mindspeed")])
 @pytest.mark.parametrize("tp_a, tp_b", [(2, 1), (1, 8), (8, 2), (4, 8), (2, 4), (8, 8)])
-def test_slice_from_shards_is_the_other_layouts_shard_built_from_views(tiny_6b_spec, tp_a, tp_b):
+def test_slice_from_shards_is_the_other_layouts_shard_built_from_views(tiny_6b_spec, tp_a, tp_b, style_a, style_b):
     """Resplit's path: rank b's slice at tp_b, cut straight from the tp_a shards (no full tensor), equals
-    slicing the full tensor; every piece but the vocabulary padding is a view of a shard."""
+    slicing the full tensor; every piece but the vocabulary padding is a view of a shard. Either side may be
+    in MindSpeed-MM's convention (replicated projector, unpadded uneven vocabulary rows)."""
     spec = tiny_6b_spec
     full = _random_full_state(spec)
     pad = {tp: plan_layout(spec, ParallelSizes(tp=tp), tp, [[3]], [[4]]).padded_vocab_size for tp in (tp_a, tp_b)}
     for name, t in full.items():
-        shards = [shard_tensor(name, t, spec, tp_a, r, pad[tp_a]) for r in range(tp_a)]
+        shards = [shard_tensor(name, t, spec, tp_a, r, pad[tp_a], style_a) for r in range(tp_a)]
         for rb in range(tp_b):
-            want = shard_slice(name, tuple(t.shape), spec, tp_b, rb, pad[tp_b])
-            dim, pieces = slice_from_shards(name, tuple(t.shape), spec, shards, pad[tp_a], want)
-            assert torch.equal(torch.cat(pieces, dim), shard_tensor(name, t, spec, tp_b, rb, pad[tp_b])), (name, rb)
+            want = shard_slice(name, tuple(t.shape), spec, tp_b, rb, pad[tp_b], style_b)
+            dim, pieces = slice_from_shards(name, tuple(t.shape), spec, shards, pad[tp_a], want, style_a)
+            assert torch.equal(torch.cat(pieces, dim), shard_tensor(name, t, spec, tp_b, rb, pad[tp_b], style_b)), \
+                (name, rb)
             views = pieces[:-1] if want.pad else pieces
             owners = {s.untyped_storage().data_ptr() for s in shards}
             assert all(p.untyped_storage().data_ptr() in owners for p in views), name

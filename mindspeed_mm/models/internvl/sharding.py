@@ -2,6 +2,10 @@
 
 The converter writes shards with these, the parallel tests merge gradients back with them, and the model's
 parallel layers are built to match them (tests/unit/test_param_registry.py checks that they do).
+
+`tp_style` says whose convention the rank files follow: "mm" (ours, what the model holds) or "mindspeed"
+(MindSpeed-MM's files: the projector whole on every TP rank, the vocabulary in unpadded uneven row blocks).
+The two differ only in those two places, so a style is a remapping of the registry's TP kinds (`tp_kind_for`).
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.models.internvl.params import (
-    LLM_EMBED, LLM_HEAD, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, lookup, tp_kind, with_layer,
+    LLM_EMBED, LLM_HEAD, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, lookup, with_layer,
 )
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, head_partition
 from mindspeed_mm.parallel.sharding import Slice, cat, cut_from_shards, take, tp_slice
@@ -20,43 +24,61 @@ else:
     Tensor = Any
 
 
+TP_STYLES = ("mm", "mindspeed")
+
+
+def tp_kind_for(name: str, style: str = "mm") -> str:
+    """The TP kind of parameter `name` in rank files of `style` (the registry's kind for "mm")."""
+    d, _ = lookup(name)
+    if style == "mm":
+        return d.tp
+    if style != "mindspeed":
+        raise ValueError(f"unknown tp_style {style!r} (expected one of {TP_STYLES})")
+    if d.owner == PROJECTOR:
+        return "replicate"
+    return "uneven_rows" if d.tp == "vocab" else d.tp
+
+
 def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
-                padded_vocab: int) -> Slice:
-    """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp`."""
-    kind = tp_kind(name)
+                padded_vocab: int, style: str = "mm") -> Slice:
+    """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp` in `style`."""
+    kind = tp_kind_for(name, style)
     rows = ()
     if kind in ("vit_qkv", "vit_heads"):
         rows = [h * spec.vision.head_dim for h in head_partition(spec.vision.num_attention_heads, tp)]
     return tp_slice(kind, full_shape, tp, rank, padded_vocab, rows)
 
 
-def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int) -> Tensor:
-    """Rank `rank`'s slice of the full tensor `name` at tensor-parallel size `tp`."""
-    return take(t, shard_slice(name, tuple(t.shape), spec, tp, rank, padded_vocab))
+def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int,
+                 style: str = "mm") -> Tensor:
+    """Rank `rank`'s slice of the full tensor `name` at tensor-parallel size `tp` in `style`."""
+    return take(t, shard_slice(name, tuple(t.shape), spec, tp, rank, padded_vocab, style))
 
 
 def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, shards: list[Tensor],
-                      padded_vocab: int, want: Slice) -> tuple[int, list[Tensor]]:
-    """`take(merge_tensor(name, shards, spec), want)` as views of the shards (`cut_from_shards`); `shards`
-    are the TP ranks' slices at tp = len(shards) with that layout's `padded_vocab`, `want` a slice at any
-    TP size (`shard_slice`)."""
+                      padded_vocab: int, want: Slice, style: str = "mm") -> tuple[int, list[Tensor]]:
+    """`take(merge_tensor(name, shards, spec, style), want)` as views of the shards (`cut_from_shards`);
+    `shards` are the TP ranks' slices at tp = len(shards) in `style` with that layout's `padded_vocab`, `want`
+    a slice at any TP size and style (`shard_slice`). Of a replicated tensor, rank 0's copy is read; every
+    rank's copy must have the full shape."""
     tp = len(shards)
-    have = [shard_slice(name, full_shape, spec, tp, r, padded_vocab) for r in range(tp)]
+    have = [shard_slice(name, full_shape, spec, tp, r, padded_vocab, style) for r in range(tp)]
     return cut_from_shards(name, full_shape, shards, have, want)
 
 
-def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec) -> Tensor:
+def merge_tensor(name: str, shards: list[Tensor], spec: InternVLSpec, style: str = "mm") -> Tensor:
     """The full tensor from every TP rank's slice, in rank order (inverse of `shard_tensor`)."""
     tp = len(shards)
-    kind = tp_kind(name)
+    kind = tp_kind_for(name, style)
     shape = list(shards[0].shape)
-    if kind == "vocab":
+    if lookup(name)[0].tp == "vocab":  # in either style, padding (if any) is beyond the vocabulary
         shape[0] = spec.text.vocab_size
     elif kind != "replicate" and tp > 1:
         dim = TP_DIM.get(kind, 0)
         shape[dim] = sum(s.shape[dim] for s in shards)
     padded_vocab = shards[0].shape[0] * tp
-    dim, pieces = slice_from_shards(name, tuple(shape), spec, shards, padded_vocab, Slice(0, ((0, shape[0]),)))
+    dim, pieces = slice_from_shards(name, tuple(shape), spec, shards, padded_vocab, Slice(0, ((0, shape[0]),)),
+                                    style)
     return cat(pieces, dim) if len(pieces) > 1 else pieces[0]
 
 
@@ -84,18 +106,19 @@ def global_name(local: str, stage: StagePlan) -> str:
 
 
 def local_state_dict(full: Mapping[str, Tensor], spec: InternVLSpec, plan: LayoutPlan,
-                     tp_rank: int, stage: StagePlan) -> dict[str, Tensor]:
-    """What the model chunk of `stage` on TP rank `tp_rank` loads."""
+                     tp_rank: int, stage: StagePlan, style: str = "mm") -> dict[str, Tensor]:
+    """What the model chunk of `stage` on TP rank `tp_rank` loads ("mm"), or what a rank file of `style`
+    holds for it."""
     out = {}
     for name, t in full.items():
         local = stage_name(name, stage)
         if local is not None:
-            out[local] = shard_tensor(name, t, spec, plan.parallel.tp, tp_rank, plan.padded_vocab_size)
+            out[local] = shard_tensor(name, t, spec, plan.parallel.tp, tp_rank, plan.padded_vocab_size, style)
     return out
 
 
 def full_state_dict(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec: InternVLSpec,
-                    plan: LayoutPlan) -> dict[str, Tensor]:
+                    plan: LayoutPlan, style: str = "mm") -> dict[str, Tensor]:
     """Inverse of `local_state_dict` over all `(tp_rank, stage)` pieces; each name must be complete."""
     pieces: dict[str, dict[int, Tensor]] = {}
     for (tp_rank, stage_idx), sd in shards.items():
@@ -107,5 +130,5 @@ def full_state_dict(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], spec
     for name, by_rank in pieces.items():
         if sorted(by_rank) != list(range(tp)):
             raise KeyError(f"{name}: have TP ranks {sorted(by_rank)}, need 0..{tp - 1}")
-        out[name] = merge_tensor(name, [by_rank[r] for r in range(tp)], spec)
+        out[name] = merge_tensor(name, [by_rank[r] for r in range(tp)], spec, style)
     return out
