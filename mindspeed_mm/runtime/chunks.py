@@ -79,6 +79,11 @@ class Resharder:
                 rf = read_rank_file(path, self.old.num_chunks)
                 self.extra_state += rf.extra_state
                 obj: dict[str, Any] = {k: v for k, v in rf.other.items() if plain_int(v) is not None}
+                # megatron keeps the data position only in its pickled args (a Namespace, read as a stand-in)
+                args = getattr(rf.other.get("args"), "state", None)
+                consumed = plain_int(args.get("consumed_train_samples")) if isinstance(args, dict) else None
+                if consumed is not None:
+                    obj.setdefault("consumed_train_samples", consumed)
                 for v, sd in enumerate(rf.chunks):
                     obj[chunk_key(v, len(rf.chunks))] = {k: _as_torch(t) for k, t in sd.items()}
                 self._objs[key] = obj

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 PRETRAIN = Path(__file__).resolve().parents[2] / "pretrain_vlm.py"
 LOSS_RTOL = 1e-5
 MBS, GBS = 1, 4
+SAVE_CONSUMED = 40  # tests/helpers/mindspeed_checkpoint.py's args.consumed_train_samples
 PP2 = ["--pipeline-model-parallel-size", "2"]
 TP2 = ["--tensor-model-parallel-size", "2"]
 VPP2 = [*PP2, "--virtual-pipeline-model-parallel-size", "2"]
@@ -44,9 +45,10 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def transformers_loss(tiny, tmp_path_factory):
-    """Transformers' loss on the loop's first global batch: the mean of its 4 one-sample micro-batches' losses
-    (the loop's default loss mode; 4 so that the interleaved schedule has more than its warm-up; every layout
-    below is DP1, so the same batch)."""
+    """Transformers' loss on the global batch the loop starts with, by where the data resumes (0 for a release,
+    the save's consumed samples from its pickled args): the mean of its 4 one-sample micro-batches' losses (the
+    loop's default loss mode; 4 so that the interleaved schedule has more than its warm-up; every layout below
+    is DP1, so the same batch)."""
     from transformers import AutoTokenizer
 
     from mindspeed_mm.config.model_spec import load_model_spec
@@ -59,15 +61,20 @@ def transformers_loss(tiny, tmp_path_factory):
     model = write_model_json(run.hf_dir, tmp_path_factory.mktemp("oracle") / "model.json")
     args = parse_args(pretrain_args(run, model, iters=1, mbs=MBS, gbs=GBS))
     tokenizer = AutoTokenizer.from_pretrained(run.hf_dir)
-    batches = build_train_iterator(load_data_spec(args.mm_data), tokenizer, load_model_spec(model), args, 0, 1, 0)
     hf = load_native_model(run.hf_dir).float().eval()
-    losses = []
-    with torch.no_grad():
-        for _ in range(GBS // MBS):
-            b = next(batches)
-            losses.append(hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
-                             attention_mask=b["attention_mask"].long(), labels=b["labels"]).loss.item())
-    return sum(losses) / len(losses)
+    out = {}
+    for consumed in (0, SAVE_CONSUMED):
+        batches = build_train_iterator(load_data_spec(args.mm_data), tokenizer, load_model_spec(model), args, 0, 1,
+                                       consumed)
+        losses = []
+        with torch.no_grad():
+            for _ in range(GBS // MBS):
+                b = next(batches)
+                losses.append(hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                                 attention_mask=b["attention_mask"].long(), labels=b["labels"]).loss.item())
+        out[consumed] = sum(losses) / len(losses)
+    assert out[0] != out[SAVE_CONSUMED]  # so that resuming at the wrong data position shows
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(LOADS))
@@ -76,14 +83,16 @@ def test_load_gives_transformers_first_loss(tiny, transformers_loss, tmp_path, n
     which, ranks, vit, llm, flags = LOADS[name]
     model = write_model_json(run.hf_dir, tmp_path / "model.json", vit, llm)
     metrics = tmp_path / "m.jsonl"
-    # the save is at iteration 10 (a plain int in the file), so the run resumes there for one iteration
+    # the save is at iteration 10 (a plain int in the file) with 40 samples consumed (in its args), so the run
+    # resumes there for one iteration
     iters = 11 if which == "save" else 1
+    consumed = SAVE_CONSUMED if which == "save" else 0
     proc = run_torchrun(PRETRAIN, ranks, pretrain_args(run, model, iters=iters, mbs=MBS, gbs=GBS, load=ckpts[which],
                                                        metrics=metrics, extra=tuple(flags)), timeout=600)
     rec = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["iteration"] for r in rec] == [iters] and rec[0]["consumed_samples"] == GBS
-    got = rec[0]["loss"]
-    assert abs(got - transformers_loss) <= LOSS_RTOL * max(1.0, abs(transformers_loss)), (name, got, transformers_loss)
+    assert [r["iteration"] for r in rec] == [iters] and rec[0]["consumed_samples"] == consumed + GBS
+    got, want = rec[0]["loss"], transformers_loss[consumed]
+    assert abs(got - want) <= LOSS_RTOL * max(1.0, abs(want)), (name, got, want)
     notes = [line for line in (proc.stdout + proc.stderr).splitlines() if "loaded the weights only" in line]
     assert notes, proc.stdout[-2000:]
     if which == "save":
