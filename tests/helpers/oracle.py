@@ -2,6 +2,7 @@
 benchmarks' baselines) compare against."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,3 +41,16 @@ def load_native_model(hf_dir: str | os.PathLike):
     refresh_rope_buffers(model)
     _check_untied(model)
     return model.float().eval()
+
+
+def use_dynamic_ntk_rope(hf_dir: str | os.PathLike, max_position_embeddings: int, factor: float) -> Path:
+    """Rewrite a native tiny checkpoint's config in place: the LLM's ``max_position_embeddings`` and
+    dynamic-NTK ``rope_parameters`` (same ``rope_theta``, same weights). Returns ``hf_dir``."""
+    path = Path(hf_dir) / "config.json"
+    config = json.loads(path.read_text())
+    text = config["text_config"]
+    text["max_position_embeddings"] = max_position_embeddings
+    text["rope_parameters"] = {"rope_type": "dynamic", "factor": factor,
+                               "rope_theta": text["rope_parameters"]["rope_theta"]}
+    path.write_text(json.dumps(config))
+    return Path(hf_dir)

@@ -9,20 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.batches import make_microbatches
 from tests.helpers.launch import run_torchrun
-from tests.helpers.layout_check import LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout
+from tests.helpers.layout_check import (LayoutArgs, layout_plan, load_rank_results, merge_rank_results, run_layout,
+                                        trainable_spec)
+from tests.helpers.oracle import use_dynamic_ntk_rope
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 WORKER = Path(__file__).parent / "workers" / "layout_worker.py"
 LOSS_TOL, GRAD_TOL, PARAM_TOL = 1e-5, 1e-5, 1e-6
+ROPE_MAX_POS = 16
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    return {p: write_tiny_checkpoint(root / p, fmt="native", preset=p, seed=7) for p in ("vit300m", "vit6b", "deep")}
+    dirs = {p: write_tiny_checkpoint(root / p, fmt="native", preset=p, seed=7) for p in ("vit300m", "vit6b", "deep")}
+    # vit300m's weights with max_position_embeddings 16 and dynamic NTK (tests/oracle checks it on one rank)
+    dirs["dynamic_rope"] = use_dynamic_ntk_rope(write_tiny_checkpoint(root / "dynamic_rope", fmt="native",
+                                                                      preset="vit300m", seed=7), ROPE_MAX_POS, 2.0)
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +55,22 @@ def reference(hf_dirs):
 
 
 def run(hf_dirs, tmp_path, preset: str, nproc: int, args: LayoutArgs) -> dict:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    run_torchrun(WORKER, nproc, [str(hf_dirs[preset]), str(tmp_path), args.to_json()], timeout=600)
-    spec, plan = layout_plan(hf_dirs[preset], args, nproc)
-    return merge_rank_results(load_rank_results(tmp_path), spec, plan)
+    return run_many(hf_dirs, tmp_path, preset, nproc, [args])[0]
+
+
+def run_many(hf_dirs, tmp_path, preset: str, nproc: int, layouts: list[LayoutArgs]) -> list[dict]:
+    """Several layouts at the same (tp, pp, cp, vpp) in one torchrun launch, one result each."""
+    out_dirs = [tmp_path / str(i) for i in range(len(layouts))] if len(layouts) > 1 else [tmp_path]
+    worker_args = [str(hf_dirs[preset])]
+    for out_dir, args in zip(out_dirs, layouts):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        worker_args += [str(out_dir), args.to_json()]
+    run_torchrun(WORKER, nproc, worker_args, timeout=600)
+    results = []
+    for out_dir, args in zip(out_dirs, layouts):
+        spec, plan = layout_plan(hf_dirs[preset], args, nproc)
+        results.append(merge_rank_results(load_rank_results(out_dir), spec, plan))
+    return results
 
 
 def assert_close(got: dict, want: dict, tol: float, what: str, relative: bool = True) -> None:
@@ -105,6 +125,41 @@ def test_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
     ref = reference(preset, args.microbatches, 0)
     assert_losses(got, ref, dp=1)
     assert_close(got["tensors"], ref["tensors"], GRAD_TOL, "grad")
+
+
+# text_decoder.rope_scaling (dynamic NTK): the frequencies come from the micro-batch's length before CP/SP
+# padding and before the CP split, so every layout rotates as the single rank does. CP2 ring and Ulysses share
+# a launch. PP2 (no padding; every stage gets the micro-batch's input_ids) is left out for wall time.
+ROPE_LAYOUTS = {
+    "cp2_ring_and_ulysses": (2, [LayoutArgs(cp=2, cp_algo="megatron_cp_algo"),
+                                 LayoutArgs(cp=2, cp_algo="ulysses_cp_algo")]),
+    "tp2_sp": (2, [LayoutArgs(tp=2, sp=True)]),
+}
+
+
+def test_dynamic_ntk_rope_reference_differs_from_plain_rope(hf_dirs, reference):
+    """The single-rank reference of the dynamic-NTK cases is not plain RoPE's (same weights), so a layout
+    that rotated with the wrong frequencies would fail: micro-batch 0 is longer than max_position_embeddings
+    and not a multiple of 2*cp (CP2 and TP2+SP pad it), micro-batch 1 is exactly max_position_embeddings
+    long (plain RoPE on every layout)."""
+    lengths = [b["input_ids"].shape[1] for b in make_microbatches(trainable_spec(hf_dirs["dynamic_rope"]), 2)]
+    assert lengths[0] > ROPE_MAX_POS and lengths[0] % 4 and lengths[1] == ROPE_MAX_POS, lengths
+    ntk, plain = reference("dynamic_rope", 2, 0), reference("vit300m", 2, 0)
+    (ntk_losses,), (plain_losses,) = ntk["losses"][0], plain["losses"][0]
+    assert abs(ntk_losses[0] - plain_losses[0]) > 100 * LOSS_TOL, (ntk_losses, plain_losses)
+    assert abs(ntk_losses[1] - plain_losses[1]) <= LOSS_TOL, (ntk_losses, plain_losses)
+    name = next(k for k in ntk["tensors"] if "linear_qkv.weight" in k)
+    diff = (ntk["tensors"][name] - plain["tensors"][name]).abs().max().item()
+    assert diff > 100 * GRAD_TOL * ntk["tensors"][name].abs().max().item(), (name, diff)
+
+
+@pytest.mark.parametrize("name", list(ROPE_LAYOUTS))
+def test_dynamic_ntk_rope_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
+    nproc, layouts = ROPE_LAYOUTS[name]
+    for args, got in zip(layouts, run_many(hf_dirs, tmp_path, "dynamic_rope", nproc, layouts)):
+        ref = reference("dynamic_rope", args.microbatches, 0)
+        assert_losses(got, ref, dp=1)
+        assert_close(got["tensors"], ref["tensors"], GRAD_TOL, f"grad ({args.cp_algo})" if args.cp > 1 else "grad")
 
 
 def test_converted_checkpoint_at_tp2_pp2_matches_single_rank(hf_dirs, reference, tmp_path):

@@ -17,7 +17,7 @@ from mindspeed_mm.inference.pipeline import prepare_request
 from mindspeed_mm.inference.stages import StageRunner
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
-from tests.helpers.oracle import load_native_model
+from tests.helpers.oracle import load_native_model, use_dynamic_ntk_rope
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 NEW_TOKENS = 20
@@ -171,16 +171,10 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(setup):
 # rope_scaling dynamic NTK: the frequencies follow the total length at every step, as in transformers' generate
 @pytest.fixture(scope="module", params=["crosses_during_decode", "prompt_above"])
 def dynamic_rope(request, setup, tmp_path_factory):
-    import json
-
     prompt_len = len(prepared(setup, "text_only").input_ids)
     max_pos = prompt_len + 5 if request.param == "crosses_during_decode" else prompt_len - 8
-    hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "hf", fmt="native", preset="vit300m", seed=0)
-    config = json.loads((hf_dir / "config.json").read_text())
-    text = config["text_config"]
-    text["max_position_embeddings"] = max_pos
-    text["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": text["rope_parameters"]["rope_theta"]}
-    (hf_dir / "config.json").write_text(json.dumps(config))
+    hf_dir = use_dynamic_ntk_rope(write_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "hf", fmt="native",
+                                                        preset="vit300m", seed=0), max_pos, 2.0)
     config, fmt, state = load_hf_checkpoint(hf_dir)
     spec = spec_from_hf_config(config)
     assert spec.text.rope_scaling is not None and spec.text.max_position_embeddings == max_pos

@@ -16,7 +16,7 @@ from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config, spec_fro
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
 from tests.helpers.batches import make_batch
-from tests.helpers.oracle import load_native_model
+from tests.helpers.oracle import load_native_model, use_dynamic_ntk_rope
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 TOL = 1e-5
@@ -149,14 +149,8 @@ ROPE_MAX_POS = 16
 @pytest.fixture(scope="module")
 def dynamic_rope_pair(tmp_path_factory, megatron_world):
     """(hf_dir, ours, ours_plain, spec) with max_position_embeddings 16 and dynamic NTK factor 2."""
-    import json
-
-    hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "hf", fmt="native", preset="vit300m", seed=2)
-    config = json.loads((hf_dir / "config.json").read_text())
-    text = config["text_config"]
-    text["max_position_embeddings"] = ROPE_MAX_POS
-    text["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": text["rope_parameters"]["rope_theta"]}
-    (hf_dir / "config.json").write_text(json.dumps(config))
+    hf_dir = use_dynamic_ntk_rope(write_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "hf", fmt="native",
+                                                        preset="vit300m", seed=2), ROPE_MAX_POS, 2.0)
     config, fmt, hf_state = load_hf_checkpoint(hf_dir)
     spec = _unfrozen(spec_from_hf_config(config))
     assert spec.text.rope_scaling is not None and spec.text.rope_scaling.factor == 2.0
