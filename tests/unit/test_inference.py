@@ -56,7 +56,12 @@ def test_reference_schema_with_model_keys_and_alias():
     (base(generation_config={"max_new_token": 4}), "generation_config.max_new_token"),
     (base(generation_config={"top_p": 0.0}), "generation_config.top_p"),
     (base(generation_config={"do_sample": True, "temperature": 0}), "generation_config.temperature"),
-    (base(device="npu"), "device"),
+    (base(device="tpu"), "device"),
+    (base(generation_config={"num_return_sequences": 2}), "generation_config.num_return_sequences"),
+    (base(generation_config={"typical_p": 0.9}), "generation_config.typical_p"),
+    (base(generation_config={"renormalize_logits": True}), "generation_config.renormalize_logits"),
+    (base(generation_config={"bad_words_ids": [[3]]}), "generation_config.bad_words_ids"),
+    (base(generation_config={"repetition_penalty": 0.0}), "generation_config.repetition_penalty"),
     (base(dtype="int8"), "dtype"),
     (base(tokenizer={}), "tokenizer.from_pretrained"),
     (base(tokenizer={"from_pretrained": "hf", "use_fast": "no"}), "tokenizer.use_fast"),
@@ -100,6 +105,72 @@ def test_requests_from_prompts_and_file(tmp_path):
     assert [(r.id, r.infer_data_type, len(r.file_path), r.max_new_tokens) for r in cfg.requests] == [
         ("0", "image", 2, None), ("1", "image", 2, None), ("q7", "text", 0, 3), ("3", "image", 1, None)]
     assert cfg.generation_config.eos_token_id == (1, 2)
+
+
+
+def test_generation_key_table_covers_transformers():
+    """Every key of the installed transformers' GenerationConfig is honoured, inert or neutral-only, and its
+    default for a neutral-only key is neutral (the table is static so the config loads without transformers)."""
+    import transformers
+
+    from mindspeed_mm.inference.generation_keys import HONOURED, INERT, NEUTRAL, _is_neutral
+
+    assert not (HONOURED & set(INERT)) and not (HONOURED & set(NEUTRAL)) and not (set(INERT) & set(NEUTRAL))
+    keys = set(transformers.GenerationConfig().to_dict())
+    assert keys - HONOURED - set(INERT) - set(NEUTRAL) == set()
+    defaults = transformers.GenerationConfig._get_default_generation_params()
+    for key in NEUTRAL:
+        assert _is_neutral(defaults.get(key), NEUTRAL[key]), key
+    ours = GenerationConfig()
+    for key in HONOURED - {"max_length", "eos_token_id", "bos_token_id", "pad_token_id"}:
+        if key in defaults:  # our default where transformers has one (not max_length: see DEFAULT_MAX_NEW_TOKENS)
+            assert getattr(ours, key) == defaults[key], key
+
+
+def test_reference_generation_config_as_written(caplog):
+    """The reference's generation_config (all 49 keys of transformers 4.x): accepted, the unused keys listed in
+    one line, max_new_tokens winning over max_length."""
+    raw = json.loads((EXAMPLES / "reference" / "inference_8B.json").read_text())["generation_config"]
+    with caplog.at_level("INFO", logger="mindspeed_mm.inference"):
+        g = GenerationConfig.from_dict(raw)
+    lines = [r.getMessage() for r in caplog.records if "generation_config" in r.getMessage()]
+    assert len(lines) == 1 and "typical_p" in lines[0] and "use_cache (false" in lines[0]
+    assert g.new_token_budget(300) == 1024 and g.use_cache and g.eos_token_id == (151645,)
+    assert GenerationConfig.from_dict({"max_length": 20}).new_token_budget(15) == 5
+    with pytest.raises(PromptTooLong, match="generation_config.max_length is 20"):
+        _budgets([torch.ones(20, dtype=torch.long)], GenerationConfig(max_length=20), 100, None)
+
+
+def test_processors_follow_transformers():
+    """Repetition penalty, no-repeat n-grams and min lengths on random logits, step by step, against
+    transformers' processors over the whole sequence."""
+    from transformers.generation.logits_process import (
+        MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    from mindspeed_mm.inference.processors import LogitsProcessors
+
+    g = torch.Generator().manual_seed(0)
+    vocab, prompts = 12, [torch.randint(0, 12, (9,), generator=g), torch.randint(0, 12, (5,), generator=g)]
+    for n in (1, 2, 3):
+        config = GenerationConfig(repetition_penalty=1.7, no_repeat_ngram_size=n, min_length=8, min_new_tokens=3)
+        ours = LogitsProcessors(config, prompts, [4, 7], vocab, "cpu")
+        seqs = [p.clone() for p in prompts]
+        for _ in range(6):
+            logits = torch.randn(2, vocab, generator=g)
+            got = ours(logits)
+            for i, seq in enumerate(seqs):
+                ref = logits[i:i + 1]
+                for proc in (RepetitionPenaltyLogitsProcessor(1.7), NoRepeatNGramLogitsProcessor(n),
+                             MinLengthLogitsProcessor(8, [4, 7]), MinNewTokensLengthLogitsProcessor(len(prompts[i]), 3, [4, 7])):
+                    ref = proc(seq[None], ref)
+                assert torch.equal(got[i], ref[0]), (n, i)
+            tokens = [int(torch.randint(0, vocab, (1,), generator=g)) for _ in seqs]
+            ours.append(tokens, [True, True])
+            seqs = [torch.cat([s, torch.tensor([t])]) for s, t in zip(seqs, tokens)]
 
 
 # ------------------------------------------------------------------------------------------------ sampling
