@@ -335,3 +335,62 @@ def test_cli_end_to_end_and_its_errors(tiny, tmp_path):
     assert proc.returncode != 0 and "PromptTooLong: request 0: the prompt has" in proc.stderr
     proc = _cli(tiny, tmp_path, from_pretrained=str(tiny / "mm_tp2pp2"))
     assert proc.returncode != 0 and "LayoutMismatch" in proc.stderr and "--nproc_per_node 4" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ reference files
+REFERENCE_DIR = Path("/work/shared/reference/mindspeed-mm-examples")
+
+
+def test_reference_model_keys_parse_and_qk_layernorm_is_checked():
+    """Every key of the reference's model and inference JSONs parses; an implementation switch at a value that
+    describes another model is an error naming it."""
+    from mindspeed_mm.config.model_spec import load_model_spec
+    from mindspeed_mm.inference.config import _model_dict
+
+    files = [EXAMPLES / "reference" / "inference_8B.json"]
+    files += [REFERENCE_DIR / f"model_{s}.json" for s in ("8B", "78B") if (REFERENCE_DIR / f"model_{s}.json").is_file()]
+    for f in files:
+        raw = json.loads(f.read_text())
+        spec = load_model_spec(_model_dict(raw) if "generation_config" in raw else raw)
+        assert spec.text.num_layers in (28, 80), f
+    raw = _model_dict(json.loads(files[0].read_text()))
+    for key, value in (("qk_layernorm", True), ("layernorm_zero_centered_gamma", True), ("is_encoder_decoder", True),
+                       ("masked_softmax_fusion", "no")):
+        bad = {**raw, "text_decoder": {**raw["text_decoder"], key: value}}
+        with pytest.raises(InferenceConfigError, match=rf"^text_decoder\.{key}: "):
+            load_model_spec(bad)
+
+
+def test_megatron_flags_against_json_and_checkpoint(tiny):
+    """The reference launcher's flags: layout flags against the checkpoint, model flags against the JSON, training
+    flags noted; a contradiction names both."""
+    from mindspeed_mm.config.model_flags import ArgumentError
+    from mindspeed_mm.inference.cli import _parse, reconcile_flags, resolve_device
+    from mindspeed_mm.inference.loading import inspect_checkpoint
+
+    cfg = config_from_dict(base(from_pretrained=str(tiny / "mm"), dtype="bf16"), check_files=False)
+    info = inspect_checkpoint(tiny / "mm")
+    good = ["--mm-model", "x.json", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+            "--context-parallel-size", "1", "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length",
+            "512", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(info.spec.text.vocab_size),
+            "--position-embedding-type", "rope", "--rotary-base", "1000000", "--swiglu", "--no-masked-softmax-fusion",
+            "--use-distributed-optimizer", "--bf16", "--use-flash-attn", "--log-interval", "1", "--save-interval",
+            "5000", "--eval-interval", "5000", "--eval-iters", "5000", "--distributed-backend", "nccl"]
+    out, noted = reconcile_flags(_parse(good), cfg, info)
+    assert out.seq_length == 512 and "--micro-batch-size" in noted and "--tokenizer-type" in noted
+    for flags, message in (
+            (["--tensor-model-parallel-size", "2"], r"--tensor-model-parallel-size 2 contradicts the run's 1: the "
+                                                     r"checkpoint .* is split TP1 x PP1"),
+            (["--context-parallel-size", "2"], "without context parallelism"),
+            (["--vocab-size", "7"], r"--vocab-size 7 contradicts text_decoder.vocab_size"),
+            (["--fp16"], r"--fp16 contradicts dtype 'bf16'"),
+            (["--seq-length", "99999"], "exceeds text_decoder.max_position_embeddings")):
+        with pytest.raises(ArgumentError, match=message):
+            reconcile_flags(_parse(["--mm-model", "x.json", *flags]), cfg, info)
+    with pytest.raises(ArgumentError, match="--seq-length 512 contradicts seq_length 100"):
+        reconcile_flags(_parse(["--mm-model", "x.json", "--seq-length", "512"]),
+                        config_from_dict(base(seq_length=100), check_files=False), info)
+    cuda = torch.cuda.is_available()
+    assert resolve_device("npu") == ("cuda", "device 'npu' asked for; running on cuda") if cuda else (
+        resolve_device("npu") == ("cpu", "device 'npu' asked for; running on cpu (torch sees no CUDA device)"))
+    assert resolve_device("cpu") == ("cpu", None) and resolve_device("auto")[1] is None
