@@ -91,7 +91,7 @@ def reconcile_flags(args: argparse.Namespace, cfg, info):
             raise ArgumentError(f"--seq-length {args.seq_length} exceeds text_decoder.max_position_embeddings "
                                 f"{limit} of {cfg.source}")
         cfg = dataclasses.replace(cfg, seq_length=args.seq_length)
-    noted = [flag_name(n) for n, kind in _TRAINING_ONLY.items() if getattr(args, n) not in (None, False)]
+    noted = [flag_name(n) for n in _TRAINING_ONLY if getattr(args, n) not in (None, False)]
     return cfg, noted
 
 

@@ -37,6 +37,7 @@ from typing import Any
 from mindspeed_mm.config.validate import ConfigError, Section, check_value, describe, parse_json, read_json
 from mindspeed_mm.data.data_spec import tokenizer_config_from_dict
 from mindspeed_mm.data.tokenizer import TokenizerConfig
+from mindspeed_mm.inference.generation_keys import unused_keys
 
 __all__ = [
     "DATA_TYPES",
@@ -100,12 +101,12 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     eos_token_id: tuple[int, ...] | None = None
-    bos_token_id: int | None = None  # unused, as in transformers when there is a prompt: prompts start with the system turn
+    bos_token_id: int | None = None  # unused, as in transformers given a prompt (ours start with the system turn)
     pad_token_id: int | None = None
     use_cache: bool = True
 
-    def new_token_budget(self, prompt_length: int) -> int | None:
-        """New tokens allowed after a prompt of this length (None or < 1: no room)."""
+    def new_token_budget(self, prompt_length: int) -> int:
+        """New tokens allowed after a prompt of this length, as transformers counts them (< 1: no room)."""
         if self.max_new_tokens is not None:
             return self.max_new_tokens
         if self.max_length is not None:
@@ -114,8 +115,6 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, path: str = "generation_config") -> GenerationConfig:
-        from mindspeed_mm.inference.generation_keys import HONOURED, unused_keys
-
         s, d = Section(raw, path), cls()
         unused = unused_keys(s.raw, path)
         s.accept(*unused)
@@ -136,7 +135,6 @@ class GenerationConfig:
             ("bos_token_id", int, 0), ("pad_token_id", int, 0))}
         s.get("use_cache", bool, None, nullable=True)
         s.done()
-        assert set(kw) | {"eos_token_id", "use_cache"} == HONOURED
         out = cls(**kw, eos_token_id=eos)
         if out.num_beams != 1:
             raise InferenceConfigError(f"{path}.num_beams", f"only 1 is supported (no beam search), got {out.num_beams}")

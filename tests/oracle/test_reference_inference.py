@@ -71,3 +71,10 @@ def test_reference_inference_files_as_written(tmp_path):
             pad_token_id=0, repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
             min_length=g.min_length)
     assert expect[0, ids.shape[1]:].tolist() == rows[0]["token_ids"]
+
+    # A failing run fails the launcher too, through its `| tee` (pipefail).
+    proc = subprocess.run(["bash", str(REPO / "examples/internvl3/inference_internvl.sh"), "reference"], cwd=REPO,
+                          env={**env, "MAX_NEW_TOKENS": "0"}, capture_output=True, text=True, timeout=600,
+                          check=False)
+    # torchrun turns the status 2 of its worker into 1
+    assert proc.returncode != 0 and "generation_config.max_new_tokens: must be >= 1" in proc.stderr, proc.stderr[-2000:]

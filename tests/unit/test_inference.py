@@ -3,6 +3,7 @@ the padding mask, prompts (template, multi-image and frame prefixes), checkpoint
 limit, and the CLI end to end at one rank."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def test_generation_key_table_covers_transformers():
     from mindspeed_mm.inference.generation_keys import HONOURED, INERT, NEUTRAL, _is_neutral
 
     assert not (HONOURED & set(INERT)) and not (HONOURED & set(NEUTRAL)) and not (set(INERT) & set(NEUTRAL))
+    assert {f.name for f in dataclasses.fields(GenerationConfig)} == HONOURED
     keys = set(transformers.GenerationConfig().to_dict())
     assert keys - HONOURED - set(INERT) - set(NEUTRAL) == set()
     defaults = transformers.GenerationConfig._get_default_generation_params()
@@ -338,22 +340,31 @@ def test_cli_end_to_end_and_its_errors(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ reference files
-REFERENCE_DIR = Path("/work/shared/reference/mindspeed-mm-examples")
+def test_reference_files_parse():
+    """Every key of the reference's five example JSONs (examples/internvl3/reference/, as they ship) parses: the
+    model and inference JSONs as written, the data JSONs with their placeholder data_path replaced."""
+    from mindspeed_mm.config.model_spec import load_model_spec
+    from mindspeed_mm.data.data_spec import load_data_spec
+    from mindspeed_mm.inference.config import _model_dict
+
+    ref = EXAMPLES / "reference"
+    assert load_inference_config(ref / "inference_8B.json", check_files=False).device == "npu"
+    for name, layers in (("model_8B", 28), ("model_78B", 80), ("inference_8B", 28)):
+        raw = json.loads((ref / f"{name}.json").read_text())
+        assert load_model_spec(_model_dict(raw) if "generation_config" in raw else raw).text.num_layers == layers
+    for name in ("data_8B", "data_78B"):
+        raw = json.loads((ref / f"{name}.json").read_text())
+        assert raw["dataset_param"]["basic_parameters"]["data_path"] == "/path/json_path"
+        raw["dataset_param"]["basic_parameters"]["data_path"] = "/path/data.jsonl"
+        load_data_spec(raw)
 
 
-def test_reference_model_keys_parse_and_qk_layernorm_is_checked():
-    """Every key of the reference's model and inference JSONs parses; an implementation switch at a value that
-    describes another model is an error naming it."""
+def test_model_switches_at_another_models_value_are_errors():
+    """An implementation switch at a value that describes another model is an error naming it."""
     from mindspeed_mm.config.model_spec import load_model_spec
     from mindspeed_mm.inference.config import _model_dict
 
-    files = [EXAMPLES / "reference" / "inference_8B.json"]
-    files += [REFERENCE_DIR / f"model_{s}.json" for s in ("8B", "78B") if (REFERENCE_DIR / f"model_{s}.json").is_file()]
-    for f in files:
-        raw = json.loads(f.read_text())
-        spec = load_model_spec(_model_dict(raw) if "generation_config" in raw else raw)
-        assert spec.text.num_layers in (28, 80), f
-    raw = _model_dict(json.loads(files[0].read_text()))
+    raw = _model_dict(json.loads((EXAMPLES / "reference" / "inference_8B.json").read_text()))
     for key, value in (("qk_layernorm", True), ("layernorm_zero_centered_gamma", True), ("is_encoder_decoder", True),
                        ("masked_softmax_fusion", "no")):
         bad = {**raw, "text_decoder": {**raw["text_decoder"], key: value}}
