@@ -4,6 +4,9 @@ cached with RoPE applied, see the `inference_fast_paths` group of `mindspeed_mm.
 ``use_cache: false``, the whole sequence recomputed every step (the reference system's way, kept as the baseline
 the cache is tested and benchmarked against).
 
+The last stage chooses each token after transformers' logits processors that ``generation_config`` turns on
+(``processors``: repetition penalty, no-repeat n-grams, minimum lengths), then greedy or sampling.
+
 Batched prompts of different lengths are left-padded, so every request's newest token sits in the same
 column and one cache offset serves the batch (the static context has a single offset). The pads are masked
 as keys; each pad attends to itself only, so no softmax row is empty (an empty row gives NaN, and NaN values
