@@ -11,7 +11,8 @@
 # as many processes as that layout has (TP x PP), e.g. after
 #   mm-convert InternVLConverter hf_to_mm --cfg.mm_dir ckpt/mm_path/internvl3-8B --cfg.hf_config.hf_dir /models/InternVL3-8B \
 #     --cfg.parallel_config.llm_pp_layers [[28]] --cfg.parallel_config.vit_pp_layers [[24]] --cfg.parallel_config.tp_size 1
-# NPROC (default: read from the checkpoint) and MM_MODEL (the JSON) override. Results: `output_path` (JSONL).
+# NPROC (default: read from the checkpoint) and MM_MODEL (the JSON) override; OUT_DIR and MAX_NEW_TOKENS for
+# `reference` (default out/tiny_reference, 16). Results: `output_path` (JSONL).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
@@ -32,7 +33,7 @@ if [ "${1:-}" = tiny ]; then
 {"prompt": "What colour is the sky?", "infer_data_type": "text", "max_new_tokens": 8}
 JSONL
 elif [ "${1:-}" = reference ]; then
-  OUT=${OUT:-out/tiny_reference}
+  OUT=${OUT_DIR:-out/tiny_reference}
   "$PY" -m mindspeed_mm.testing.tiny_run "$OUT" --preset vit300m \
     --reference-inference examples/internvl3/reference/inference_8B.json --max-new-tokens "${MAX_NEW_TOKENS:-16}"
   rm -rf "$OUT/mm"

@@ -29,7 +29,7 @@ def _changed(a, b, path=""):
 @pytest.mark.slow
 def test_reference_inference_files_as_written(tmp_path):
     out = tmp_path / "ref"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "MAX_NEW_TOKENS": str(NEW_TOKENS),
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(out), "MAX_NEW_TOKENS": str(NEW_TOKENS),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO / "examples/internvl3/inference_internvl.sh"), "reference"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600, check=False)
