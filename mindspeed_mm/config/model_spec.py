@@ -494,12 +494,23 @@ def _any(_: Any) -> Optional[str]:
     return None
 
 
-def _must_be(expected: Any):
+def _must_be(expected: Any, why: str = ""):
     def check(value: Any) -> Optional[str]:
         if value != expected or type(value) is not type(expected):
-            return f"only {json.dumps(expected)} is supported, got {value!r}"
+            return f"only {json.dumps(expected)} is supported, got {json.dumps(value)}" + (f" ({why})" if why else "")
         return None
     return check
+
+
+def _bool(value: Any) -> Optional[str]:
+    # a kernel-fusion switch: either value computes the same model
+    return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+
+
+def _number(value: Any) -> Optional[str]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"expected a number, got {value!r}"
+    return None
 
 
 def _zero_dropout(value: Any) -> Optional[str]:
@@ -508,13 +519,23 @@ def _zero_dropout(value: Any) -> Optional[str]:
     return None
 
 
-# Keys the reference files carry that have no effect here: accepted, reported in one warning.
-# The checker returns an error message when the value would matter.
+# Keys the reference files (training and inference JSONs alike) carry that have no effect here: megatron or
+# transformers implementation switches, accepted and reported in one warning. The checker returns an error
+# message when the value would describe another model than the one we build.
 _IGNORED_ANYWHERE = {"img_embedding_idx": _any, "add_rmsnorm_offset": _any, "use_text_processer": _any}
 _IGNORED = {
     "": {},
     _TEXT_PATH: {
-        "use_fused_rotary_pos_emb": _any,  # fusions are chosen by the runtime, not the spec
+        # fusions are chosen by the runtime, not the spec: any value computes the same model
+        "use_fused_rotary_pos_emb": _any,
+        "bias_activation_fusion": _bool, "masked_softmax_fusion": _bool, "bias_dropout_fusion": _bool,
+        "apply_rope_fusion": _bool, "memory_efficient_layer_norm": _bool,
+        "initializer_factor": _number,  # initial values only; loaded weights replace them
+        # The other values are other models, whose weights would load and compute something else.
+        "qk_layernorm": _must_be(False, "the Qwen2 LLM has no q/k norms: true describes another model"),
+        "layernorm_zero_centered_gamma": _must_be(False, "the Qwen2 LLM's RMSNorm scales by its weight, not "
+                                                  "1 + weight: true describes another model"),
+        "is_encoder_decoder": _must_be(False, "the LLM is decoder-only"),
         "parallel_output": _any,  # logits stay vocab-parallel for the loss
         "fp16_lm_cross_entropy": _must_be(False),
         "reset_attention_mask": _must_be(False),

@@ -9,13 +9,14 @@ few optional knobs)::
       "prompts": str | [str, ...],          one request per prompt (each with the same file(s))
       "requests_file": "reqs.jsonl",        or/also: one JSON request per line (see `RequestSpec`)
       "pipeline_class": "InternVLPipeline", "template": "internvl2_5",
-      "dtype": "bf16" | "fp16" | "fp32",    "device": "cuda" | "cpu" | "auto",
+      "dtype": "bf16" | "fp16" | "fp32",    "device": "cuda" | "npu" | "cpu" | "auto",
       "num_segments": 8,                    video frames (one tile each)
       "max_tiles": 12,                      tiles of one image, thumbnail excluded (alias max_dynamic_patch)
       "from_pretrained": "ckpt/mm_path/internvl3-8B"   mm-convert output dir, or one rank's .pt file
       "tokenizer": {"from_pretrained": "<HF dir>", ...},
       "generation_config": {"do_sample": false, "max_new_tokens": 1024, "temperature": 1.0, "top_k": 50,
-                            "top_p": 1.0, "eos_token_id": 151645, "use_cache": true, ...},
+                            "top_p": 1.0, "eos_token_id": 151645, "repetition_penalty": 1.0, ...},
+                                            every key of transformers' GenerationConfig (GenerationConfig below)
       "output_path": "results.jsonl", "seed": 1234, "batch_size": 1,
       "text_decoder": {...}, "image_encoder": {...}, ...   the model keys, as in the model JSON (optional
                                                            with a converted dir: its metadata has them)
@@ -27,6 +28,7 @@ every config file) whose message starts with the key path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from typing import Any
 from mindspeed_mm.config.validate import ConfigError, Section, check_value, describe, parse_json, read_json
 from mindspeed_mm.data.data_spec import tokenizer_config_from_dict
 from mindspeed_mm.data.tokenizer import TokenizerConfig
+from mindspeed_mm.inference.generation_keys import unused_keys
 
 __all__ = [
     "DATA_TYPES",
@@ -48,7 +51,7 @@ __all__ = [
 
 DATA_TYPES = ("image", "video", "text")
 DTYPES = ("bf16", "fp16", "fp32")
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "npu", "cpu")  # the one there is runs (inference.cli.resolve_device)
 PIPELINES = ("InternVLPipeline",)
 TEMPLATES = ("internvl2_5",)
 # Top-level keys of the model JSON that may sit in the inference JSON (the reference merges the two).
@@ -59,6 +62,7 @@ MODEL_KEYS = ("model_id", "img_context_token_id", "downsample_ratio", "select_la
 _TEXT_MODEL_ALIASES = {"Qwen2.5llm": "internllm"}
 
 
+logger = logging.getLogger("mindspeed_mm.inference")
 InferenceConfigError = ConfigError  # the name this module's callers and users know
 
 
@@ -71,46 +75,82 @@ def _str_list(path: str, value: Any) -> tuple[str, ...]:
     return tuple(check_value(f"{path}[{i}]", str, v) for i, v in enumerate(value))
 
 
+DEFAULT_MAX_NEW_TOKENS = 1024  # when neither max_new_tokens nor max_length is given
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """HF-style generation settings. ``eos_token_id`` null: stop at the tokenizer's ``<|im_end|>`` (and its
-    eos); ``[]`` never stops early (max_new_tokens only). ``num_beams`` must be 1 (no beam search)."""
+    """transformers' generation settings, with its meanings (``generation_keys`` says what every other key of
+    its GenerationConfig does here). ``max_new_tokens`` wins over ``max_length`` (prompt + new tokens), as in
+    transformers; with neither, ``DEFAULT_MAX_NEW_TOKENS``. Lengths count each request's own prompt, so a batch
+    gives every request what it would get alone. ``eos_token_id`` null: stop at the tokenizer's ``<|im_end|>``
+    (and its eos); ``[]`` never stops early. ``min_length``/``min_new_tokens`` hold those stop tokens back.
+    ``num_beams`` must be 1 (no beam search). ``use_cache`` false (Python callers only: the tests and benchmarks'
+    baseline) recomputes the whole sequence every step; the JSON's false keeps the cache, whose tokens are the
+    same."""
 
     do_sample: bool = False
     num_beams: int = 1
-    max_new_tokens: int = 1024
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_length: int = 0
+    min_new_tokens: int = 0
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 50
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     eos_token_id: tuple[int, ...] | None = None
-    bos_token_id: int | None = None  # unused: prompts start with the system turn, as in training
+    bos_token_id: int | None = None  # unused, as in transformers given a prompt (ours start with the system turn)
     pad_token_id: int | None = None
     use_cache: bool = True
+
+    def new_token_budget(self, prompt_length: int) -> int:
+        """New tokens allowed after a prompt of this length, as transformers counts them (< 1: no room)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            return self.max_length - prompt_length
+        return DEFAULT_MAX_NEW_TOKENS
 
     @classmethod
     def from_dict(cls, raw: Any, path: str = "generation_config") -> GenerationConfig:
         s, d = Section(raw, path), cls()
-        ids = {name: s.get(name, int, getattr(d, name), nullable=True, minimum=0)
-               for name in ("bos_token_id", "pad_token_id")}
+        unused = unused_keys(s.raw, path)
+        s.accept(*unused)
+
+        def get(name: str, kind: Any, minimum: float | None = None) -> Any:
+            value = s.get(name, kind, None, nullable=True, minimum=minimum)  # null: transformers' default
+            return getattr(d, name) if value is None else value
+
         eos = s.get("eos_token_id", Any, None)  # one id or a list of them
         if isinstance(eos, list):
             eos = tuple(check_value(f"{s.key('eos_token_id')}[{i}]", int, v, minimum=0) for i, v in enumerate(eos))
         elif eos is not None:
             eos = (s.get("eos_token_id", int, minimum=0),)
-        kw = dict(do_sample=s.get("do_sample", bool, d.do_sample), use_cache=s.get("use_cache", bool, d.use_cache),
-                  num_beams=s.get("num_beams", int, d.num_beams, minimum=1),
-                  max_new_tokens=s.get("max_new_tokens", int, d.max_new_tokens, minimum=1),
-                  top_k=s.get("top_k", int, d.top_k, minimum=0),
-                  temperature=s.get("temperature", float, d.temperature), top_p=s.get("top_p", float, d.top_p),
-                  eos_token_id=eos, **ids)
+        kw = {name: get(name, kind, minimum) for name, kind, minimum in (
+            ("do_sample", bool, None), ("num_beams", int, 1), ("max_new_tokens", int, 1), ("max_length", int, 1),
+            ("min_length", int, 0), ("min_new_tokens", int, 0), ("temperature", float, None), ("top_k", int, 0),
+            ("top_p", float, None), ("repetition_penalty", float, None), ("no_repeat_ngram_size", int, 0),
+            ("bos_token_id", int, 0), ("pad_token_id", int, 0))}
+        s.get("use_cache", bool, None, nullable=True)
         s.done()
-        out = cls(**kw)
+        out = cls(**kw, eos_token_id=eos)
         if out.num_beams != 1:
             raise InferenceConfigError(f"{path}.num_beams", f"only 1 is supported (no beam search), got {out.num_beams}")
         if out.do_sample and out.temperature <= 0:
             raise InferenceConfigError(f"{path}.temperature", f"must be > 0 when sampling, got {out.temperature}")
         if not 0.0 < out.top_p <= 1.0:
             raise InferenceConfigError(f"{path}.top_p", f"must be in (0, 1], got {out.top_p}")
+        if out.repetition_penalty <= 0:
+            raise InferenceConfigError(f"{path}.repetition_penalty", f"must be > 0, got {out.repetition_penalty}")
+        notes = list(unused)
+        if raw.get("use_cache") is False:
+            notes.append("use_cache (false: the KV cache is used anyway; the tokens are the same)")
+        if raw.get("max_new_tokens") is not None and raw.get("max_length") is not None:
+            notes.append("max_length (max_new_tokens wins, as in transformers)")
+        if notes:
+            logger.info("%s: accepted with no effect in mindspeed_mm: %s", path, ", ".join(notes))
         return out
 
 
@@ -242,8 +282,6 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files
     }
     if "generation_config" in s:
         kw["generation_config"] = GenerationConfig.from_dict(raw["generation_config"])
-    if raw.get("device") == "npu":
-        raise InferenceConfigError("device", "'npu' is not supported by mindspeed_mm; use 'cuda', 'cpu' or 'auto'")
     choices = {"pipeline_class": PIPELINES, "template": TEMPLATES, "dtype": DTYPES, "device": DEVICES}
     for key, allowed in choices.items():
         if key in s:

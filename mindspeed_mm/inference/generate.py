@@ -4,6 +4,9 @@ cached with RoPE applied, see the `inference_fast_paths` group of `mindspeed_mm.
 ``use_cache: false``, the whole sequence recomputed every step (the reference system's way, kept as the baseline
 the cache is tested and benchmarked against).
 
+The last stage chooses each token after transformers' logits processors that ``generation_config`` turns on
+(``processors``: repetition penalty, no-repeat n-grams, minimum lengths), then greedy or sampling.
+
 Batched prompts of different lengths are left-padded, so every request's newest token sits in the same
 column and one cache offset serves the batch (the static context has a single offset). The pads are masked
 as keys; each pad attends to itself only, so no softmax row is empty (an empty row gives NaN, and NaN values
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.inference.config import GenerationConfig
+from mindspeed_mm.inference.processors import LogitsProcessors
 from mindspeed_mm.inference.sampling import next_tokens
 from mindspeed_mm.inference.stages import StageRunner
 
@@ -83,7 +87,10 @@ def _budgets(prompts: Sequence[Tensor], config: GenerationConfig, max_length: in
                                 f"sequence length is {max_length} (seq_length / text_decoder.max_position_embeddings);"
                                 f" use fewer tiles or frames (max_tiles, num_segments) or a shorter prompt")
         wanted = (max_new_tokens[i] if max_new_tokens is not None and max_new_tokens[i] is not None
-                  else config.max_new_tokens)
+                  else config.new_token_budget(len(p)))
+        if wanted < 1:  # transformers refuses this too
+            raise PromptTooLong(f"request {i}: the prompt has {len(p)} tokens (images expanded), but "
+                                f"generation_config.max_length is {config.max_length}: give max_new_tokens instead")
         out.append(min(wanted, max_length - len(p)))
     return out
 
@@ -112,6 +119,10 @@ def generate(runner: StageRunner, prompts: Sequence[Tensor], pixel_values: Tenso
     if pixel_values is not None:
         pixel_values = pixel_values.to(device=device, dtype=runner.dtype)
     context = StaticInferenceContext(b, length + max(budgets)) if config.use_cache else None
+    processors = None
+    if runner.is_last_stage:
+        processors = LogitsProcessors(config, prompts, stop_ids, runner.spec.text.vocab_size, device)
+        processors = processors if processors.active else None
 
     # Bookkeeping is plain Python on the tokens' one host copy per step: a handful of tiny tensor ops per
     # step cost as much as a transformer layer of a small model on CPU.
@@ -139,10 +150,12 @@ def generate(runner: StageRunner, prompts: Sequence[Tensor], pixel_values: Tenso
             context.increment_sequence_len_offset(length if n == 0 else 1)
         token = torch.empty(b, dtype=torch.long, device=device)
         if runner.is_last_stage:
-            token = next_tokens(logits, config, generator)
             if keep_logits:
                 result.step_logits.append(logits.cpu())
+            token = next_tokens(processors(logits) if processors else logits, config, generator)
         tokens = runner.share_from_last_stage(token).tolist()
+        if processors:
+            processors.append(tokens, [not d for d in done])
         n += 1
         for i, t in enumerate(tokens):
             if done[i]:

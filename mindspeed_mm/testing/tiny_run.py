@@ -13,7 +13,8 @@ from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
 from mindspeed_mm.config.model_spec import to_dict
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
-__all__ = ["TinyRun", "prepare_tiny_run", "write_model_json", "write_data_json", "pretrain_args"]
+__all__ = ["TinyRun", "prepare_tiny_run", "write_model_json", "write_data_json", "pretrain_args",
+           "tiny_reference_inference_json"]
 
 
 @dataclasses.dataclass
@@ -107,6 +108,32 @@ def pretrain_args(run: TinyRun, model_json: Path, *, iters: int, mbs: int = 1, g
     return args + list(extra)
 
 
+# What differs between a reference inference JSON and its tiny copy: paths and model sizes, nothing else.
+_TEXT_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "kv_channels", "vocab_size")
+_VIT_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "image_size")
+
+
+def tiny_reference_inference_json(reference: Path, hf_dir: Path, checkpoint: Path, image: Path, out: Path,
+                                  max_new_tokens: Optional[int] = None) -> Path:
+    """The reference's inference JSON as written, but for the tiny model: its paths (from_pretrained, file_path,
+    tokenizer.from_pretrained) and model sizes (layers, widths, heads, vocabulary and the image token in it, image
+    size) replaced, and `max_new_tokens` capped if given (test time). `hf_dir` must be a vit300m preset: the
+    reference's 8B has InternViT-300M's architecture."""
+    raw = json.loads(Path(reference).read_text(encoding="utf-8"))
+    spec = spec_from_hf_dir(hf_dir)
+    raw.update(from_pretrained=str(checkpoint), file_path=str(image), img_context_token_id=spec.img_context_token_id)
+    raw["tokenizer"]["from_pretrained"] = str(hf_dir)
+    raw["text_decoder"].update({k: getattr(spec.text, k) for k in _TEXT_SIZES})
+    raw["image_encoder"]["vision_encoder"].update({k: getattr(spec.vision, k) for k in _VIT_SIZES})
+    raw["image_encoder"]["vision_projector"].update(vit_hidden_size=spec.vision.hidden_size,
+                                                    llm_hidden_size=spec.text.hidden_size)
+    if max_new_tokens is not None:
+        raw["generation_config"]["max_new_tokens"] = max_new_tokens
+    Path(out).write_text(json.dumps(raw, indent=4) + "\n", encoding="utf-8")
+    return Path(out)
+
+
 def main(argv=None) -> None:
     """`python -m mindspeed_mm.testing.tiny_run OUT [--preset P]`: the HF checkpoint, dataset and JSON specs of
     a tiny run (the conversion is left to `mm-convert`, as a user would run it)."""
@@ -116,9 +143,18 @@ def main(argv=None) -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--preset", default="vit6b")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-inference", type=Path, metavar="JSON",
+                    help="also write OUT/inference_reference.json: this reference inference JSON for the tiny model "
+                         "(from_pretrained: OUT/mm's single rank file, to be written by mm-convert at TP1 PP1)")
+    ap.add_argument("--max-new-tokens", type=int)
     a = ap.parse_args(argv)
     run = prepare_tiny_run(a.out, preset=a.preset, seed=a.seed, convert=False)
     write_model_json(run.hf_dir, a.out / "model.json")
+    if a.reference_inference:
+        rank_file = a.out / "mm" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+        tiny_reference_inference_json(a.reference_inference, run.hf_dir, rank_file,
+                                      a.out / "data" / "images" / "red_1.jpg", a.out / "inference_reference.json",
+                                      a.max_new_tokens)
     print(f"tiny run in {a.out}: HF checkpoint {run.hf_dir}, dataset {run.data_jsonl}, "
           f"specs {a.out / 'model.json'} and {run.data_json}")
 

@@ -16,13 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from mindspeed_mm.errors import UserError
+from mindspeed_mm.config.model_flags import REPEATED_FLAGS, ArgumentError, check_model_flags, flag_name
 
 __all__ = ["TrainArgs", "ArgumentError", "parse_args", "build_parser"]
-
-
-class ArgumentError(UserError):
-    """A flag's value is invalid or contradicts another flag or the model spec."""
 
 
 def _f(default, help: str, **kw):
@@ -157,8 +153,7 @@ class TrainArgs:
         return dataclasses.asdict(self)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+_flag = flag_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,20 +183,7 @@ def reconcile_with_spec(args: TrainArgs, spec, cuda: bool):
     """Check the model flags that repeat the JSON spec, fill per-module recompute settings the JSON leaves
     unset, and say which flags fall back on this device. Returns (spec, warnings)."""
     t = spec.text
-    repeats = {
-        "vocab_size": (args.vocab_size, t.vocab_size),
-        "rotary_base": (args.rotary_base, t.rotary_base),
-        "normalization": (args.normalization, t.normalization),
-        "max_position_embeddings": (args.max_position_embeddings, t.max_position_embeddings),
-        "position_embedding_type": (args.position_embedding_type, t.position_embedding_type),
-    }
-    for name, (flag, json_value) in repeats.items():
-        if flag is not None and flag != json_value:
-            raise ArgumentError(f"{_flag(name)} {flag!r} contradicts text_decoder.{name} {json_value!r} of "
-                                f"{args.mm_model}")
-    if args.swiglu and not (t.gated_linear_unit and t.activation_func == "silu"):
-        raise ArgumentError(f"--swiglu contradicts text_decoder (gated_linear_unit={t.gated_linear_unit}, "
-                            f"activation_func={t.activation_func!r}) of {args.mm_model}")
+    check_model_flags(spec, args.mm_model, {name: getattr(args, name) for name in REPEATED_FLAGS}, args.swiglu)
     if t.params_dtype != args.params_dtype_name:
         raise ArgumentError(f"text_decoder.params_dtype {t.params_dtype!r} of {args.mm_model} needs "
                             f"{'--' + t.params_dtype if t.params_dtype != 'fp32' else 'neither --bf16 nor --fp16'}"

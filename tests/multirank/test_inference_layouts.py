@@ -65,6 +65,10 @@ def requests_file(inputs: Path) -> Path:
     return path
 
 
+# Applied by the last pipeline stage alone, whose tokens every rank then takes: the same under any split.
+PENALTIES = {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+
+
 def transformers_tokens(hf_dir: Path, result: dict) -> list[int]:
     """transformers' greedy continuation of the same prompt ids and tiles; it may stop only at a token our
     output does not hold, so a difference cannot hide behind an early stop."""
@@ -85,7 +89,7 @@ def transformers_tokens(hf_dir: Path, result: dict) -> list[int]:
     with torch.no_grad():
         out = load_native_model(hf_dir).generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                  max_new_tokens=NEW_TOKENS, eos_token_id=unused, pad_token_id=0,
-                                                 **images)
+                                                 **PENALTIES, **images)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -115,7 +119,7 @@ def test_layout_generates_transformers_tokens(name, hf_dirs, inputs, tmp_path):
         "requests_file": str(requests_file(inputs)), "from_pretrained": str(tmp_path / "mm"),
         "tokenizer": {"from_pretrained": str(hf_dirs[preset])}, "dtype": "fp32", "device": "cpu",
         "max_tiles": 6, "num_segments": 3, "batch_size": 2,
-        "generation_config": {"max_new_tokens": NEW_TOKENS, "eos_token_id": []},
+        "generation_config": {"max_new_tokens": NEW_TOKENS, "eos_token_id": [], **PENALTIES},
     }
     (tmp_path / "infer.json").write_text(json.dumps(config))
     run_torchrun(WORKER, nproc, [str(tmp_path / "infer.json"), str(tmp_path)], timeout=300)

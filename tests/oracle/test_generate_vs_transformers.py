@@ -205,3 +205,22 @@ def test_dynamic_ntk_rope_greedy_tokens_equal_transformers(dynamic_rope, case):
     assert len(set(tokens)) > 3, "degenerate output would make the comparison weak"
     full = ours(run, [p.input_ids], p.pixel_values, use_cache=False)
     assert full.tokens == got.tokens
+
+
+@pytest.mark.parametrize("case", ["one_tile", "text_only"])
+def test_penalties_and_min_new_tokens_equal_transformers(setup, case):
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens as transformers' generate applies them: a
+    stop token the unconstrained run emits early is held back until min_new_tokens."""
+    p = prepared(setup, case)
+    kw = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    free = ours(setup, [p.input_ids], p.pixel_values, **kw).tokens[0]
+    stop = free[2]
+    got = ours(setup, [p.input_ids], p.pixel_values, stop_ids=[stop], min_new_tokens=8, **kw).tokens[0]
+    assert stop not in got[:7] and got != free[:3]
+    ids = p.input_ids[None]
+    images = {} if p.pixel_values is None else {"pixel_values": p.pixel_values}
+    with torch.no_grad():
+        out = setup["hf"].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                   do_sample=False, eos_token_id=stop, pad_token_id=0, min_new_tokens=8, **kw,
+                                   **images)
+    assert out[0, ids.shape[1]:].tolist() == got

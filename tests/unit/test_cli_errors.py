@@ -234,13 +234,15 @@ def test_inference_bad_input(inputs, case):
     assert_user_error(run([*INFER, *argv(inputs)]), "inference_vlm.py", names)
 
 
-def test_inference_cuda_without_cuda(inputs):
+def test_inference_cuda_without_cuda_runs_on_cpu(inputs):
+    """As the reference's "npu": the device that is there runs, with a one-line note."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     proc = run([*INFER, infer_json(inputs, "cuda", device="cuda")])
-    assert_user_error(proc, "inference_vlm.py", ("device", "'cuda'"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("device 'cuda' asked for; running on cpu") == 1
 
 
 # ------------------------------------------------------------------------------------------------ --debug

@@ -3,6 +3,7 @@ the padding mask, prompts (template, multi-image and frame prefixes), checkpoint
 limit, and the CLI end to end at one rank."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -56,7 +57,12 @@ def test_reference_schema_with_model_keys_and_alias():
     (base(generation_config={"max_new_token": 4}), "generation_config.max_new_token"),
     (base(generation_config={"top_p": 0.0}), "generation_config.top_p"),
     (base(generation_config={"do_sample": True, "temperature": 0}), "generation_config.temperature"),
-    (base(device="npu"), "device"),
+    (base(device="tpu"), "device"),
+    (base(generation_config={"num_return_sequences": 2}), "generation_config.num_return_sequences"),
+    (base(generation_config={"typical_p": 0.9}), "generation_config.typical_p"),
+    (base(generation_config={"renormalize_logits": True}), "generation_config.renormalize_logits"),
+    (base(generation_config={"bad_words_ids": [[3]]}), "generation_config.bad_words_ids"),
+    (base(generation_config={"repetition_penalty": 0.0}), "generation_config.repetition_penalty"),
     (base(dtype="int8"), "dtype"),
     (base(tokenizer={}), "tokenizer.from_pretrained"),
     (base(tokenizer={"from_pretrained": "hf", "use_fast": "no"}), "tokenizer.use_fast"),
@@ -100,6 +106,73 @@ def test_requests_from_prompts_and_file(tmp_path):
     assert [(r.id, r.infer_data_type, len(r.file_path), r.max_new_tokens) for r in cfg.requests] == [
         ("0", "image", 2, None), ("1", "image", 2, None), ("q7", "text", 0, 3), ("3", "image", 1, None)]
     assert cfg.generation_config.eos_token_id == (1, 2)
+
+
+
+def test_generation_key_table_covers_transformers():
+    """Every key of the installed transformers' GenerationConfig is honoured, inert or neutral-only, and its
+    default for a neutral-only key is neutral (the table is static so the config loads without transformers)."""
+    import transformers
+
+    from mindspeed_mm.inference.generation_keys import HONOURED, INERT, NEUTRAL, _is_neutral
+
+    assert not (HONOURED & set(INERT)) and not (HONOURED & set(NEUTRAL)) and not (set(INERT) & set(NEUTRAL))
+    assert {f.name for f in dataclasses.fields(GenerationConfig)} == HONOURED
+    keys = set(transformers.GenerationConfig().to_dict())
+    assert keys - HONOURED - set(INERT) - set(NEUTRAL) == set()
+    defaults = transformers.GenerationConfig._get_default_generation_params()
+    for key in NEUTRAL:
+        assert _is_neutral(defaults.get(key), NEUTRAL[key]), key
+    ours = GenerationConfig()
+    for key in HONOURED - {"max_length", "eos_token_id", "bos_token_id", "pad_token_id"}:
+        if key in defaults:  # our default where transformers has one (not max_length: see DEFAULT_MAX_NEW_TOKENS)
+            assert getattr(ours, key) == defaults[key], key
+
+
+def test_reference_generation_config_as_written(caplog):
+    """The reference's generation_config (all 49 keys of transformers 4.x): accepted, the unused keys listed in
+    one line, max_new_tokens winning over max_length."""
+    raw = json.loads((EXAMPLES / "reference" / "inference_8B.json").read_text())["generation_config"]
+    with caplog.at_level("INFO", logger="mindspeed_mm.inference"):
+        g = GenerationConfig.from_dict(raw)
+    lines = [r.getMessage() for r in caplog.records if "generation_config" in r.getMessage()]
+    assert len(lines) == 1 and "typical_p" in lines[0] and "use_cache (false" in lines[0]
+    assert g.new_token_budget(300) == 1024 and g.use_cache and g.eos_token_id == (151645,)
+    assert GenerationConfig.from_dict({"max_length": 20}).new_token_budget(15) == 5
+    with pytest.raises(PromptTooLong, match="generation_config.max_length is 20"):
+        _budgets([torch.ones(20, dtype=torch.long)], GenerationConfig(max_length=20), 100, None)
+
+
+def test_processors_follow_transformers():
+    """Repetition penalty, no-repeat n-grams and min lengths on random logits, step by step, against
+    transformers' processors over the whole sequence."""
+    from transformers.generation.logits_process import (
+        MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    from mindspeed_mm.inference.processors import LogitsProcessors
+
+    g = torch.Generator().manual_seed(0)
+    vocab, prompts = 12, [torch.randint(0, 12, (9,), generator=g), torch.randint(0, 12, (5,), generator=g)]
+    for n in (1, 2, 3):
+        config = GenerationConfig(repetition_penalty=1.7, no_repeat_ngram_size=n, min_length=8, min_new_tokens=3)
+        ours = LogitsProcessors(config, prompts, [4, 7], vocab, "cpu")
+        seqs = [p.clone() for p in prompts]
+        for _ in range(6):
+            logits = torch.randn(2, vocab, generator=g)
+            got = ours(logits)
+            for i, seq in enumerate(seqs):
+                ref = logits[i:i + 1]
+                for proc in (RepetitionPenaltyLogitsProcessor(1.7), NoRepeatNGramLogitsProcessor(n),
+                             MinLengthLogitsProcessor(8, [4, 7]), MinNewTokensLengthLogitsProcessor(len(prompts[i]), 3, [4, 7])):
+                    ref = proc(seq[None], ref)
+                assert torch.equal(got[i], ref[0]), (n, i)
+            tokens = [int(torch.randint(0, vocab, (1,), generator=g)) for _ in seqs]
+            ours.append(tokens, [True, True])
+            seqs = [torch.cat([s, torch.tensor([t])]) for s, t in zip(seqs, tokens)]
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -264,3 +337,71 @@ def test_cli_end_to_end_and_its_errors(tiny, tmp_path):
     assert proc.returncode != 0 and "PromptTooLong: request 0: the prompt has" in proc.stderr
     proc = _cli(tiny, tmp_path, from_pretrained=str(tiny / "mm_tp2pp2"))
     assert proc.returncode != 0 and "LayoutMismatch" in proc.stderr and "--nproc_per_node 4" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ reference files
+def test_reference_files_parse():
+    """Every key of the reference's five example JSONs (examples/internvl3/reference/, as they ship) parses: the
+    model and inference JSONs as written, the data JSONs with their placeholder data_path replaced."""
+    from mindspeed_mm.config.model_spec import load_model_spec
+    from mindspeed_mm.data.data_spec import load_data_spec
+    from mindspeed_mm.inference.config import _model_dict
+
+    ref = EXAMPLES / "reference"
+    assert load_inference_config(ref / "inference_8B.json", check_files=False).device == "npu"
+    for name, layers in (("model_8B", 28), ("model_78B", 80), ("inference_8B", 28)):
+        raw = json.loads((ref / f"{name}.json").read_text())
+        assert load_model_spec(_model_dict(raw) if "generation_config" in raw else raw).text.num_layers == layers
+    for name in ("data_8B", "data_78B"):
+        raw = json.loads((ref / f"{name}.json").read_text())
+        assert raw["dataset_param"]["basic_parameters"]["data_path"] == "/path/json_path"
+        raw["dataset_param"]["basic_parameters"]["data_path"] = "/path/data.jsonl"
+        load_data_spec(raw)
+
+
+def test_model_switches_at_another_models_value_are_errors():
+    """An implementation switch at a value that describes another model is an error naming it."""
+    from mindspeed_mm.config.model_spec import load_model_spec
+    from mindspeed_mm.inference.config import _model_dict
+
+    raw = _model_dict(json.loads((EXAMPLES / "reference" / "inference_8B.json").read_text()))
+    for key, value in (("qk_layernorm", True), ("layernorm_zero_centered_gamma", True), ("is_encoder_decoder", True),
+                       ("masked_softmax_fusion", "no")):
+        bad = {**raw, "text_decoder": {**raw["text_decoder"], key: value}}
+        with pytest.raises(InferenceConfigError, match=rf"^text_decoder\.{key}: "):
+            load_model_spec(bad)
+
+
+def test_megatron_flags_against_json_and_checkpoint(tiny):
+    """The reference launcher's flags: layout flags against the checkpoint, model flags against the JSON, training
+    flags noted; a contradiction names both."""
+    from mindspeed_mm.config.model_flags import ArgumentError
+    from mindspeed_mm.inference.cli import _parse, reconcile_flags, resolve_device
+    from mindspeed_mm.inference.loading import inspect_checkpoint
+
+    cfg = config_from_dict(base(from_pretrained=str(tiny / "mm"), dtype="bf16"), check_files=False)
+    info = inspect_checkpoint(tiny / "mm")
+    good = ["--mm-model", "x.json", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+            "--context-parallel-size", "1", "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length",
+            "512", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(info.spec.text.vocab_size),
+            "--position-embedding-type", "rope", "--rotary-base", "1000000", "--swiglu", "--no-masked-softmax-fusion",
+            "--use-distributed-optimizer", "--bf16", "--use-flash-attn", "--log-interval", "1", "--save-interval",
+            "5000", "--eval-interval", "5000", "--eval-iters", "5000", "--distributed-backend", "nccl"]
+    out, noted = reconcile_flags(_parse(good), cfg, info)
+    assert out.seq_length == 512 and "--micro-batch-size" in noted and "--tokenizer-type" in noted
+    for flags, message in (
+            (["--tensor-model-parallel-size", "2"], r"--tensor-model-parallel-size 2 contradicts the run's 1: the "
+                                                     r"checkpoint .* is split TP1 x PP1"),
+            (["--context-parallel-size", "2"], "without context parallelism"),
+            (["--vocab-size", "7"], r"--vocab-size 7 contradicts text_decoder.vocab_size"),
+            (["--fp16"], r"--fp16 contradicts dtype 'bf16'"),
+            (["--seq-length", "99999"], "exceeds text_decoder.max_position_embeddings")):
+        with pytest.raises(ArgumentError, match=message):
+            reconcile_flags(_parse(["--mm-model", "x.json", *flags]), cfg, info)
+    with pytest.raises(ArgumentError, match="--seq-length 512 contradicts seq_length 100"):
+        reconcile_flags(_parse(["--mm-model", "x.json", "--seq-length", "512"]),
+                        config_from_dict(base(seq_length=100), check_files=False), info)
+    cuda = torch.cuda.is_available()
+    assert resolve_device("npu") == ("cuda", "device 'npu' asked for; running on cuda") if cuda else (
+        resolve_device("npu") == ("cpu", "device 'npu' asked for; running on cpu (torch sees no CUDA device)"))
+    assert resolve_device("cpu") == ("cpu", None) and resolve_device("auto")[1] is None
