@@ -58,3 +58,14 @@ def run_torchrun(script_path: str | os.PathLike, nproc: int, args: Sequence[str]
             f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n"
             f"--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}")
     return result
+
+
+def run_converter_without_torch(*commands: Sequence[str], timeout: float = 300) -> None:
+    """Run each `mm-convert` argument list in order in one fresh interpreter and check that torch was never
+    imported there (hf_to_mm and resplit must not pay torch's import)."""
+    code = ("import sys\nfrom mindspeed_mm.cli.mm_convert import main\n"
+            + "".join(f"assert main({list(c)!r}) == 0\n" for c in commands)
+            + "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                       cwd=_REPO_ROOT)
+    assert r.returncode == 0, _tail(r.stderr)
