@@ -641,13 +641,13 @@ def spec_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>") -> InternV
     return spec
 
 
-def load_model_spec(src: Union[str, Path, Mapping[str, Any]]) -> InternVLSpec:
-    """Parse and validate a reference-schema model spec from a JSON file path or a dict.
+def load_model_spec(src: Union[str, Path, Mapping[str, Any]], source: str = "<dict>") -> InternVLSpec:
+    """Parse and validate a reference-schema model spec from a JSON file path or a dict (read from `source`).
 
     Raises :class:`ModelSpecError` (naming the file and line/column for malformed JSON, else the key path).
     """
     if isinstance(src, Mapping):
-        return spec_from_dict(src)
+        return spec_from_dict(src, source=source)
     raw = read_json(src)
     try:
         return spec_from_dict(raw, source=str(src))

@@ -121,7 +121,7 @@ def run(cfg, info=None) -> list[dict]:
     )
     from mindspeed_mm.inference.pipeline import InternVLPipeline
 
-    info = info or inspect_checkpoint(cfg.from_pretrained, cfg.model)
+    info = info or inspect_checkpoint(cfg.from_pretrained, cfg.model, cfg.source)
     check_world(info, torch.distributed.get_world_size())
     tokenizer = load_tokenizer(cfg.tokenizer, info.spec.img_context_token_id)
     runner = build_runner(info, cfg.dtype)
@@ -144,7 +144,7 @@ def _main(argv: list[str]) -> int:
     cfg = load_inference_config(args.config)
     overrides = {k: v for k, v in (("output_path", args.output_path), ("seed", args.seed)) if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
-    info = inspect_checkpoint(cfg.from_pretrained, cfg.model)
+    info = inspect_checkpoint(cfg.from_pretrained, cfg.model, cfg.source)
     cfg, noted = reconcile_flags(args, cfg, info)
     if args.print_nproc:
         print(info.world_size)

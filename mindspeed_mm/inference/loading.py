@@ -67,14 +67,15 @@ def _check_same_model(json_spec: InternVLSpec, ckpt_spec: InternVLSpec, where: s
                                    f"{theirs!r}{more}")
 
 
-def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None) -> CheckpointInfo:
+def inspect_checkpoint(from_pretrained: str | Path, model: dict | None = None, source: str = "<dict>"
+                       ) -> CheckpointInfo:
     """What the checkpoint holds and how it is split, without loading weights. `model`: the inference JSON's
     model keys (reference schema), checked against a converted checkpoint's own, required for a .pt file."""
     from mindspeed_mm.checkpoint.discover import discover
     from mindspeed_mm.checkpoint.mm_format import META_FILE, TRACKER_FILE, checkpoint_meta, has_meta
 
     path = Path(from_pretrained)
-    json_spec = load_model_spec(model) if model is not None else None
+    json_spec = load_model_spec(model, source) if model is not None else None
     if path.is_file():
         if json_spec is None:
             raise InferenceConfigError("text_decoder", f"from_pretrained is a single file ({path}): the inference "
