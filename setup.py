@@ -17,6 +17,9 @@ setup(
         "numpy>=1.24",
         "transformers>=4.52,<6",  # tokenizers and the numerical oracle (InternVLForConditionalGeneration)
         "tokenizers>=0.19",
+        # SentencePiece tokenizer.model files (InternLM3, InternVL3-9B): transformers reads them with both
+        "sentencepiece>=0.2",
+        "protobuf>=4",
         "psutil>=5.9",  # megatron dist_checkpointing
         "pillow>=10",
         "einops>=0.7",

@@ -8,7 +8,9 @@ Layout (each turn tokenised on its own, then concatenated)::
     ...
 
 Labels are -100 on system and user turns, and on each assistant turn's ``<|im_start|>assistant\\n`` prefix and
-trailing ``\\n``; the answer tokens and ``<|im_end|>`` are targets. Each ``<image>`` placeholder becomes
+trailing ``\\n``; the answer tokens and ``<|im_end|>`` are targets. A tokenizer that adds a BOS
+(``add_bos_token``: InternLM2/3's SentencePiece tokenizers) gets one BOS before the system turn, as upstream
+InternVL prepends it to the first turn only. Each ``<image>`` placeholder becomes
 ``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile x tiles, thumbnail included) + ``</img>``; when there are
 images and the first user turn has no placeholder, ``<image>\\n`` is prefixed to it. Text-only conversations
 are allowed (upstream MindSpeed-MM rejects them).
@@ -51,6 +53,13 @@ def image_token_string(num_tiles: int, tokens_per_tile: int) -> str:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer) -> list[int]:
+    """The sequence's leading BOS: for the tokenizers that add one (``add_bos_token``), once, not per turn."""
+    if getattr(tokenizer, "add_bos_token", False) and getattr(tokenizer, "bos_token_id", None) is not None:
+        return [int(tokenizer.bos_token_id)]
+    return []
 
 
 def _check_turns(conversations) -> tuple[str | None, list[dict]]:
@@ -146,8 +155,8 @@ def build_conversation(
             out.append(piece)
         return "".join(out)
 
-    input_ids: list[int] = []
-    labels: list[int] = []
+    input_ids: list[int] = _bos(tokenizer)
+    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     sys_ids = _encode(tokenizer, f"{IM_START}system\n{system}{IM_END}\n")
     input_ids += sys_ids
     labels += [IGNORE_INDEX] * len(sys_ids)

@@ -12,6 +12,7 @@ from mindspeed_mm.data.template import IGNORE_INDEX, build_conversation
 from mindspeed_mm.data.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_grid, dynamic_tiles, load_image, to_pixel_values
 from mindspeed_mm.data.template import DEFAULT_SYSTEM_MESSAGE
 from mindspeed_mm.testing.tiny_checkpoint import build_tiny_tokenizer
+from tests.helpers.template_oracle import expected_conversation
 
 # ------------------------------------------------------------------------------------------------------------
 # Tiling and pixels
@@ -178,24 +179,7 @@ def _ids(tok, *names):
     return [tok.convert_tokens_to_ids(n) for n in names]
 
 
-def _expected(tok, system, pairs, image_strings):
-    """Expected ids/labels, built from the spec text independently of the implementation's helpers."""
-    ids, labels = [], []
-    s = _enc(tok, f"<|im_start|>system\n{system}<|im_end|>\n")
-    ids += s
-    labels += [IGNORE_INDEX] * len(s)
-    for q, a in pairs:
-        for ph, rep in image_strings:
-            q = q.replace(ph, rep, 1)
-        u = _enc(tok, f"<|im_start|>user\n{q}<|im_end|>\n")
-        ids += u
-        labels += [IGNORE_INDEX] * len(u)
-        pre = _enc(tok, "<|im_start|>assistant\n")
-        body = _enc(tok, f"{a}<|im_end|>")
-        nl = _enc(tok, "\n")
-        ids += pre + body + nl
-        labels += [IGNORE_INDEX] * len(pre) + body + [IGNORE_INDEX] * len(nl)
-    return ids, labels
+_expected = expected_conversation
 
 
 def _targets_decoded(tok, labels):
