@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Finetune InternVL3 on GPUs with the reference recipe's flags; finetune_internvl3_8B.sh and _78B.sh set the
-# model's defaults and run this. Every default below can be overridden from the environment.
+# Finetune InternVL3 / InternVL3.5 on GPUs with the reference recipe's flags; the per-size wrappers
+# (finetune_internvl3_<size>.sh here, ../internvl3_5/finetune_internvl3_5_<size>.sh) set the model's defaults and
+# run this. FAMILY (internvl3, internvl3_5) picks the examples folder of the model and data JSONs. Every default
+# below can be overridden from the environment.
 # Nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or run the same command under srun / mpirun: ranks are
 # read from SLURM_* / OMPI_* variables when torchrun's are absent).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${MODEL:-8B}
+FAMILY=${FAMILY:-internvl3}
 
 NPUS_PER_NODE=${NPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
@@ -14,9 +17,9 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
 
-MM_DATA=${MM_DATA:-examples/internvl3/data_${MODEL}.json}
-MM_MODEL=${MM_MODEL:-examples/internvl3/model_${MODEL}.json}
-LOAD_PATH=${LOAD_PATH:-ckpt/mm_path/internvl3-${MODEL}}
+MM_DATA=${MM_DATA:-examples/${FAMILY}/data_${MODEL}.json}
+MM_MODEL=${MM_MODEL:-examples/${FAMILY}/model_${MODEL}.json}
+LOAD_PATH=${LOAD_PATH:-ckpt/mm_path/${FAMILY}-${MODEL}}
 SAVE_PATH=${SAVE_PATH:-save_dir}
 
 TP=${TP:-1}
@@ -30,6 +33,8 @@ GBS=$((MBS * GRAD_ACC_STEP * DP))
 DISTRIBUTED_ARGS="--nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
   --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
 
+# --vocab-size and --rotary-base are left to the model JSON (text_decoder.vocab_size / rotary_base): given, they
+# must repeat it, and they differ across the family (InternVL3-9B: 128512 and 5e7).
 GPT_ARGS="
     --use-distributed-optimizer ${EXTRA_ARGS:-}
     --tensor-model-parallel-size ${TP}
@@ -38,10 +43,8 @@ GPT_ARGS="
     --micro-batch-size ${MBS}
     --global-batch-size ${GBS}
     --tokenizer-type NullTokenizer
-    --vocab-size 151674
     --seq-length 4096
     --position-embedding-type rope
-    --rotary-base 1000000
     --swiglu
     --no-masked-softmax-fusion
     --lr 2e-5
@@ -81,7 +84,7 @@ OUTPUT_ARGS="
     --metrics-file $SAVE_PATH/metrics.jsonl
 "
 
-logfile=internvl3_${MODEL}
+logfile=${FAMILY}_${MODEL}
 mkdir -p logs
 torchrun $DISTRIBUTED_ARGS pretrain_vlm.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS --distributed-backend nccl \
   2>&1 | tee logs/train_${logfile}.log

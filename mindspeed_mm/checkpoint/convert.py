@@ -52,8 +52,8 @@ from mindspeed_mm.checkpoint.mm_format import (
 )
 from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.sources import HFSource, MMSource, columns
-from mindspeed_mm.checkpoint.streaming_save import LazyTensor, SideBySide, owned
-from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.checkpoint.streaming_save import NUMPY_DTYPES, LazyTensor, SideBySide, owned
+from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec
 from mindspeed_mm.config.parallel import ParallelConfig
 from mindspeed_mm.errors import CheckpointFormatError, UserError
 from mindspeed_mm.models.internvl.hf.config import (
@@ -68,7 +68,8 @@ from mindspeed_mm.parallel.sharding import Slice
 
 Array = np.ndarray  # a tensor's elements as numpy sees them: bfloat16 as uint16 of the same bytes
 
-__all__ = ["ConvertSummary", "hf_to_mm", "mm_to_hf", "resplit", "write_mm"]
+__all__ = ["ConvertSummary", "DryRunReport", "RankTensor", "dry_run", "hf_to_mm", "mm_to_hf", "rank_contents", "resplit",
+           "write_mm"]
 
 
 @dataclass
@@ -112,6 +113,37 @@ def _placement(spec: InternVLSpec, plan: LayoutPlan) -> list[list[str]]:
     return per_stage
 
 
+@dataclass(frozen=True)
+class RankTensor:
+    """One tensor of a rank file: our global name, its key in the file's chunk, the slice of the full tensor."""
+    name: str
+    key: str
+    slice: Slice
+    shape: tuple[int, ...]
+
+
+def rank_contents(spec: InternVLSpec, plan: LayoutPlan, style: str = "mm"
+                  ) -> dict[tuple[int, int], list[list[RankTensor]]]:
+    """(tp_rank, pp_rank) -> one list per virtual chunk of the tensors that rank file holds: what `write_mm`
+    writes and `dry_run` sizes, from the registry's shapes alone."""
+    shapes = param_shapes(spec)
+    per_stage = _placement(spec, plan)
+    tp = plan.parallel.tp
+    out = {}
+    for pp_rank in range(plan.parallel.pp):
+        for tp_rank in range(tp):
+            chunks = []
+            for v in range(plan.num_chunks):
+                stage = plan.stage(pp_rank, v)
+                chunk = []
+                for name in per_stage[stage.stage]:
+                    sl = shard_slice(name, shapes[name], spec, tp, tp_rank, plan.padded_vocab_size, style)
+                    chunk.append(RankTensor(name, stage_name(name, stage), sl, sl.shape(shapes[name])))  # type: ignore[arg-type]
+                chunks.append(chunk)
+            out[tp_rank, pp_rank] = chunks
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Writers
 # ------------------------------------------------------------------------------------------------------------
@@ -126,8 +158,7 @@ def write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
     need be in memory; it runs in the writer threads when they first fill a chunk holding that part
     (`save_streaming`), so it must be thread-safe. Files are written concurrently, and each by several threads,
     so that copying into one chunk overlaps the disk's writing of another."""
-    shapes = param_shapes(spec)
-    per_stage = _placement(spec, plan)
+    contents = rank_contents(spec, plan, style)
     tp, pp = plan.parallel.tp, plan.parallel.pp
     iter_dir = tmp / "release"
     jobs = [(tp_rank, pp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
@@ -138,16 +169,9 @@ def write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
     workers = max(1, min(workers, len(jobs)))
 
     def write(tp_rank: int, pp_rank: int) -> int:
-        chunks = []
-        for v in range(plan.num_chunks):
-            stage = plan.stage(pp_rank, v)
-            sd: dict[str, LazyTensor] = {}
-            for name in per_stage[stage.stage]:
-                sl = shard_slice(name, shapes[name], spec, tp, tp_rank, plan.padded_vocab_size, style)
-                sd[stage_name(name, stage)] = LazyTensor(  # type: ignore[index]
-                    sl.shape(shapes[name]), dtype_of(name), partial(get_slice, name, sl),
-                    f"{name} (tp_rank {tp_rank})", after_write)
-            chunks.append(sd)
+        chunks = [{t.key: LazyTensor(t.shape, dtype_of(t.name), partial(get_slice, t.name, t.slice),
+                                     f"{t.name} (tp_rank {tp_rank})", after_write) for t in chunk}
+                  for chunk in contents[tp_rank, pp_rank]]
         return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, writers, direct_io)
 
     n_bytes = 0
@@ -264,6 +288,56 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
     return ConvertSummary("hf_to_mm", str(Path(mm_dir).absolute()),
                           f"{src.format} HF -> MM {plan.describe()}{_style_note(style)}",
                           files, n_bytes, time.perf_counter() - t0, src.format)
+
+
+_SPEC_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # model JSON params_dtype -> file dtype
+
+
+@dataclass
+class DryRunReport:
+    """What hf_to_mm would write, from shapes alone: per rank file, its tensors' numel and payload bytes."""
+    source: str
+    layout: str
+    dtype: str
+    ranks: dict[tuple[int, int], tuple[int, int]]  # (tp_rank, pp_rank) -> (numel, bytes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.ranks.values())
+
+    def line(self) -> str:
+        rows = [f"hf_to_mm dry run: {self.source} -> MM {self.layout}, {self.dtype}: {len(self.ranks)} rank files, "
+                f"{self.bytes / 2**30:.2f} GiB of tensors (the torch file container adds a few KiB per file)"]
+        rows += [f"  tp_rank {tp} pp_rank {pp}: {n / 1e9:.3f} B params, {b / 2**30:.3f} GiB"
+                 for (tp, pp), (n, b) in sorted(self.ranks.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+        return "\n".join(rows)
+
+
+def dry_run(spec: InternVLSpec, parallel: Optional[ParallelConfig] = None, *, dtype: Optional[str] = None,
+            target_format: str = "mm", source: str = "<spec>") -> DryRunReport:
+    """The rank files hf_to_mm would write for `spec` at layout `parallel`, sized from the registry's shapes
+    and `dtype` (a file dtype name; default: the spec's params_dtype): no weights are read or written."""
+    style = _target_style(target_format)
+    plan = plan_from_parallel_config(spec, parallel or ParallelConfig())
+    dtype = dtype or _SPEC_DTYPES[spec.text.params_dtype]
+    itemsize = NUMPY_DTYPES[dtype].itemsize
+    ranks = {}
+    for key, chunks in rank_contents(spec, plan, style).items():
+        numel = sum(int(np.prod(t.shape)) for chunk in chunks for t in chunk)
+        ranks[key] = (numel, numel * itemsize)
+    return DryRunReport(source, plan.describe() + _style_note(style), dtype, ranks)
+
+
+def dry_run_from_files(hf_dir: Optional[str] = None, model_json: Optional[str] = None,
+                       parallel: Optional[ParallelConfig] = None, *, target_format: str = "mm") -> DryRunReport:
+    """`dry_run` with the model read from our model JSON, or else from an HF directory's config.json (its
+    weights need not be there)."""
+    if model_json:
+        return dry_run(load_model_spec(model_json), parallel, target_format=target_format, source=model_json)
+    if not hf_dir:
+        raise UserError("dry_run needs the model: --cfg.model_json FILE or --cfg.hf_config.hf_dir DIR (config.json)")
+    spec = spec_from_hf_dir(hf_dir, read_hf_config(hf_dir))
+    return dry_run(spec, parallel, target_format=target_format, source=str(Path(hf_dir) / "config.json"))
 
 
 def _style_note(style: str) -> str:

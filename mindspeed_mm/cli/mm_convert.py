@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 from mindspeed_mm.checkpoint import convert
 from mindspeed_mm.errors import UserError, run_main
-from mindspeed_mm.checkpoint.convert import ConvertSummary
+from mindspeed_mm.checkpoint.convert import ConvertSummary, DryRunReport
 from mindspeed_mm.config.parallel import ParallelConfig
 
 # No `if TYPE_CHECKING:` block here: jsonargparse executes those of the module that defines the CLI's
@@ -59,7 +59,8 @@ _TARGET_HELP = ("TP convention of the rank files: 'mm' (ours) or 'mindspeed' (ex
 
 @dataclass
 class HFToMMConfig:
-    mm_dir: str = _h("Output MM checkpoint directory (must not exist or be empty unless overwrite).")
+    mm_dir: Optional[str] = _h("Output MM checkpoint directory (must not exist or be empty unless overwrite); "
+                               "required unless dry_run.", default=None)
     hf_config: HFConfig = _h("The HF source.", default_factory=HFConfig)
     parallel_config: ParallelConfig = _h("The MM layout to write.", default_factory=ParallelConfig)
     target_format: str = _h(_TARGET_HELP, default="mm")
@@ -69,6 +70,11 @@ class HFToMMConfig:
     progress: bool = _h("Show a progress bar.", default=True)
     workers: int = _h(_WORKERS_HELP, default=0)
     direct_io: bool = _h(_DIRECT_IO_HELP, default=True)
+    dry_run: bool = _h("Write nothing and read no weights: print the size of every rank file the layout would "
+                       "get, from the model's shapes (hf_config.hf_dir needs only config.json; or model_json).",
+                       default=False)
+    model_json: Optional[str] = _h("dry_run only: take the model from this model JSON (the reference schema) "
+                                   "instead of hf_config.hf_dir's config.json.", default=None)
 
 
 @dataclass
@@ -112,7 +118,15 @@ def _note_trust(cfg) -> None:
               "code is run", file=sys.stderr)
 
 
-def hf_to_mm(cfg: HFToMMConfig) -> ConvertSummary:
+def hf_to_mm(cfg: HFToMMConfig) -> Union[ConvertSummary, DryRunReport]:
+    if cfg.dry_run:
+        return convert.dry_run_from_files(cfg.hf_config.hf_dir, cfg.model_json, cfg.parallel_config,
+                                          target_format=cfg.target_format)
+    if cfg.model_json:
+        raise UserError("model_json is only read by a dry run (--cfg.dry_run true); a conversion takes the model "
+                        "from hf_config.hf_dir")
+    if not cfg.mm_dir:
+        raise UserError("mm_dir is required: the output MM checkpoint directory (--cfg.mm_dir DIR)")
     if not cfg.hf_config.hf_dir:
         raise UserError("hf_config.hf_dir is required: the HF checkpoint to convert (--cfg.hf_config.hf_dir DIR)")
     _note_trust(cfg)

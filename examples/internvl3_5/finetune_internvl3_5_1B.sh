@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Finetune InternVL3.5-1B: 1 node x 8 GPUs, pure DP8 (the model fits one GPU).
+# Memory per GPU (80 GB), from tools/memory_estimate.py (its docstring has the formulas). These are ESTIMATES
+# from the parameter shapes, not measurements:
+# estimate (not a measurement), per GPU, TP1 PP1 vit[[24]] llm[[28]] DP8, seq 4096, micro-batch 1, 16 micro-batches/step:
+#   stage 0: 1.06B params (0.76B trainable): weights 2.1 + grads 3.0 + optimizer 1.1 + activations 5.2 + logits 3.7 + allowance 4 = 19.2 GB
+#   peak 19.2 GB of 80 GB: fits (limit 90%)
+# Reproduce: python tools/memory_estimate.py examples/internvl3_5/model_1B.json --tp 1 --pp 1 --world 8 --grad-acc 16
+# Convert first (any other layout loads too: --load reshards on the fly):
+#   mm-convert InternVLConverter hf_to_mm --cfg.mm_dir ckpt/mm_path/internvl3_5-1B --cfg.hf_config.hf_dir $HF_DIR \
+#     --cfg.parallel_config.llm_pp_layers [[28]] --cfg.parallel_config.vit_pp_layers [[24]] \
+#     --cfg.parallel_config.tp_size 1
+# (add --cfg.dry_run true to print each rank file's size first, without reading weights)
+export MODEL=1B FAMILY=internvl3_5 NNODES=${NNODES:-1} TP=${TP:-1} PP=${PP:-1} GRAD_ACC_STEP=${GRAD_ACC_STEP:-16}
+exec bash "$(dirname "$0")/../internvl3/finetune_internvl3.sh" "$@"
