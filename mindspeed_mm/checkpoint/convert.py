@@ -49,6 +49,7 @@ from mindspeed_mm.checkpoint.mm_format import (
     rank_file,
     save_rank_file,
     write_meta,
+    write_model_json,
 )
 from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.sources import HFSource, MMSource, columns
@@ -285,6 +286,7 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
                                  f"{sorted(set(src.files) - set(used))[:3]}, miscounted {list(wrong.items())[:3]}")
         write_meta(tmp, MMCheckpointMeta.from_plan(plan, spec, source_format=src.format, source_hf_dir=str(src.dir),
                                                    hf_config=src.config, dtypes=dict(src.dtypes), tp_style=style))
+        write_model_json(tmp, spec, plan)
     return ConvertSummary("hf_to_mm", str(Path(mm_dir).absolute()),
                           f"{src.format} HF -> MM {plan.describe()}{_style_note(style)}",
                           files, n_bytes, time.perf_counter() - t0, src.format)
@@ -445,5 +447,6 @@ def resplit(mm_dir: str, save_mm_dir: str, parallel: Optional[ParallelConfig] = 
         write_meta(tmp, MMCheckpointMeta.from_plan(plan_b, spec, source_format=meta.source_format,
                                                    source_hf_dir=meta.source_hf_dir, hf_config=meta.hf_config,
                                                    dtypes=meta.dtypes or dict(src.dtypes), tp_style=style))
+        write_model_json(tmp, spec, plan_b)
     return ConvertSummary("resplit", str(Path(save_mm_dir).absolute()), layout, files, n_bytes,
                           time.perf_counter() - t0, meta.source_format)

@@ -6,6 +6,7 @@ Layout (the reference system's, so its users' tooling keeps working)::
     <mm_dir>/latest_checkpointed_iteration.txt          "release"
     <mm_dir>/release/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
     <mm_dir>/mm_convert_meta.json                       layout, model spec, source format, dtypes (ours)
+    <mm_dir>/model.json                                 the model JSON at this layout, for --mm-model (ours)
 
 Each ``model_optim_rng.pt`` holds ``{"model": sd, "checkpoint_version": 3.0}``, or ``model0 .. model{V-1}``
 instead of ``model`` under virtual pipeline parallelism (one per chunk, ``vpp_rank`` order); the ``_{pp:03d}``
@@ -44,13 +45,15 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "META_FILE", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta", "rank_dir_name",
-    "chunk_key", "rank_file", "write_meta", "read_meta", "iteration_dir", "save_rank_file", "load_rank_file",
+    "META_FILE", "MODEL_JSON", "TRACKER_FILE", "RANK_FILE", "CHECKPOINT_VERSION", "MMCheckpointMeta",
+    "rank_dir_name", "chunk_key", "rank_file", "write_meta", "read_meta", "model_json", "write_model_json",
+    "iteration_dir", "save_rank_file", "load_rank_file",
     "save_rank_object", "load_rank_object", "checkpoint_meta", "RankFile", "read_rank_file", "drop_resident_pages",
     "chunk_count", "EXTRA_STATE", "has_meta", "plain_int",
 ]
 
 META_FILE = "mm_convert_meta.json"
+MODEL_JSON = "model.json"  # the model spec at the checkpoint's layout, written beside it
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
@@ -114,6 +117,22 @@ class MMCheckpointMeta:
 
 def write_meta(mm_dir: Path, meta: MMCheckpointMeta) -> None:
     (Path(mm_dir) / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+
+
+def model_json(spec: InternVLSpec, plan: LayoutPlan) -> dict:
+    """The model JSON (reference schema) of a checkpoint written at `plan`: the spec with each module's
+    `pipeline_num_layers` as the layout splits it (a flat list, or one list per virtual stage under VPP), so
+    `pretrain_vlm.py --mm-model` and `inference_vlm.py` take it as it is."""
+    raw = to_dict(spec)
+    flat = plan.num_chunks == 1
+    for module, layers in ((raw["image_encoder"]["vision_encoder"], plan.vit_pp_layers),
+                           (raw["text_decoder"], plan.llm_pp_layers)):
+        module["pipeline_num_layers"] = list(layers[0]) if flat else [list(r) for r in layers]
+    return raw
+
+
+def write_model_json(mm_dir: Path, spec: InternVLSpec, plan: LayoutPlan) -> None:
+    (Path(mm_dir) / MODEL_JSON).write_text(json.dumps(model_json(spec, plan), indent=4) + "\n")
 
 
 def read_meta(mm_dir: Path) -> MMCheckpointMeta:

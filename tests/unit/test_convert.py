@@ -447,3 +447,19 @@ def test_direct_io_can_be_switched_off(ckpts, tmp_path, monkeypatch):
     assert direct and not any(direct)
     for f in sorted((tmp_path / "a").rglob("*.pt")):
         assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes(), f
+
+
+def test_model_json_beside_the_output_describes_it(ckpts, tmp_path):
+    """hf_to_mm and resplit write `model.json` (reference schema) at the layout they wrote: the HF model with
+    each module's pipeline_num_layers, flat without VPP, one list per virtual stage with it."""
+    from mindspeed_mm.config.model_spec import architecture_differences, load_model_spec
+
+    hf = ckpts["tp4_native"]
+    _to_mm(hf, tmp_path / "a", _pc(2, [[1, 1], [0, 0]], [[0, 0], [1, 1]]))
+    resplit(ResplitConfig(mm_dir=str(tmp_path / "a"), save_mm_dir=str(tmp_path / "b"),
+                          parallel_config=_pc(1, [[2, 0]], [[1, 1]]), progress=False))
+    want = spec_from_hf_dir(hf)
+    for out, vit, llm in (("a", ((1, 1), (0, 0)), ((0, 0), (1, 1))), ("b", (2, 0), (1, 1))):
+        got = load_model_spec(tmp_path / out / "model.json")
+        assert architecture_differences(got, want) == []
+        assert got.vision.pipeline_num_layers == vit and got.text.pipeline_num_layers == llm
