@@ -316,8 +316,8 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
                 value = normal(shape, 0.5)
             elif len(shape) == 1 and "norm" in name:
                 value = normal(shape, 0.1, mean=1.0)
-            elif name.endswith("embed_tokens.weight"):
-                value = normal(shape, 1.0)
+            elif name.endswith("embed_tokens.weight") and not model.config.tie_word_embeddings:
+                value = normal(shape, 1.0)  # tied, it is the output layer too: scaled as the other matrices
             elif len(shape) >= 2:
                 fan_in = 1
                 for d in shape[1:]:
