@@ -307,6 +307,7 @@ def test_hf_llm_kinds_and_tying():
     ("Qwen2.5llm", "add_qkv_bias", False), ("qwen3", "add_qkv_bias", True)])
 def test_llm_kind_consistency(model_id, key, value):
     raw = json.loads((EXAMPLES / "model_8B.json").read_text())
+    raw["text_decoder"].pop("add_qkv_bias")  # the 8B's true, left to the kind
     raw["text_decoder"].update(model_id=model_id, **{key: value})
     with pytest.raises(ModelSpecError, match=rf"^text_decoder\.{key}: {str(value).lower()} does not fit model_id"):
         load_model_spec(raw)
@@ -314,6 +315,7 @@ def test_llm_kind_consistency(model_id, key, value):
 
 def test_kv_channels_need_not_divide_hidden():
     raw = json.loads((EXAMPLES / "model_8B.json").read_text())
+    raw["text_decoder"].pop("add_qkv_bias")
     raw["text_decoder"].update(model_id="qwen3", hidden_size=3584, num_attention_heads=24, num_query_groups=4,
                                kv_channels=128)
     t = load_model_spec(raw).text
