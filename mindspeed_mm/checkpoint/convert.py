@@ -62,7 +62,7 @@ from mindspeed_mm.models.internvl.hf.config import (
     spec_from_hf_dir,
 )
 from mindspeed_mm.models.internvl.hf.mapping import mapping_rules, pieces_from_parts
-from mindspeed_mm.models.internvl.params import param_shapes, params
+from mindspeed_mm.models.internvl.params import EMBEDDING, param_shapes, params
 from mindspeed_mm.models.internvl.sharding import TP_STYLES, shard_slice, stage_name
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_from_parallel_config
 from mindspeed_mm.parallel.sharding import Slice
@@ -104,13 +104,16 @@ def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "file"
 
 
 def _placement(spec: InternVLSpec, plan: LayoutPlan) -> list[list[str]]:
-    """The parameters each stage holds; every parameter must land on exactly one stage."""
+    """The parameters each stage holds; every parameter must land on exactly one stage, but for the tied
+    embeddings' copy on the last stage (`sharding.stage_name`)."""
     per_stage: list[list[str]] = [[] for _ in plan.stages]
     for p in params(spec):
         held = [s.stage for s in plan.stages if stage_name(p.name, s) is not None]
-        if len(held) != 1:
-            raise AssertionError(f"{p.name}: held by stages {held}, expected exactly one")
-        per_stage[held[0]].append(p.name)
+        copies = sum(plan.stages[s].has_tied_output for s in held) if p.name == EMBEDDING else 0
+        if len(held) != 1 + copies:
+            raise AssertionError(f"{p.name}: held by stages {held}, expected exactly {1 + copies}")
+        for s in held:
+            per_stage[s].append(p.name)
     return per_stage
 
 
@@ -225,8 +228,14 @@ def _target_config(config: dict, src_fmt: str, fmt: str, spec: InternVLSpec) -> 
         out = original_config_to_native(config, image_token_id=spec.img_context_token_id)
     else:
         out = native_config_to_original(config)
-    if fmt == NATIVE:
-        out["tie_word_embeddings"] = False
+    # Tying is said explicitly where each format's loader reads it: the native TOP level (transformers'
+    # InternVLConfig ties by it alone, and by default), the original llm_config; the other flag of each format,
+    # which no loader reads, is made to agree (added to an original config only when it has one). lm_head is
+    # written only when untied (the registry has no output layer otherwise).
+    tied = spec.text.tied
+    out["text_config" if fmt == NATIVE else "llm_config"]["tie_word_embeddings"] = tied
+    if fmt == NATIVE or "tie_word_embeddings" in out:
+        out["tie_word_embeddings"] = tied
     return out
 
 
@@ -280,9 +289,11 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
                                   workers, direct_io, after_write=src.mapped.drop_pages, style=style)
         src.release()
         tp = plan.parallel.tp
-        wrong = {k: n for k, n in used.items() if n != tp}
+        holders = Counter(n for names in _placement(spec, plan) for n in names)
+        want = {k: tp * holders[r.mm] for r in rules for k in r.hf}
+        wrong = {k: n for k, n in used.items() if n != want[k]}
         if set(used) != set(src.files) or wrong:
-            raise AssertionError(f"source tensors not used exactly once per TP rank: unused "
+            raise AssertionError(f"source tensors not used exactly once per TP rank and holding stage: unused "
                                  f"{sorted(set(src.files) - set(used))[:3]}, miscounted {list(wrong.items())[:3]}")
         write_meta(tmp, MMCheckpointMeta.from_plan(plan, spec, source_format=src.format, source_hf_dir=str(src.dir),
                                                    hf_config=src.config, dtypes=dict(src.dtypes), tp_style=style))

@@ -187,12 +187,17 @@ class MMSource:
         expected: dict[tuple[int, int], set[str]] = {}
         for s in plan.stages:
             expected[(s.stage % self.pp, s.stage // self.pp)] = set()
+        copies = []  # the tied embeddings' copy as the last stage's output layer: read from the first stage
         for p in ps:
             for s in plan.stages:
                 local = stage_name(p.name, s)
-                if local is not None:
+                if local is None:
+                    continue
+                if p.name in self.where:
+                    copies.append((s.stage, local))
+                else:
                     self.where[p.name] = (s.stage, local)
-                    expected[(s.stage % self.pp, s.stage // self.pp)].add(local)
+                expected[(s.stage % self.pp, s.stage // self.pp)].add(local)
         for pp_rank in range(self.pp):  # inventory (pickles only): every file, chunk and key as the layout says
             for tp_rank in range(self.tp):
                 rf = self._file(tp_rank, pp_rank)
@@ -205,7 +210,7 @@ class MMSource:
                                                     f"there: {extra[:3]}")
                     if missing:
                         raise CheckpointFormatError(f"{path}: chunk {v} lacks {missing[:3]}")
-                    self.unused.update((path, v, k) for k in sd)
+                    self.unused.update((path, v, k) for k in sd if (pp_rank + v * self.pp, k) not in copies)
                     self.dtypes.update(t.dtype for t in sd.values())
 
     def _file(self, tp_rank: int, pp_rank: int) -> RankFile:

@@ -74,12 +74,16 @@ __all__ = [
     "IMG_CONTEXT_TOKEN",
     "IGNORE_INDEX",
     "PARAMS_DTYPES",
+    "LLM_KINDS",
 ]
 
 DEFAULT_IMG_CONTEXT_TOKEN_ID = 151667  # <IMG_CONTEXT> in the Qwen2.5-based InternVL3 tokenizers
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IGNORE_INDEX = -100  # label of a position that is not a target (the data marks them, the loss skips them)
 PARAMS_DTYPES = ("fp32", "bf16", "fp16")
+# text_decoder.model_id -> the LLM kind: the reference's names for Qwen2 ("internllm" in its training JSONs,
+# "Qwen2.5llm" in its inference JSON), and ours for the other kinds
+LLM_KINDS = {"internllm": "qwen2", "Qwen2.5llm": "qwen2", "qwen3": "qwen3", "internlm3": "internlm3"}
 
 # Pipeline layout as stored: (n_stage0, n_stage1, ...) or ((vp0 stages...), (vp1 stages...), ...).
 PipelineNumLayers = Optional[Tuple[Any, ...]]
@@ -331,10 +335,15 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class TextDecoderSpec(_SpecBase):
-    """The Qwen2-style LLM (``text_decoder``). ``model_id`` "internllm" is the reference's name for it.
+    """The LLM (``text_decoder``). ``model_id`` says which kind (:data:`LLM_KINDS`): "internllm" (the reference's
+    name) and "Qwen2.5llm" (its inference JSON's) are Qwen2, "qwen3" and "internlm3" the others. The kinds
+    differ in ``add_qkv_bias`` (Qwen2 only) and ``qk_layernorm`` (Qwen3 only: RMSNorm of every q and k head
+    over head_dim before RoPE, one weight of size head_dim shared by the heads); left null they take the
+    kind's value, given they must agree with it.
 
-    ``num_query_groups`` (alias ``num_key_value_heads``) null means no GQA; ``kv_channels`` null means
-    hidden_size // num_attention_heads. The output layer is never tied to the embedding.
+    ``num_query_groups`` (alias ``num_key_value_heads``) null means no GQA; ``kv_channels`` (head_dim) null
+    means hidden_size // num_attention_heads, given it need not be that (Qwen3-0.6B: hidden 1024, 16 heads of
+    128). ``untie_embeddings_and_output_weights`` false ties the output layer to the token embeddings.
     """
 
     num_layers: int
@@ -355,7 +364,8 @@ class TextDecoderSpec(_SpecBase):
     activation_func: str = "silu"
     gated_linear_unit: bool = True
     add_bias_linear: bool = False
-    add_qkv_bias: bool = True
+    add_qkv_bias: Optional[bool] = None
+    qk_layernorm: Optional[bool] = None
     init_method_std: float = _run(0.02)
     attention_softmax_in_fp32: bool = True
     params_dtype: str = _run("fp32")
@@ -369,14 +379,13 @@ class TextDecoderSpec(_SpecBase):
 
     _PATH = _TEXT_PATH
     _CHOICES = {
-        "model_id": ("internllm",),
+        "model_id": tuple(LLM_KINDS),
         "position_embedding_type": ("rope",),
         "normalization": ("RMSNorm",),
         "activation_func": ("silu",),
         "gated_linear_unit": (True,),
         "add_bias_linear": (False,),
         "params_dtype": PARAMS_DTYPES,
-        "untie_embeddings_and_output_weights": (True,),
         **_RECOMPUTE_CHOICES,
     }
 
@@ -387,9 +396,18 @@ class TextDecoderSpec(_SpecBase):
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                        "num_query_groups", "kv_channels", "max_position_embeddings", "rotary_base",
                        "layernorm_epsilon")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise self._err("num_attention_heads", f"{self.num_attention_heads} does not divide "
-                            f"hidden_size {self.hidden_size}")
+                            f"hidden_size {self.hidden_size} (set kv_channels for another head size)")
+        kind = LLM_KINDS[self.model_id]
+        for name, value in (("add_qkv_bias", kind == "qwen2"), ("qk_layernorm", kind == "qwen3")):
+            given = getattr(self, name)
+            if given is None:
+                self._set(name, value)
+            elif given != value:
+                raise self._err(name, f"{json.dumps(given)} does not fit model_id {self.model_id!r} (a {kind} LLM "
+                                f"has {json.dumps(value)}): another model's weights would load and compute "
+                                "something else")
         if self.num_query_groups is None:
             self._set("num_query_groups", self.num_attention_heads)
         if self.num_attention_heads % self.num_query_groups:
@@ -406,6 +424,16 @@ class TextDecoderSpec(_SpecBase):
     @property
     def head_dim(self) -> int:
         return self.kv_channels  # type: ignore[return-value]
+
+    @property
+    def kind(self) -> str:
+        """"qwen2", "qwen3" or "internlm3" (:data:`LLM_KINDS`)."""
+        return LLM_KINDS[self.model_id]
+
+    @property
+    def tied(self) -> bool:
+        """The output layer is the token embedding matrix."""
+        return not self.untie_embeddings_and_output_weights
 
 
 def _rope_scaling_from_dict(raw: Mapping[str, Any]) -> RopeScaling:
@@ -532,8 +560,7 @@ _IGNORED = {
         "apply_rope_fusion": _bool, "memory_efficient_layer_norm": _bool,
         "initializer_factor": _number,  # initial values only; loaded weights replace them
         # The other values are other models, whose weights would load and compute something else.
-        "qk_layernorm": _must_be(False, "the Qwen2 LLM has no q/k norms: true describes another model"),
-        "layernorm_zero_centered_gamma": _must_be(False, "the Qwen2 LLM's RMSNorm scales by its weight, not "
+        "layernorm_zero_centered_gamma": _must_be(False, "the LLM's RMSNorm scales by its weight, not "
                                                   "1 + weight: true describes another model"),
         "is_encoder_decoder": _must_be(False, "the LLM is decoder-only"),
         "parallel_output": _any,  # logits stay vocab-parallel for the loss
@@ -668,6 +695,8 @@ def architecture_differences(a: InternVLSpec, b: InternVLSpec) -> List[Tuple[str
     for x, y in ((a, b), (a.vision, b.vision), (a.projector, b.projector), (a.text, b.text)):
         for f in dataclasses.fields(x):
             if not f.metadata.get("run") and f.name not in ("vision", "projector", "text"):
+                if x is a.text and f.name == "model_id" and x.kind == y.kind:
+                    continue  # two names of one LLM kind ("internllm", "Qwen2.5llm")
                 if getattr(x, f.name) != getattr(y, f.name):
                     out.append((join(x._PATH, f.name), _plain(getattr(x, f.name)), _plain(getattr(y, f.name))))
     return sorted(out, key=lambda d: d[0])

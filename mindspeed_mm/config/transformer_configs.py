@@ -151,8 +151,8 @@ def vision_transformer_config(spec: InternVLSpec, parallel: Optional[ParallelSiz
 
 def text_transformer_config(spec: InternVLSpec, parallel: Optional[ParallelSizes] = None,
                             **overrides: Any) -> TransformerConfig:
-    """TransformerConfig of the Qwen2 LLM: RMSNorm, SwiGLU (F.silu + gated_linear_unit), GQA, qkv bias,
-    no other linear bias. RoPE base/percent, vocab size and positions are GPTModel arguments, read them
+    """TransformerConfig of the LLM (Qwen2, Qwen3, InternLM3): RMSNorm, SwiGLU (F.silu + gated_linear_unit), GQA,
+    head_dim ``kv_channels``, qkv bias by the kind, no other linear bias. RoPE base/percent, vocab size and positions are GPTModel arguments, read them
     from ``spec.text``."""
     parallel = parallel or default_parallel_sizes(spec)
     t = spec.text
@@ -166,6 +166,8 @@ def text_transformer_config(spec: InternVLSpec, parallel: Optional[ParallelSizes
         activation_func=F.silu,
         gated_linear_unit=True,
         add_bias_linear=False,
+        # Qwen3's q/k norms come from the layer spec (models.internvl.norm.HeadNorm, which sums their gradients
+        # over TP itself); megatron's flag would have finalize_model_grads sum every *q_layernorm* over TP again
         qk_layernorm=False,
         attention_softmax_in_fp32=t.attention_softmax_in_fp32,
         variable_seq_lengths=t.variable_seq_lengths,

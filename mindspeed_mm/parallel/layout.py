@@ -32,6 +32,9 @@ class StagePlan:
     has_projector: bool  # pixel shuffle + projector (the ViT's last stage)
     has_llm_embed: bool  # token embeddings + image splice (the LLM's first stage)
     has_llm_head: bool  # final norm, output layer, loss (the LLM's last stage = the last stage)
+    # tied embeddings, the head without the embedding: megatron's copy of the token embeddings as the output
+    # layer (`output_layer.weight`, as MindSpeed-MM's files hold it), kept equal by the training loop
+    has_tied_output: bool = False
 
     @property
     def has_vit(self) -> bool:
@@ -169,6 +172,7 @@ def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optiona
             llm_layers=range(l_off, l_off + llm_flat[s]),
             has_vit_embed=s == v_first, has_projector=s == v_last,
             has_llm_embed=s == l_first, has_llm_head=s == l_last,
+            has_tied_output=t.tied and s == l_last != l_first,
         ))
         v_off += vit_flat[s]
         l_off += llm_flat[s]

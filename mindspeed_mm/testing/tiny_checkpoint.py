@@ -43,6 +43,7 @@ __all__ = [
     "tiny_native_config",
     "build_tiny_model",
     "refresh_rope_buffers",
+    "check_tying",
     "write_tiny_checkpoint",
 ]
 
@@ -191,6 +192,17 @@ class TinyPreset:
     rope_theta: float = 1e6
     rms_eps: float = 1e-6
     max_positions: int = 2048
+    llm: str = "qwen2"  # the LLM's transformers model_type: "qwen2" | "qwen3" | "internlm3"
+    llm_head_dim: int | None = None  # None: llm_hidden // llm_heads
+    tied: bool = False  # lm_head tied to the token embeddings
+
+
+_VIT300M = dict(vit_hidden=32, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False)
+_VIT6B = dict(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True)
+# Qwen3: head_dim set apart from hidden / heads (64 / 4 = 16), as Qwen3-0.6B's 128 is not 1024 / 16.
+# InternLM3: InternVL3-9B's rope theta and eps.
+_QWEN3 = dict(llm="qwen3", llm_head_dim=24)
+_INTERNLM3 = dict(llm="internlm3", rope_theta=5e7, rms_eps=1e-5)
 
 
 TINY_PRESETS: dict[str, TinyPreset] = {
@@ -208,7 +220,42 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     # vit6b with 4 LLM query groups (4 heads, 4 kv heads), so that TP4 can split the LLM's attention.
     "tp4": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
                       llm_heads=4, llm_kv_heads=4),
+    # the other LLM kinds with either ViT kind
+    "qwen3_vit300m": TinyPreset(**_VIT300M, **_QWEN3),
+    "qwen3_vit6b": TinyPreset(**_VIT6B, **_QWEN3),
+    "internlm3_vit300m": TinyPreset(**_VIT300M, **_INTERNLM3),
+    "internlm3_vit6b": TinyPreset(**_VIT6B, **_INTERNLM3),
+    # tied embeddings, as Qwen3-0.6B in InternVL3.5-1B
+    "qwen3_tied": TinyPreset(**_VIT300M, **_QWEN3, tied=True),
 }
+
+
+def _text_config(p: TinyPreset, vocab_size: int, tid) -> dict:
+    """The LLM's config, in the fields of transformers' config class for its kind."""
+    cfg = {
+        "model_type": p.llm,
+        "vocab_size": vocab_size,
+        "hidden_size": p.llm_hidden,
+        "num_hidden_layers": p.llm_layers,
+        "num_attention_heads": p.llm_heads,
+        "num_key_value_heads": p.llm_kv_heads,
+        "intermediate_size": p.llm_ffn,
+        "hidden_act": "silu",
+        "max_position_embeddings": p.max_positions,
+        "rms_norm_eps": p.rms_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": p.rope_theta},
+        "bos_token_id": tid("<|endoftext|>"),
+        "eos_token_id": tid("<|im_end|>"),
+        "pad_token_id": tid("<|endoftext|>"),
+        "tie_word_embeddings": p.tied,
+    }
+    if p.llm in ("qwen2", "qwen3"):
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=p.llm_layers)
+    if p.llm != "qwen2":
+        cfg.update(head_dim=p.llm_head_dim or p.llm_hidden // p.llm_heads, attention_bias=False)
+    if p.llm == "internlm3":
+        cfg["mlp_bias"] = False
+    return cfg
 
 
 def tiny_native_config(preset: str = "vit300m", tokenizer=None) -> dict:
@@ -239,33 +286,14 @@ def tiny_native_config(preset: str = "vit300m", tokenizer=None) -> dict:
             "num_channels": 3,
             "use_mean_pooling": True,
         },
-        "text_config": {
-            "model_type": "qwen2",
-            "vocab_size": tiny_vocab_size(len(tok)),
-            "hidden_size": p.llm_hidden,
-            "num_hidden_layers": p.llm_layers,
-            "num_attention_heads": p.llm_heads,
-            "num_key_value_heads": p.llm_kv_heads,
-            "intermediate_size": p.llm_ffn,
-            "hidden_act": "silu",
-            "max_position_embeddings": p.max_positions,
-            "rms_norm_eps": p.rms_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": p.rope_theta},
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": p.llm_layers,
-            "bos_token_id": tid("<|endoftext|>"),
-            "eos_token_id": tid("<|im_end|>"),
-            "pad_token_id": tid("<|endoftext|>"),
-            "tie_word_embeddings": False,
-        },
+        "text_config": _text_config(p, tiny_vocab_size(len(tok)), tid),
         "image_token_id": tid("<IMG_CONTEXT>"),
         "image_seq_length": int(grid * grid * p.downsample_ratio**2),
         "downsample_ratio": p.downsample_ratio,
         "projector_hidden_act": "gelu",
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": p.tied,  # the flag InternVLConfig ties by (it ignores text_config's)
     }
 
 
@@ -288,8 +316,8 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
                 value = normal(shape, 0.5)
             elif len(shape) == 1 and "norm" in name:
                 value = normal(shape, 0.1, mean=1.0)
-            elif name.endswith("embed_tokens.weight"):
-                value = normal(shape, 1.0)
+            elif name.endswith("embed_tokens.weight") and not model.config.tie_word_embeddings:
+                value = normal(shape, 1.0)  # tied, it is the output layer too: scaled as the other matrices
             elif len(shape) >= 2:
                 fan_in = 1
                 for d in shape[1:]:
@@ -309,7 +337,7 @@ def build_tiny_model(preset: str = "vit300m", seed: int = 0, tokenizer=None):
     model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _randomize_(model, seed)
     refresh_rope_buffers(model)
-    _check_untied(model)
+    check_tying(model, TINY_PRESETS[preset].tied)
     return model.eval()
 
 
@@ -335,11 +363,14 @@ def refresh_rope_buffers(model: torch.nn.Module) -> None:
             module.original_inv_freq = inv_freq.clone().to(device)
 
 
-def _check_untied(model) -> None:
+def check_tying(model, tied: bool) -> None:
+    """transformers' model ties lm_head to the input embeddings exactly when `tied` (its configs have a trap:
+    see hf.config.native_tied)."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    if emb is head or emb.data_ptr() == head.data_ptr():
-        raise RuntimeError("lm_head is tied to the input embeddings (tie_word_embeddings must be false)")
+    if (emb is head or emb.data_ptr() == head.data_ptr()) != tied:
+        raise RuntimeError(f"lm_head is {'not ' if tied else ''}tied to the input embeddings, expected "
+                           f"tie_word_embeddings {str(tied).lower()}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,7 +400,7 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write a tiny random InternVL3 checkpoint (config, safetensors weights, tokenizer) to ``out_dir``.
 
-    ``fmt="native"``: transformers ``save_pretrained`` (``tie_word_embeddings: false``). ``fmt="original"``:
+    ``fmt="native"``: transformers ``save_pretrained`` (``tie_word_embeddings`` as the preset says). ``fmt="original"``:
     original-schema ``config.json`` (InternVLChatModel, template internvl2_5, ...) and the same weights renamed
     with :func:`native_to_original_state_dict`. Same ``seed`` and ``preset`` => the same weights in both formats.
     The directory appears atomically (written to a temp dir beside it, then renamed). An existing non-empty
@@ -386,14 +417,18 @@ def write_tiny_checkpoint(
             model.save_pretrained(str(tmp), max_shard_size=max_shard_bytes or "1000GB", safe_serialization=True)
             cfg_path = tmp / "config.json"
             cfg = json.loads(cfg_path.read_text())
-            if cfg.get("tie_word_embeddings") is not False:
-                raise RuntimeError("save_pretrained wrote a config without tie_word_embeddings: false")
+            if cfg.get("tie_word_embeddings") is not TINY_PRESETS[preset].tied:
+                raise RuntimeError(f"save_pretrained wrote a config without tie_word_embeddings: "
+                                   f"{str(TINY_PRESETS[preset].tied).lower()}")
         else:
             native_cfg = json.loads(model.config.to_json_string(use_diff=True))
             native_cfg["dtype"] = str(torch_dtype).removeprefix("torch.")  # .to() leaves config.dtype alone
             original_cfg = native_config_to_original(native_cfg)
             (tmp / "config.json").write_text(json.dumps(original_cfg, indent=2, sort_keys=True) + "\n")
-            sd = native_to_original_state_dict(model.state_dict())
+            sd = model.state_dict()
+            if TINY_PRESETS[preset].tied:  # the embedding's second name, which save_pretrained does not write
+                sd.pop("lm_head.weight")
+            sd = native_to_original_state_dict(sd)
             write_sharded(((k, t.detach().contiguous()) for k, t in sd.items()), tmp, max_shard_bytes)
         tokenizer.save_pretrained(str(tmp))
     return out_dir

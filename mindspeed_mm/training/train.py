@@ -98,10 +98,15 @@ def check_inputs(args):
 
     spec, _ = reconcile_with_spec(args, load_model_spec(args.mm_model), cuda=False)  # errors: device-independent
     try:  # the stage lists come from the model JSON: errors name its keys
-        plan_layout(spec, _parallel_sizes(args), names=LayoutNames(
+        plan = plan_layout(spec, _parallel_sizes(args), names=LayoutNames(
             "image_encoder.vision_encoder.pipeline_num_layers", "text_decoder.pipeline_num_layers"))
     except LayoutError as e:
         raise LayoutError(f"{e} (in {args.mm_model})") from None
+    if any(s.has_tied_output for s in plan.stages):
+        # the last stage's copy of tied embeddings would need its gradient summed with the first stage's
+        raise LayoutError(f"text_decoder.pipeline_num_layers: tied embeddings (untie_embeddings_and_output_weights "
+                          f"false) are trained with the LLM on one pipeline stage only, got "
+                          f"{[list(r) for r in plan.llm_pp_layers]} (in {args.mm_model})")
     data_spec = load_data_spec(args.mm_data)
     param = data_spec.dataset_param
     tok = param.tokenizer_config.from_pretrained

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
-from mindspeed_mm.models.internvl.hf.config import NATIVE, find_token_id, original_config_to_native
+from mindspeed_mm.models.internvl.hf.config import NATIVE, find_token_id, native_tied, original_config_to_native
 from mindspeed_mm.models.internvl.hf.keys import native_key_to_module, original_to_native_state_dict
-from mindspeed_mm.testing.tiny_checkpoint import _check_untied, refresh_rope_buffers
+from mindspeed_mm.testing.tiny_checkpoint import check_tying, refresh_rope_buffers
 
 
 def load_native_model(hf_dir: str | os.PathLike):
@@ -37,9 +37,12 @@ def load_native_model(hf_dir: str | os.PathLike):
         cfg = InternVLConfig.from_dict(native_cfg)
         model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
         native_sd = {native_key_to_module(k): v.float() for k, v in original_to_native_state_dict(state).items()}
-        model.load_state_dict(native_sd, strict=True)
+        missing, unexpected = model.load_state_dict(native_sd, strict=False)
+        # tied: lm_head.weight is the embedding's second name, filled with it
+        if unexpected or missing != (["lm_head.weight"] if cfg.tie_word_embeddings else []):
+            raise RuntimeError(f"{hf_dir}: missing {missing}, unexpected {unexpected}")
     refresh_rope_buffers(model)
-    _check_untied(model)
+    check_tying(model, native_tied(native_cfg if fmt != NATIVE else config))
     return model.float().eval()
 
 

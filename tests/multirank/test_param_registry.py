@@ -1,5 +1,6 @@
 """The parameter registry (models/internvl/params.py) is the model megatron builds: names, per-rank shapes at
-TP1, TP2 and unaligned TP2 (5 ViT heads), and which dim each tensor-parallel layer splits."""
+TP1, TP2 and unaligned TP2 (5 ViT heads), and which dim each tensor-parallel layer splits; the Qwen3 and
+InternLM3 LLMs at TP2, tied embeddings at TP2 and at PP2 (the last stage's copy of the embedding)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ def results(tmp_path_factory):
     return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("case", ["vit300m/tp1", "vit300m/tp2", "vit6b/tp1", "vit6b/tp2"])
+@pytest.mark.parametrize("case", ["vit300m/tp1", "vit300m/tp2", "vit6b/tp1", "vit6b/tp2", "qwen3_vit6b/tp2",
+                                  "internlm3_vit300m/tp2", "qwen3_tied/tp2", "qwen3_tied/pp2"])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_registry_is_what_megatron_builds(results, case, rank):
     built, registry = results[rank][case]["built"], results[rank][case]["registry"]
@@ -37,3 +39,10 @@ def test_unaligned_heads_differ_per_rank(results):
     name = "image_encoder.encoder.encoder.layers.0.self_attention.linear_qkv.weight"
     rows = [results[r]["vit6b/tp2"]["built"][name]["shape"][0] for r in range(2)]
     assert rows[0] > rows[1] and rows[0] * 2 == rows[1] * 3, rows
+
+
+def test_tied_copy_is_the_output_layer_on_the_last_stage(results):
+    emb, out = "text_decoder.embedding.word_embeddings.weight", "text_decoder.output_layer.weight"
+    first, last = (results[r]["qwen3_tied/pp2"]["built"] for r in range(2))
+    assert emb in first and out not in first and out in last and emb not in last
+    assert out not in results[0]["qwen3_tied/tp2"]["built"]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
-from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config, spec_from_hf_dir
 from mindspeed_mm.inference.config import GenerationConfig, RequestSpec
 from mindspeed_mm.inference.generate import generate
 from mindspeed_mm.inference.pipeline import prepare_request
@@ -224,3 +224,24 @@ def test_penalties_and_min_new_tokens_equal_transformers(setup, case):
                                    do_sample=False, eos_token_id=stop, pad_token_id=0, min_new_tokens=8, **kw,
                                    **images)
     assert out[0, ids.shape[1]:].tolist() == got
+
+
+# the other LLM kinds (and tied embeddings): greedy tokens as transformers' generate gives them
+@pytest.fixture(scope="module", params=["qwen3_vit6b", "internlm3_vit300m", "qwen3_tied"])
+def llm_kind(request, setup, tmp_path_factory):
+    hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "hf", fmt="original",
+                                   preset=request.param, seed=0)
+    config, fmt, state = load_hf_checkpoint(hf_dir)
+    spec = spec_from_hf_dir(hf_dir)
+    model = InternVLModel(spec)
+    load_full_state_dict(model, hf_to_mm(state, spec, fmt))
+    return {**setup, "runner": StageRunner([model.eval()]), "spec": spec, "hf": load_native_model(hf_dir)}
+
+
+@pytest.mark.parametrize("case", ["many_tiles", "text_only"])
+def test_greedy_tokens_equal_transformers_per_llm_kind(llm_kind, case):
+    p = prepared(llm_kind, case)
+    tokens = ours(llm_kind, [p.input_ids], p.pixel_values).tokens[0]
+    unused = next(t for t in range(llm_kind["spec"].text.vocab_size) if t not in tokens)
+    assert transformers_generate(llm_kind, p, eos=unused) == tokens
+    assert len(set(tokens)) > 3, "degenerate output would make the comparison weak"

@@ -1,7 +1,8 @@
 """Our InternVL3 against transformers' InternVLForConditionalGeneration on the same tiny random weights.
 
 transformers' implementation is the oracle: we did not write it. Tolerances are the issue's: logits and
-loss within 1e-5 (fp32), gradients within 1e-5 relative on every parameter.
+loss within 1e-5 (fp32), gradients within 1e-5 relative on every parameter. Every LLM kind (Qwen2, Qwen3 with
+its q/k norms and a head_dim apart from hidden/heads, InternLM3) with both ViT kinds, and tied embeddings.
 """
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ def megatron_world():
     destroy_distributed()
 
 
-@pytest.fixture(scope="module", params=["vit300m", "vit6b"])
+# each LLM kind with each ViT kind, and tied embeddings
+PRESETS = ["vit300m", "vit6b", "qwen3_vit300m", "qwen3_vit6b", "internlm3_vit300m", "internlm3_vit6b", "qwen3_tied"]
+
+
+@pytest.fixture(scope="module", params=PRESETS)
 def pair(request, tmp_path_factory, megatron_world):
     """(hf_model, our_model, spec) loaded from one tiny native checkpoint."""
     hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "hf", fmt="native",

@@ -47,6 +47,11 @@ def ckpts(tmp_path_factory):
         "tp4_original_bf16": write_tiny_checkpoint(root / "tp4_orig", "original", "tp4", seed=1, dtype="bf16"),
         "vit300m_original": write_tiny_checkpoint(root / "v300", "original", "vit300m", seed=2,
                                                   max_shard_bytes=30_000),
+        # the other LLM kinds, and tied embeddings (no lm_head on disk)
+        "qwen3_native": write_tiny_checkpoint(root / "qwen3", "native", "qwen3_vit6b", seed=3),
+        "internlm3_original": write_tiny_checkpoint(root / "internlm3", "original", "internlm3_vit300m", seed=3),
+        "tied_native": write_tiny_checkpoint(root / "tied_native", "native", "qwen3_tied", seed=3),
+        "tied_original": write_tiny_checkpoint(root / "tied_orig", "original", "qwen3_tied", seed=3),
     }
 
 
@@ -88,6 +93,13 @@ CASES = [  # (checkpoint, tp, vit_pp_layers, llm_pp_layers, output format)
     ("tp4_original_bf16", 2, [[2, 0]], [[1, 1]], "original"),  # ViT on one stage, sharing it with the LLM
     ("tp4_original_bf16", 4, [[2, 0]], [[0, 2]], "native"),
     ("vit300m_original", 2, [[1, 1, 0]], [[0, 1, 1]], "original"),  # ViT over several stages, PP3
+    ("qwen3_native", 1, None, None, "native"),
+    ("qwen3_native", 2, [[2, 0]], [[1, 1]], "original"),
+    ("internlm3_original", 1, None, None, "original"),
+    ("internlm3_original", 2, [[2, 0]], [[1, 1]], "native"),
+    ("tied_native", 1, None, None, "original"),
+    ("tied_native", 2, [[2, 0]], [[1, 1]], "native"),  # the last stage holds the embedding's copy
+    ("tied_original", 2, [[2, 0]], [[1, 1]], "original"),
 ]
 
 
@@ -121,17 +133,34 @@ def test_round_trip_bit_exact_and_shards_match_model_slices(ckpts, tmp_path, nam
     back_cfg, back_fmt, back = load_hf_checkpoint(tmp_path / "back")
     assert back_fmt == fmt
     assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    tied = spec.text.tied
+    assert back_cfg["text_config" if fmt == "native" else "llm_config"]["tie_word_embeddings"] is tied
     if fmt == "native":
-        assert back_cfg["tie_word_embeddings"] is False
+        assert back_cfg["tie_word_embeddings"] is tied
+    assert ("language_model.lm_head.weight" in back) is not tied
     if fmt == src_fmt:
         _assert_same(back, state)
-        assert back_cfg == {**config, **({"tie_word_embeddings": False} if fmt == "native" else {})}
+        assert back_cfg == config
     else:  # the other format: same parameters, and back again to the source format is bit-exact
         _assert_same(hf_mapping.hf_to_mm(back, spec, fmt), full)
         _to_mm(tmp_path / "back", tmp_path / "mm2", _pc(1))
         mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / "mm2"), save_hf_dir=str(tmp_path / "back2"), hf_format=src_fmt,
                               progress=False))
         _assert_same(load_hf_checkpoint(tmp_path / "back2")[2], state)
+
+
+def test_tied_copy_is_the_embedding_on_the_last_stage(ckpts, tmp_path):
+    """Tied embeddings with the LLM over two stages: the last stage's rank files hold the embedding's TP slice
+    as `output_layer.weight` (as MindSpeed-MM's do), the first stage's as the embedding; at one stage, once."""
+    _to_mm(ckpts["tied_native"], tmp_path / "mm", _pc(2, [[2, 0]], [[1, 1]]))
+    _, shards = _load_mm(tmp_path / "mm")
+    for t in range(2):
+        emb, out = "text_decoder.embedding.word_embeddings.weight", "text_decoder.output_layer.weight"
+        assert out not in shards[t, 0] and emb not in shards[t, 1]
+        assert torch.equal(shards[t, 0][emb], shards[t, 1][out])
+    _to_mm(ckpts["tied_native"], tmp_path / "mm1", _pc(1, [[2, 0]], [[0, 2]]))
+    _, shards = _load_mm(tmp_path / "mm1")
+    assert "text_decoder.output_layer.weight" not in shards[0, 1]
 
 
 def test_bf16_stays_bf16(ckpts, tmp_path):

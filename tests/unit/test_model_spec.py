@@ -267,12 +267,62 @@ def test_hf_rope_scaling_we_do_not_implement_is_an_error(key, value):
 
 
 def test_hf_errors():
-    with pytest.raises(ModelSpecError, match="tie_word_embeddings"):
-        spec_from_hf_config({**NATIVE_8B, "tie_word_embeddings": True})
     with pytest.raises(ModelSpecError, match="image_token_id"):
         spec_from_hf_config(NATIVE_8B, img_context_token_id=5)
-    with pytest.raises(ModelSpecError, match="model_type"):
-        spec_from_hf_config({**ORIGINAL_8B, "llm_config": {**QWEN2_8B, "model_type": "internlm3"}})
+    with pytest.raises(ModelSpecError, match=r"^text_config\.model_type: 'llama' is not supported"):
+        spec_from_hf_config({**ORIGINAL_8B, "llm_config": {**QWEN2_8B, "model_type": "llama",
+                                                           "architectures": ["LlamaForCausalLM"]}})
+    with pytest.raises(ModelSpecError, match=r"^text_config\.architectures: 'Qwen3ForCausalLM' disagrees"):
+        spec_from_hf_config({**ORIGINAL_8B, "llm_config": {**QWEN2_8B, "architectures": ["Qwen3ForCausalLM"]}})
+    with pytest.raises(ModelSpecError, match=r"^text_config\.attention_bias: true"):
+        spec_from_hf_config({**NATIVE_8B, "text_config": {**NATIVE_8B["text_config"], "model_type": "qwen3",
+                                                          "architectures": ["Qwen3ForCausalLM"],
+                                                          "attention_bias": True}})
+
+
+def test_hf_llm_kinds_and_tying():
+    """The kind from either format's LLM config; tying from the flag each format's loader reads: the native
+    top level (absent: tied, as transformers' InternVLConfig), the original llm_config."""
+    assert not spec_from_hf_config(NATIVE_8B).text.tied
+    assert spec_from_hf_config({**NATIVE_8B, "tie_word_embeddings": True}).text.tied
+    assert spec_from_hf_config({k: v for k, v in NATIVE_8B.items() if k != "tie_word_embeddings"}).text.tied
+    # text_config's flag is not what transformers reads
+    assert not spec_from_hf_config({**NATIVE_8B, "text_config": {**NATIVE_8B["text_config"],
+                                                                 "tie_word_embeddings": True}}).text.tied
+    assert spec_from_hf_config({**ORIGINAL_8B, "llm_config": {**QWEN2_8B, "tie_word_embeddings": True}},
+                               img_context_token_id=151667).text.tied
+    qwen3 = {k: v for k, v in QWEN2_8B.items() if k != "model_type"}
+    qwen3.update(architectures=["Qwen3ForCausalLM"], head_dim=128, hidden_size=1024, num_attention_heads=16)
+    t = spec_from_hf_config({**ORIGINAL_8B, "llm_config": qwen3}, img_context_token_id=151667).text
+    assert (t.model_id, t.kind, t.qk_layernorm, t.add_qkv_bias, t.kv_channels) == ("qwen3", "qwen3", True, False, 128)
+    lm3 = {**QWEN2_8B, "architectures": ["InternLM3ForCausalLM"], "model_type": "internlm3", "qkv_bias": False,
+           "bias": False, "rms_norm_eps": 1e-5, "rope_theta": 5e7}
+    t = spec_from_hf_config({**ORIGINAL_8B, "llm_config": lm3}, img_context_token_id=151667).text
+    assert (t.kind, t.qk_layernorm, t.add_qkv_bias, t.layernorm_epsilon, t.rotary_base) == \
+        ("internlm3", False, False, 1e-5, 5e7)
+
+
+@pytest.mark.parametrize("model_id,key,value", [
+    ("internllm", "qk_layernorm", True), ("qwen3", "qk_layernorm", False), ("internlm3", "add_qkv_bias", True),
+    ("Qwen2.5llm", "add_qkv_bias", False), ("qwen3", "add_qkv_bias", True)])
+def test_llm_kind_consistency(model_id, key, value):
+    raw = json.loads((EXAMPLES / "model_8B.json").read_text())
+    raw["text_decoder"].pop("add_qkv_bias")  # the 8B's true, left to the kind
+    raw["text_decoder"].update(model_id=model_id, **{key: value})
+    with pytest.raises(ModelSpecError, match=rf"^text_decoder\.{key}: {str(value).lower()} does not fit model_id"):
+        load_model_spec(raw)
+
+
+def test_kv_channels_need_not_divide_hidden():
+    raw = json.loads((EXAMPLES / "model_8B.json").read_text())
+    raw["text_decoder"].pop("add_qkv_bias")
+    raw["text_decoder"].update(model_id="qwen3", hidden_size=3584, num_attention_heads=24, num_query_groups=4,
+                               kv_channels=128)
+    t = load_model_spec(raw).text
+    assert (t.kv_channels, t.qk_layernorm, t.add_qkv_bias, t.tied) == (128, True, False, False)
+    raw["text_decoder"].pop("kv_channels")
+    with pytest.raises(ModelSpecError, match=r"^text_decoder\.num_attention_heads: 24 does not divide"):
+        load_model_spec(raw)
 
 
 # ------------------------------------------------------------------------------------------------ TransformerConfigs

@@ -104,12 +104,15 @@ def test_original_and_native_identical(ckpts, tokenizer, preset):
     assert (original_dir / "model.safetensors.index.json").is_file()
     cfg = json.loads((original_dir / "config.json").read_text())
     assert cfg["architectures"] == ["InternVLChatModel"] and cfg["template"] == "internvl2_5"
-    assert cfg["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
+    p = TINY_PRESETS[preset]
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "internlm3": "InternLM3ForCausalLM"}[p.llm]
+    assert cfg["llm_config"]["architectures"] == [arch]
+    assert cfg["llm_config"]["tie_word_embeddings"] is p.tied
     assert "auto_map" not in cfg and cfg["ps_version"] == "v2"
 
     mn, mo = load_native_model(native_dir), load_native_model(original_dir)
-    head_dim = TINY_PRESETS[preset].llm_hidden // TINY_PRESETS[preset].llm_heads
-    expected_inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # theta 1e6
+    head_dim = p.llm_head_dim or p.llm_hidden // p.llm_heads
+    expected_inv_freq = 1.0 / (p.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     for m in (mn, mo):
         assert torch.equal(m.model.language_model.rotary_emb.inv_freq, expected_inv_freq)
     sn, so = mn.state_dict(), mo.state_dict()

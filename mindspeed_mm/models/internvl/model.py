@@ -1,4 +1,4 @@
-"""InternVL3: InternViT -> projector -> splice into Qwen2 embeddings -> Qwen2 decoder -> loss.
+"""InternVL3: InternViT -> projector -> splice into the LLM's embeddings -> LLM decoder -> loss.
 
 One `InternVLModel` is one pipeline stage (or one virtual-pipeline chunk) of a `LayoutPlan`; without a
 plan it is the whole model on one stage. Module names follow the reference system's checkpoints
@@ -112,13 +112,13 @@ class InternVLModel(MegatronModule):
             self.text_decoder = LLMDecoder(
                 config=text_config,
                 rope_scaling=t.rope_scaling,
-                transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo), len(stage.llm_layers),
-                                                  final_norm=True),
+                transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo, t.qk_layernorm),
+                                                  len(stage.llm_layers), final_norm=True),
                 vocab_size=plan.padded_vocab_size,
                 max_sequence_length=t.max_position_embeddings,
                 pre_process=stage.has_llm_embed,
                 post_process=stage.has_llm_head,
-                share_embeddings_and_output_weights=False,
+                share_embeddings_and_output_weights=t.tied,
                 position_embedding_type="rope",
                 rotary_percent=t.rotary_percent,
                 rotary_base=t.rotary_base,
@@ -129,7 +129,9 @@ class InternVLModel(MegatronModule):
             _renumber(self.text_decoder.decoder, stage.llm_layers.start)
         self.input_tensor = None
         # megatron's finalize_model_grads finds the model under DDP by `pre_process` and syncs embedding
-        # grads between the first and last stage only when they are shared: ours never are.
+        # grads between the first and last pipeline rank when they are shared. Ours are shared only with tied
+        # embeddings, between the LLM's first and last stage, which need not be those ranks (the ViT comes
+        # first): megatron must not sync, and a tied LLM is not trained over several stages (training.train).
         self.pre_process, self.post_process = stage.stage == 0, stage.has_llm_head
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder  # one tensor per boundary, as megatron's GPT

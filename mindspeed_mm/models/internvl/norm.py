@@ -25,3 +25,25 @@ class TorchNorm:
             for p in norm.parameters():
                 p.sequence_parallel = True
         return norm
+
+
+class HeadNorm(torch.nn.RMSNorm):
+    """Qwen3's q/k norm: RMSNorm of every head over head_dim, one weight shared by all heads (megatron's
+    `q_layernorm`/`k_layernorm` slots). Under TP each rank normalises its own heads with the whole weight, so
+    the weight's gradient is partial per rank: it is summed over TP here, in autograd (identity forward), as
+    the ViT's full-width norm does, rather than by megatron's `finalize_model_grads`, whose rule (sum every
+    parameter named `q_layernorm`/`k_layernorm` when the config has `qk_layernorm`) would sum the ViT's
+    already-summed ones again. Never tagged `sequence_parallel`: with SP the heads, not the tokens, are split
+    here."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.tp = config.tensor_model_parallel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return super().forward(x)
+        from megatron.core import tensor_parallel
+
+        weight = tensor_parallel.copy_to_tensor_model_parallel_region(self.weight)
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, weight, self.eps)

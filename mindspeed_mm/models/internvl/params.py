@@ -12,6 +12,20 @@ stage), its names in both HF formats, and how several HF tensors merge into it. 
 - `vocab`: embedding and output rows, zero-padded to a multiple of TP (the model masks padded logits).
 Merges: `copy` (one HF tensor), `concat` (row blocks stacked), `interleave` (the LLM's q, k, v stacked per
 query group: `[q heads of group g; k_g; v_g]` for each g, what megatron's fused qkv expects).
+
+The LLM's HF names are the same in both formats for every kind: the original format's `language_model` is the
+LLM's own transformers class (Qwen2ForCausalLM, Qwen3ForCausalLM, InternLM3ForCausalLM), the native one's the
+same modules under `language_model.model` / `lm_head`. InternLM3 (InternVL3-9B's LLM, internlm3-8b-instruct) has
+Llama's separate `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` without biases, not InternLM2's
+packed `attention.wqkv`: its remote code (`modeling_internlm3.py` of internlm/internlm3-8b-instruct, which
+InternVL3-9B ships) defines `InternLM3Attention.q_proj/k_proj/v_proj/o_proj` and `InternLM3MLP.gate_proj/
+up_proj/down_proj`; TensorRT-LLM's test of its InternLM3 (`test_internlm3_state_dict_keys`) loads that file's
+state dict by exactly these names; vLLM and SGLang load `InternLM3ForCausalLM` checkpoints with their Llama
+class, and transformers 5 maps `internlm3` to `LlamaForCausalLM`. Qwen3 adds the per-head `self_attn.q_norm` /
+`k_norm` (size head_dim, replicated: every rank applies the one weight to its own heads). Tied embeddings
+(`untie_embeddings_and_output_weights` false) have no output-layer row: the model's output layer is the
+embedding, and a pipeline stage holding the head without the embedding keeps a copy of it as
+`output_layer.weight` (`sharding.stage_name`).
 """
 from __future__ import annotations
 
@@ -29,6 +43,7 @@ TP_KINDS = ("replicate", "rows", "cols", "glu", "vit_qkv", "vit_heads", "vocab")
 TP_DIM = {"cols": 1, "vit_heads": 1}
 
 Shape = Callable[[InternVLSpec], tuple]
+EMBEDDING, OUTPUT_LAYER = "text_decoder.embedding.word_embeddings.weight", "text_decoder.output_layer.weight"
 
 
 def _always(spec: InternVLSpec) -> bool:
@@ -93,6 +108,14 @@ def _vit_qk_norm(spec: InternVLSpec) -> bool:
 
 def _llm_qkv_bias(spec: InternVLSpec) -> bool:
     return spec.text.add_qkv_bias
+
+
+def _llm_qk_norm(spec: InternVLSpec) -> bool:
+    return spec.text.qk_layernorm
+
+
+def _untied(spec: InternVLSpec) -> bool:
+    return not spec.text.tied
 
 
 def _c(s: InternVLSpec) -> tuple:
@@ -180,7 +203,7 @@ def _llm() -> list[ParamDef]:
     vocab = lambda s: (s.text.vocab_size, s.text.hidden_size)  # noqa: E731
     L, hf = "text_decoder.decoder.layers.{i}.", "language_model.model.layers.{i}."
     return [
-        same("text_decoder.embedding.word_embeddings.weight", LLM_EMBED, "vocab", vocab,
+        same(EMBEDDING, LLM_EMBED, "vocab", vocab,
              "language_model.model.embed_tokens.weight"),
         same(L + "self_attention.linear_qkv.weight", LLM_LAYER, "rows",
              lambda s: (_llm_qkv_rows(s), s.text.hidden_size),
@@ -190,6 +213,8 @@ def _llm() -> list[ParamDef]:
         same(L + "self_attention.linear_proj.weight", LLM_LAYER, "cols",
              lambda s: (s.text.hidden_size, s.text.num_attention_heads * s.text.kv_channels),
              hf + "self_attn.o_proj.weight"),
+        *(same(L + f"self_attention.{x}_layernorm.weight", LLM_LAYER, "replicate", lambda s: (s.text.kv_channels,),
+               hf + f"self_attn.{x}_norm.weight", when=_llm_qk_norm) for x in "qk"),
         same(L + "input_layernorm.weight", LLM_LAYER, "replicate", h, hf + "input_layernorm.weight"),
         same(L + "pre_mlp_layernorm.weight", LLM_LAYER, "replicate", h, hf + "post_attention_layernorm.weight"),
         same(L + "mlp.linear_fc1.weight", LLM_LAYER, "glu", lambda s: (2 * s.text.ffn_hidden_size, s.text.hidden_size),
@@ -197,7 +222,8 @@ def _llm() -> list[ParamDef]:
         same(L + "mlp.linear_fc2.weight", LLM_LAYER, "cols", lambda s: (s.text.hidden_size, s.text.ffn_hidden_size),
              hf + "mlp.down_proj.weight"),
         same("text_decoder.decoder.final_layernorm.weight", LLM_HEAD, "replicate", h, "language_model.model.norm.weight"),
-        same("text_decoder.output_layer.weight", LLM_HEAD, "vocab", vocab, "language_model.lm_head.weight"),
+        same(OUTPUT_LAYER, LLM_HEAD, "vocab", vocab, "language_model.lm_head.weight",
+             when=_untied),
     ]
 
 

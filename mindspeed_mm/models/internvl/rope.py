@@ -83,6 +83,13 @@ class LLMDecoder(GPTModel):
             use_cpu_initialization=self.config.use_cpu_initialization, cp_group=plain.cp_group,
             factor=rope_scaling.factor, max_position_embeddings=self.max_position_embeddings)
 
+    def _is_in_embd_group(self) -> bool:
+        """Tied embeddings over several stages: megatron copies the embedding to the last stage's output layer
+        at construction by an all-reduce over its embedding group (the first and last pipeline rank), which need
+        not hold the LLM's first stage here (the ViT comes first), so that all-reduce could wait forever. The
+        copy is loaded with the checkpoint instead (`sharding.stage_name`: the rank files hold it)."""
+        return False
+
     def forward(self, input_ids: Tensor, *args, rope_seq_len: Optional[int] = None, **kwargs):
         """`rope_seq_len`: the micro-batch's length before the model padded it for CP/SP (default: the ids'
         length, plus the cached tokens when an inference context is given)."""

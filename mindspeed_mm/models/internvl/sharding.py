@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.models.internvl.params import (
-    LLM_EMBED, LLM_HEAD, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, lookup, with_layer,
+    EMBEDDING, LLM_EMBED, LLM_HEAD, OUTPUT_LAYER, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, lookup, with_layer,
 )
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, head_partition
 from mindspeed_mm.parallel.sharding import Slice, cat, cut_from_shards, take, tp_slice
@@ -92,15 +92,21 @@ def _layers(owner: str, stage: StagePlan) -> range:
 
 
 def stage_name(name: str, stage: StagePlan) -> str | None:
-    """The stage-local name of full-model parameter `name`, or None if the stage does not hold it."""
+    """The stage-local name of full-model parameter `name`, or None if the stage does not hold it. With tied
+    embeddings the token embeddings are held twice when the LLM spans stages: by the LLM's first stage, and by
+    its last as the output layer's weight (`StagePlan.has_tied_output`), the same slices."""
     d, layer = lookup(name)
     if layer is None:
+        if name == EMBEDDING and stage.has_tied_output:
+            return OUTPUT_LAYER
         return name if _held(d.owner, stage) else None
     layers = _layers(d.owner, stage)
     return with_layer(d.name, layer - layers.start) if layer in layers else None
 
 
 def global_name(local: str, stage: StagePlan) -> str:
+    if local == OUTPUT_LAYER and stage.has_tied_output:
+        return EMBEDDING
     d, layer = lookup(local)
     return local if layer is None else with_layer(d.name, layer + _layers(d.owner, stage).start)
 

@@ -14,7 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from mindspeed_mm.models.internvl.norm import TorchNorm
+from mindspeed_mm.models.internvl.norm import HeadNorm, TorchNorm
 from mindspeed_mm.models.internvl.sdpa_attention import SDPAttention
 from mindspeed_mm.models.internvl.vision import InternViTLayer, InternViTSelfAttention
 
@@ -51,13 +51,15 @@ def llm_core_attention(cp: int, cp_algo: str):
     return ModuleSpec(module=ContextParallelAttention, params={"cp_algo": cp_algo})
 
 
-def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo") -> ModuleSpec:
+def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo", qk_norm: bool = False) -> ModuleSpec:
+    """`qk_norm`: Qwen3's per-head RMSNorm of q and k (over head_dim, before RoPE), in megatron's slots."""
     core_attention = llm_core_attention(cp, cp_algo)
+    norm = HeadNorm if qk_norm else None
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core_attention,
-                                           linear_proj=RowParallelLinear),
+                                           linear_proj=RowParallelLinear, q_layernorm=norm, k_layernorm=norm),
     )
     return ModuleSpec(
         module=TransformerLayer,

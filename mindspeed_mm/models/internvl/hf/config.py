@@ -141,6 +141,40 @@ _LLM_ARCH = {
 }
 
 
+# LLM kinds (config.model_spec.LLM_KINDS) by the HF config's model_type
+_KIND_MODEL_ID = {"qwen2": "internllm", "qwen3": "qwen3", "internlm3": "internlm3"}
+
+
+def native_tied(cfg: Mapping) -> bool:
+    """Whether transformers ties a native checkpoint's lm_head to its embeddings: only the TOP-LEVEL flag of
+    ``InternVLConfig`` decides (``text_config``'s is ignored), and absent it is true."""
+    return bool(cfg.get("tie_word_embeddings", True))
+
+
+def original_tied(cfg: Mapping) -> bool:
+    """Whether an original checkpoint's LLM ties lm_head: ``InternVLChatModel`` builds its LLM from
+    ``llm_config``, whose flag decides (absent: false, the Qwen2, Qwen3 and InternLM3 configs' default)."""
+    llm = cfg.get("llm_config")
+    return bool(llm.get("tie_word_embeddings", False)) if isinstance(llm, Mapping) else False
+
+
+def llm_model_type(llm: Mapping[str, Any], path: str) -> str:
+    """The LLM's ``model_type``, from ``model_type`` or (original configs written without it) from
+    ``architectures[0]``; the two must agree."""
+    archs = llm.get("architectures") or []
+    arch = archs[0] if isinstance(archs, (list, tuple)) and archs else None
+    by_arch = {v: k for k, v in _LLM_ARCH.items()}.get(arch) if arch is not None else None
+    model_type = llm.get("model_type")
+    if model_type is None:
+        if arch is not None and by_arch is None:
+            raise ModelSpecError(f"{path}.architectures", f"{arch!r} is not a known LLM; expected one of "
+                                 f"{sorted(_LLM_ARCH[k] for k in _KIND_MODEL_ID)}")
+        model_type = by_arch or "qwen2"
+    elif by_arch is not None and by_arch != model_type:
+        raise ModelSpecError(f"{path}.architectures", f"{arch!r} disagrees with model_type {model_type!r}")
+    return model_type
+
+
 def image_seq_length(image_size: int, patch_size: int, downsample_ratio: float) -> int:
     """Tokens per tile after pixel shuffle: (image_size / patch)^2 * ratio^2 (256 at 448/14/0.5)."""
     grid = image_size // patch_size
@@ -156,8 +190,8 @@ def original_config_to_native(cfg: Mapping, image_token_id: int | None = None) -
     The image token id comes from ``cfg["img_context_token_id"]`` / ``cfg["image_token_id"]`` when present
     (original configs normally lack it: it lives in the tokenizer; pass ``image_token_id`` or use
     :func:`find_token_id`), else :data:`DEFAULT_IMG_CONTEXT_TOKEN_ID`. ``llm_config`` becomes ``text_config`` with its
-    fields unchanged (transformers reads legacy ``rope_theta``/``rope_scaling`` itself). The output always has
-    ``tie_word_embeddings: false`` at the top level and in ``text_config``.
+    fields unchanged (transformers reads legacy ``rope_theta``/``rope_scaling`` itself). The output says
+    ``tie_word_embeddings`` explicitly at the top level and in ``text_config``: the LLM's flag (:func:`original_tied`).
     """
     if detect_format(cfg) != ORIGINAL:
         raise ValueError("original_config_to_native() needs an original (InternVLChatModel) config")
@@ -203,7 +237,10 @@ def original_config_to_native(cfg: Mapping, image_token_id: int | None = None) -
         text.pop("rope_scaling", None)
     if "torch_dtype" in text and "dtype" not in text:  # transformers >= 5 spells it dtype
         text["dtype"] = text.pop("torch_dtype")
-    text["tie_word_embeddings"] = False
+    tied = original_tied(ocfg)
+    text["tie_word_embeddings"] = tied
+    if "model_type" not in text:  # transformers builds the LLM by it
+        text["model_type"] = llm_model_type(text, "llm_config")
 
     if image_token_id is None:
         image_token_id = ocfg.get("img_context_token_id", ocfg.get("image_token_id"))
@@ -222,7 +259,7 @@ def original_config_to_native(cfg: Mapping, image_token_id: int | None = None) -
         "projector_hidden_act": "gelu",
         "vision_feature_layer": ocfg.get("select_layer", -1),
         "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,  # the flag transformers' InternVLConfig ties by (see native_tied)
     }
     dtype = ocfg.get("torch_dtype", ocfg.get("dtype"))
     if dtype is not None:
@@ -235,7 +272,8 @@ def original_config_to_native(cfg: Mapping, image_token_id: int | None = None) -
 
 def native_config_to_original(cfg: Mapping) -> dict:
     """Native ``InternVLConfig`` dict -> original ``InternVLChatConfig`` dict (``architectures
-    [InternVLChatModel]``, ``llm_config`` with ``architectures [Qwen2ForCausalLM]``, InternViT
+    [InternVLChatModel]``, ``llm_config`` with its kind's ``architectures`` (``Qwen2ForCausalLM``, ...) and the
+    tie flag of the native config's top level (:func:`native_tied`), InternViT
     ``vision_config``, template/ps_version/... with InternVL3 defaults unless carried). The image token id is
     kept as ``img_context_token_id`` (an extra field the remote code ignores). No ``auto_map`` is written."""
     if detect_format(cfg) != NATIVE:
@@ -280,7 +318,8 @@ def native_config_to_original(cfg: Mapping) -> dict:
     vision["use_flash_attn"] = False
 
     llm = copy.deepcopy(dict(text))
-    llm["tie_word_embeddings"] = False
+    tied = native_tied(ncfg)
+    llm["tie_word_embeddings"] = tied
     if "dtype" in llm and "torch_dtype" not in llm:  # what the original (transformers 4.x) code reads
         llm["torch_dtype"] = llm.pop("dtype")
     if "architectures" not in llm:
@@ -288,6 +327,8 @@ def native_config_to_original(cfg: Mapping) -> dict:
         if mt not in _LLM_ARCH:
             raise CheckpointFormatError(f"no original LLM architecture known for text_config.model_type {mt!r}")
         llm["architectures"] = [_LLM_ARCH[mt]]
+    if "model_type" not in llm:
+        llm["model_type"] = llm_model_type(llm, "text_config")
     rope = llm.get("rope_parameters")
     if isinstance(rope, Mapping) and "rope_theta" not in llm and "rope_theta" in rope:
         # transformers >= 5 writes rope_parameters; the original remote code (transformers 4.x) reads these:
@@ -311,7 +352,7 @@ def native_config_to_original(cfg: Mapping) -> dict:
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "hidden_size": llm.get("hidden_size"),
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "img_context_token_id": ncfg.get("image_token_id", DEFAULT_IMG_CONTEXT_TOKEN_ID),
     }
     for k, v in ORIGINAL_TOP_LEVEL_DEFAULTS.items():
@@ -394,16 +435,23 @@ def _square(path: str, value: Any) -> int:
     return value
 
 
-def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str) -> TextDecoderSpec:
-    model_type = llm.get("model_type", "qwen2")
-    if model_type != "qwen2":
-        raise ModelSpecError(f"{path}.model_type", f"{model_type!r} is not supported (only Qwen2/Qwen2.5 LLMs, "
-                             "i.e. InternVL3 1B/2B/8B/14B/38B/78B)")
-    if _hf_get(llm, path, "tie_word_embeddings", False):
-        raise ModelSpecError(f"{path}.tie_word_embeddings", "true is not supported (InternVL3 never ties lm_head)")
+def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str, tied: bool) -> TextDecoderSpec:
+    """The LLM's spec from its HF config (transformers' Qwen2Config / Qwen3Config / InternLM3Config fields);
+    ``tied``: whether the checkpoint's format ties lm_head (:func:`native_tied` / :func:`original_tied`)."""
+    model_type = llm_model_type(llm, path)
+    if model_type not in _KIND_MODEL_ID:
+        raise ModelSpecError(f"{path}.model_type", f"{model_type!r} is not supported; expected one of "
+                             f"{sorted(_KIND_MODEL_ID)} (Qwen2, Qwen3 or InternLM3 LLMs)")
     act = _hf_get(llm, path, "hidden_act", "silu")
     if act != "silu":
         raise ModelSpecError(f"{path}.hidden_act", f"{act!r} is not supported; expected 'silu'")
+    # Qwen3 and InternLM3 (transformers' Llama) put attention_bias on q, k, v AND o_proj, and InternLM3's
+    # mlp_bias on the MLP: the kinds we build have none of these, so a true flag is another model.
+    for key in ("attention_bias", "qkv_bias", "mlp_bias", "bias") if model_type != "qwen2" else ():
+        if llm.get(key):
+            raise ModelSpecError(f"{path}.{key}", f"true is not supported (a {model_type} LLM without biases)")
+    if model_type == "qwen3" and llm.get("use_sliding_window"):
+        raise ModelSpecError(f"{path}.use_sliding_window", "true is not supported (full causal attention only)")
     # rope: transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters.
     rope_params = llm.get("rope_parameters") or {}
     theta = llm.get("rope_theta", rope_params.get("rope_theta", 10000.0))
@@ -413,6 +461,7 @@ def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str) -> TextDecode
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     return TextDecoderSpec(
+        model_id=_KIND_MODEL_ID[model_type],
         num_layers=_hf_get(llm, path, "num_hidden_layers"),
         hidden_size=_hf_get(llm, path, "hidden_size"),
         ffn_hidden_size=_hf_get(llm, path, "intermediate_size"),
@@ -425,7 +474,7 @@ def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str) -> TextDecode
         rope_scaling=_rope_scaling_from_dict(scaling) if scaling is not None else None,
         layernorm_epsilon=_hf_get(llm, path, "rms_norm_eps", 1e-6),
         init_method_std=_hf_get(llm, path, "initializer_range", 0.02),
-        add_qkv_bias=True,  # Qwen2 always has q/k/v biases
+        untie_embeddings_and_output_weights=not tied,
         params_dtype=params_dtype,
     )
 
@@ -449,15 +498,13 @@ def spec_from_hf_config(config: Mapping[str, Any], *, img_context_token_id: Opti
     freeze) keep their defaults; change them with ``dataclasses.replace``.
     """
     if detect_format(config) == "original":
-        config = original_config_to_native(config, image_token_id=img_context_token_id)
+        config = original_config_to_native(config, image_token_id=img_context_token_id)  # keeps the LLM's tying
     llm, vpath, lpath = config["text_config"], "vision_config", "text_config"
     vc = config["vision_config"]
     dtype = params_dtype or _hf_dtype(config, llm)
     token = _hf_get(config, "", "image_token_id", DEFAULT_IMG_CONTEXT_TOKEN_ID)
     if img_context_token_id is not None and img_context_token_id != token:
         raise ModelSpecError("image_token_id", f"config says {token}, argument says {img_context_token_id}")
-    if config.get("tie_word_embeddings") is True:
-        raise ModelSpecError("tie_word_embeddings", "true is not supported (InternVL3 never ties lm_head)")
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ModelSpecError("projector_hidden_act", f"{act!r} is not supported; expected 'gelu'")
@@ -492,7 +539,7 @@ def spec_from_hf_config(config: Mapping[str, Any], *, img_context_token_id: Opti
         init_method_std=_hf_get(vc, vpath, "initializer_range", 0.02),
         params_dtype=dtype,
     )
-    text = _hf_text(llm, lpath, dtype)
+    text = _hf_text(llm, lpath, dtype, native_tied(config))
     return InternVLSpec(
         img_context_token_id=token,
         downsample_ratio=_hf_get(config, "", "downsample_ratio", 0.5),
