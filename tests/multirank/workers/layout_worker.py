@@ -1,6 +1,7 @@
 """torchrun worker: run the tiny model at one layout, save this rank's losses and tensor slices.
-argv: HF_DIR OUT_DIR LAYOUT_ARGS_JSON [OUT_DIR LAYOUT_ARGS_JSON ...]: several layouts run one after the other
-in the same launch (one start-up paid); they must share tp, pp, cp and vpp (the groups are made once)."""
+argv: HF_DIR OUT_DIR LAYOUT_ARGS_JSON [OUT_DIR LAYOUT_ARGS_JSON | --hf-dir HF_DIR ...]: several layouts run one
+after the other in the same launch (one start-up paid); they must share tp, pp, cp and vpp (the groups are made
+once). ``--hf-dir`` switches the checkpoint for the layouts after it (other presets in the same launch)."""
 import sys
 
 from mindspeed_mm.device import apply_device_adaptor
@@ -12,13 +13,20 @@ def main() -> None:
     from tests.helpers.layout_check import LayoutArgs, run_layout, save_rank_result
 
     hf_dir, rest = sys.argv[1], sys.argv[2:]
-    runs = [(rest[i], LayoutArgs.from_json(rest[i + 1])) for i in range(0, len(rest), 2)]
-    groups = {(a.tp, a.pp, a.cp, a.vpp) for _, a in runs}
-    assert len(rest) % 2 == 0 and len(groups) == 1, f"expected OUT_DIR ARGS pairs at one (tp, pp, cp, vpp): {rest}"
+    runs = []  # (hf_dir, out_dir, args)
+    while rest:
+        assert len(rest) >= 2, f"expected OUT_DIR ARGS pairs or --hf-dir HF_DIR: {sys.argv[1:]}"
+        if rest[0] == "--hf-dir":
+            hf_dir = rest[1]
+        else:
+            runs.append((hf_dir, rest[0], LayoutArgs.from_json(rest[1])))
+        rest = rest[2:]
+    groups = {(a.tp, a.pp, a.cp, a.vpp) for _, _, a in runs}
+    assert len(groups) == 1, f"expected layouts at one (tp, pp, cp, vpp): {sys.argv[1:]}"
     init_distributed(backend="gloo")
-    args = runs[0][1]
+    args = runs[0][2]
     initialize_model_parallel(tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp)
-    for out_dir, args in runs:
+    for hf_dir, out_dir, args in runs:
         save_rank_result(out_dir, run_layout(hf_dir, args))
     destroy_distributed()
 
