@@ -205,11 +205,8 @@ def test_dp2_distributed_optimizer_after_three_adam_steps(hf_dirs, reference, tm
 # in 2 groups (head_dim 24 apart from hidden / heads): megatron refuses a TP that does not divide both, so an
 # LLM split unevenly is not a layout there is to test.
 #
-# InternLM3 (internlm3_vit300m, InternVL3-9B's pairing with InternViT-300M), reduced to TP2+SP and PP2 x VPP2:
-# its decoder is Qwen2's with other HF names, no qkv bias and another rope theta, so what a layout can get wrong
-# for it alone is the per-name mapping and TP slicing of its q/k/v/o and MLP weights (TP2+SP) and the layer
-# numbering across virtual stages (PP2 x VPP2). CP, DP and the distributed optimizer see the same
-# TransformerLayers as Qwen2's (covered above) and rope theta is one number of the same rotary embedding.
+# InternLM3 (internlm3_vit300m, InternVL3-9B's pairing with InternViT-300M), the same matrix: its decoder is
+# Qwen2's with other HF names, no qkv bias and another rope theta; each layout rides in a launch Qwen3's opens.
 #
 # Each launch groups the layouts at one (tp, pp, cp, vpp), across presets, to pay one torchrun start-up.
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,12 +216,11 @@ KIND_MB = 4
 _PP2_VPP2 = dict(pp=2, vpp=2, vit_pp_layers=[[1, 1], [0, 0]], llm_pp_layers=[[0, 0], [1, 1]], microbatches=KIND_MB)
 KIND_LAYOUTS = {
     # name: (nproc, [(preset, LayoutArgs), ...]) at one (tp, pp, cp, vpp)
-    "tp2_and_tp2_sp": (2, [("qwen3_vit6b", LayoutArgs(tp=2, microbatches=KIND_MB)),
-                           ("qwen3_vit6b", LayoutArgs(tp=2, sp=True, microbatches=KIND_MB)),
-                           ("internlm3_vit300m", LayoutArgs(tp=2, sp=True, microbatches=KIND_MB))]),
-    "pp2_vpp2": (2, [("qwen3_vit6b", LayoutArgs(**_PP2_VPP2)), ("internlm3_vit300m", LayoutArgs(**_PP2_VPP2))]),
-    "cp2_ring_and_ulysses": (2, [("qwen3_vit6b", LayoutArgs(cp=2, cp_algo=algo, microbatches=KIND_MB))
-                                 for algo in ("megatron_cp_algo", "ulysses_cp_algo")]),
+    "tp2_and_tp2_sp": (2, [(preset, LayoutArgs(tp=2, sp=sp, microbatches=KIND_MB))
+                           for preset in KIND_PRESETS for sp in (False, True)]),
+    "pp2_vpp2": (2, [(preset, LayoutArgs(**_PP2_VPP2)) for preset in KIND_PRESETS]),
+    "cp2_ring_and_ulysses": (2, [(preset, LayoutArgs(cp=2, cp_algo=algo, microbatches=KIND_MB))
+                                 for preset in KIND_PRESETS for algo in ("megatron_cp_algo", "ulysses_cp_algo")]),
 }
 
 
@@ -257,11 +253,12 @@ def test_llm_kind_layout_matches_single_rank(name, hf_dirs, reference, tmp_path)
         assert_close(got["tensors"], ref["tensors"], GRAD_TOL, f"grad ({what})")
 
 
-def test_llm_kind_dp2_distributed_optimizer_after_three_adam_steps(hf_dirs, reference, tmp_path):
-    """Qwen3 at DP2 with the distributed optimizer: 3 Adam steps' losses per DP rank and the parameters after."""
+@pytest.mark.parametrize("preset", KIND_PRESETS)
+def test_llm_kind_dp2_distributed_optimizer_after_three_adam_steps(preset, hf_dirs, reference, tmp_path):
+    """DP2 with the distributed optimizer: 3 Adam steps' losses per DP rank and the parameters after."""
     args = LayoutArgs(microbatches=1, adam_steps=3, distributed_optimizer=True)
-    got = run(hf_dirs, tmp_path, "qwen3_vit6b", 2, args)
-    ref = reference("qwen3_vit6b", 2, 3)
+    got = run(hf_dirs, tmp_path, preset, 2, args)
+    ref = reference(preset, 2, 3)
     assert len(ref["losses"][0]) == 3
     assert_losses(got, ref, dp=2)
     assert_close(got["tensors"], ref["tensors"], PARAM_TOL, "param", relative=False)
