@@ -1,6 +1,7 @@
 """torchrun worker: run the tiny model at one layout, save this rank's losses and tensor slices.
 argv: HF_DIR OUT_DIR LAYOUT_ARGS_JSON [OUT_DIR LAYOUT_ARGS_JSON ...]: several layouts run one after the other
-in the same launch (one start-up paid); they must share tp, pp, cp and vpp (the groups are made once)."""
+in the same launch (one start-up paid); megatron's groups are rebuilt only when a layout needs other ones
+(tp, pp, cp, vpp, or the embedding group of tied embeddings on two stages)."""
 import sys
 
 from mindspeed_mm.device import apply_device_adaptor
@@ -8,17 +9,23 @@ from mindspeed_mm.device import apply_device_adaptor
 
 def main() -> None:
     apply_device_adaptor(force=True)
+    import torch
+
     from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
-    from tests.helpers.layout_check import LayoutArgs, run_layout, save_rank_result
+    from tests.helpers.layout_check import LayoutArgs, layout_plan, run_layout, save_rank_result
 
     hf_dir, rest = sys.argv[1], sys.argv[2:]
+    assert len(rest) % 2 == 0, f"expected OUT_DIR ARGS pairs: {rest}"
     runs = [(rest[i], LayoutArgs.from_json(rest[i + 1])) for i in range(0, len(rest), 2)]
-    groups = {(a.tp, a.pp, a.cp, a.vpp) for _, a in runs}
-    assert len(rest) % 2 == 0 and len(groups) == 1, f"expected OUT_DIR ARGS pairs at one (tp, pp, cp, vpp): {rest}"
     init_distributed(backend="gloo")
-    args = runs[0][1]
-    initialize_model_parallel(tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp)
+    groups = None
     for out_dir, args in runs:
+        _, plan = layout_plan(hf_dir, args, torch.distributed.get_world_size())
+        wanted = (args.tp, args.pp, args.cp, args.vpp, plan.tied_embedding_pp_ranks)
+        if wanted != groups:
+            initialize_model_parallel(tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp,
+                                      embedding_pp_ranks=plan.tied_embedding_pp_ranks)
+            groups = wanted
         save_rank_result(out_dir, run_layout(hf_dir, args))
     destroy_distributed()
 
