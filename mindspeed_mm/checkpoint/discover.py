@@ -107,32 +107,29 @@ def discover(mm_dir: Path, spec: InternVLSpec, told: Optional[LayoutPlan] = None
                           f"{plan.describe()} (leave {told_as} out to take the files' layout)")
 
     shapes = {p.name: p.shape for p in params(spec)}
-    where = {}  # global name -> (stage, local name)
+    # global name -> [(stage, local name)]: tied embeddings are held twice (the last stage's output layer)
+    where: dict[str, list[tuple[int, str]]] = {}
     for name in shapes:
         for s in plan.stages:
             local = stage_name(name, s)
             if local is not None:
-                where[name] = (s.stage, local)
-
-    def held(t: int, name: str) -> tuple[RankFile, dict]:
-        stage, _ = where[name]
-        rf = files[t, stage % pp]
-        return rf, rf.chunks[stage // pp]
+                where.setdefault(name, []).append((s.stage, local))
 
     style = "mm"
     if tp > 1:
-        rf, sd = held(0, _STYLE_PROBE)
-        probe = sd.get(where[_STYLE_PROBE][1])
+        stage, local = where[_STYLE_PROBE][0]
+        probe = files[0, stage % pp].chunks[stage // pp].get(local)
         style = "mindspeed" if probe is not None and tuple(probe.array.shape) == shapes[_STYLE_PROBE] else "mm"
 
     for (t, p), rf in files.items():
         for v, sd in enumerate(rf.chunks):
             stage = plan.stage(p, v)
             want = {}
-            for name, (s, local) in where.items():
-                if s == stage.stage:
-                    want[local] = shard_slice(name, shapes[name], spec, tp, t, plan.padded_vocab_size,
-                                              style).shape(shapes[name])
+            for name, held in where.items():
+                for s, local in held:
+                    if s == stage.stage:
+                        want[local] = shard_slice(name, shapes[name], spec, tp, t, plan.padded_vocab_size,
+                                                  style).shape(shapes[name])
             extra, missing = sorted(set(sd) - set(want)), sorted(set(want) - set(sd))
             if extra:
                 raise CheckpointFormatError(f"{rf.path}: chunk {v} has tensor(s) the model does not place on "

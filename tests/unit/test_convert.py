@@ -492,3 +492,20 @@ def test_model_json_beside_the_output_describes_it(ckpts, tmp_path):
         got = load_model_spec(tmp_path / out / "model.json")
         assert architecture_differences(got, want) == []
         assert got.vision.pipeline_num_layers == vit and got.text.pipeline_num_layers == llm
+
+
+@pytest.mark.parametrize("name", ["qwen3_native", "internlm3_original", "tied_native"])
+def test_other_llm_kinds_in_mindspeed_layout_round_trip(ckpts, tmp_path, name):
+    """Each LLM kind in MindSpeed-MM's layout (TP2 x PP2: replicated projector, uneven vocabulary rows, the
+    tied copy on the last stage), back to HF directly (without metadata) and through a resplit to ours:
+    bit-exact both ways."""
+    hf = ckpts[name]
+    _, fmt, state = load_hf_checkpoint(hf)
+    _to_mm(hf, tmp_path / "ms", _pc(2, [[2, 0]], [[1, 1]]), target_format="mindspeed")
+    resplit(ResplitConfig(mm_dir=str(tmp_path / "ms"), save_mm_dir=str(tmp_path / "mm"), parallel_config=_pc(1),
+                          progress=False))
+    (tmp_path / "ms" / META_FILE).unlink()  # as MindSpeed-MM writes it: the layout is read off the files
+    for src in ("ms", "mm"):
+        mm_to_hf(MMToHFConfig(mm_dir=str(tmp_path / src), save_hf_dir=str(tmp_path / f"back_{src}"), hf_format=fmt,
+                              hf_config=HFConfig(str(hf)), progress=False))
+        _assert_same(load_hf_checkpoint(tmp_path / f"back_{src}")[2], state)
