@@ -9,7 +9,7 @@ import datetime
 import os
 import random
 import socket
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -97,8 +97,12 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10) ->
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
-                              seed: int = 1234) -> None:
+                              seed: int = 1234, embedding_pp_ranks: Sequence[int] = ()) -> None:
     """Create megatron's TP/PP/CP/DP groups and seed every generator as Megatron-LM does.
+
+    ``embedding_pp_ranks``: the pipeline ranks of megatron's embedding group, the ones holding a copy of tied
+    embeddings (`LayoutPlan.tied_embedding_pp_ranks`); empty: megatron's default (the first and last rank),
+    which nothing of ours uses then. Training needs the layout's, inference and conversion load every copy.
 
     Re-initializing tears the previous layout down first. The CPU generator gets ``seed + 100 *
     pp_rank`` (each stage initializes different layers); the tracked tensor-parallel RNG states come
@@ -110,9 +114,15 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | 
         raise RuntimeError("initialize_model_parallel: call init_distributed() first")
     if parallel_state.model_parallel_is_initialized():
         destroy_model_parallel()
+    embedding_ranks = None
+    if embedding_pp_ranks:
+        if not all(0 <= r < pp for r in embedding_pp_ranks):
+            raise ValueError(f"embedding_pp_ranks {list(embedding_pp_ranks)}: pipeline ranks are 0..{pp - 1}")
+        # megatron calls it with each pipeline group's global ranks, in pipeline order
+        embedding_ranks = lambda ranks, *_: [ranks[r] for r in embedding_pp_ranks]  # noqa: E731
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp, get_embedding_ranks=embedding_ranks)
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)

@@ -34,6 +34,7 @@ class StagePlan:
     has_llm_head: bool  # final norm, output layer, loss (the LLM's last stage = the last stage)
     # tied embeddings, the head without the embedding: megatron's copy of the token embeddings as the output
     # layer (`output_layer.weight`, as MindSpeed-MM's files hold it), kept equal by the training loop
+    # (`training.pipeline`: the copies' gradients are summed, see `LayoutPlan.tied_embedding_pp_ranks`)
     has_tied_output: bool = False
 
     @property
@@ -61,6 +62,19 @@ class LayoutPlan:
     def vpp(self) -> Optional[int]:
         """Virtual stages per rank as megatron takes them: None unless interleaved."""
         return self.num_chunks if self.num_chunks > 1 else None
+
+    @property
+    def tied_embedding_pp_ranks(self) -> tuple[int, ...]:
+        """The pipeline ranks holding a copy of tied embeddings split over stages: the LLM's first stage's and
+        the last (the output layer's copy, `has_tied_output`), one rank when both are chunks of the same rank;
+        () when there is one copy. Training sums the copies' gradients over megatron's embedding group, which
+        `distributed.initialize_model_parallel` builds of these ranks (megatron's default, the first and last
+        pipeline rank, assumes the LLM's embedding on pipeline rank 0; here the ViT comes first)."""
+        if not any(s.has_tied_output for s in self.stages):
+            return ()
+        first = next(s.stage for s in self.stages if s.has_llm_embed)
+        pp = self.parallel.pp
+        return tuple(sorted({first % pp, pp - 1}))
 
     def stage(self, pp_rank: int, vpp_rank: int = 0) -> StagePlan:
         return self.stages[vpp_rank * self.parallel.pp + pp_rank]

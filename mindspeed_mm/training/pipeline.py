@@ -9,7 +9,8 @@ from typing import Iterable
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
@@ -17,10 +18,64 @@ from mindspeed_mm.models.internvl.model import InternVLModel
 from mindspeed_mm.training.loss import REPORT_KEY, LossMode, loss_func
 
 
+# Tied embeddings on two stages, as megatron-core keeps them: the LLM's first stage holds the token embeddings,
+# the last stage a copy as its output layer. Both start equal, their gradients are summed over megatron's
+# embedding group (one per TP rank and DP replica: the pipeline ranks holding them, built for the layout by
+# distributed.initialize_model_parallel) and both take the same optimizer step, so they stay identical. megatron
+# does the sum in finalize_model_grads, on the chunks it takes by pipeline position (model[0] on the first rank,
+# model[-1] on the last), and the copy at construction likewise: with the ViT first the LLM's first stage may be
+# a later rank, a later chunk or a chunk of the last rank, so this module does both, on the chunks the layout
+# names (InternVLModel.tied_embedding_copy); megatron's own find nothing (InternVLModel sets
+# share_embeddings_and_output_weights False). Here rather than in the model: it is the training loop's step.
+
+def _sum_tied_copies(tensors: list[Tensor], group) -> None:
+    """Sum `tensors` (this rank's copies: one, or both when one rank holds the two chunks) with the other
+    rank's over `group`, and write the sum into each."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total.add_(t)
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(total, group=group)
+    for t in tensors[1:]:
+        t.copy_(total)
+
+
+def _tied_copies(model: list) -> list[tuple[torch.nn.Parameter, bool]]:
+    """This rank's copies of tied embeddings held on two stages, each with whether it is the output layer's."""
+    chunks = [m.module if hasattr(m, "module") else m for m in model]
+    return [(w, c.stage.has_tied_output) for c in chunks if (w := c.tied_embedding_copy()) is not None]
+
+
+def sync_tied_embedding_weights(chunks: list[InternVLModel]) -> None:
+    """The output layer's copy set to the LLM's first stage's embeddings (megatron's construction-time copy:
+    zero the copy, sum), for megatron's random initialisation; loaded checkpoints hold both already."""
+    copies = _tied_copies(chunks)
+    if copies:
+        with torch.no_grad():
+            for w, is_output in copies:
+                if is_output:
+                    w.zero_()
+            _sum_tied_copies([w.data for w, _ in copies], parallel_state.get_embedding_group())
+
+
+def finalize_model_grads(model: list, num_tokens: Tensor | None = None, pg_collection=None,
+                         force_all_reduce: bool = False) -> None:
+    """megatron's finalize_model_grads (DP all-reduce or reduce-scatter, TP-duplicated norms, per-token
+    scaling), then the tied embeddings' gradients summed over their copies. The sum comes after megatron's
+    reduce-scatter, as megatron's own does: both copies have a bucket of their own (`shared_embedding`), so
+    every DP rank owns the same rows of each; and after its per-token scaling, which is linear."""
+    megatron_finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    copies = [w for w, _ in _tied_copies(model) if w.requires_grad]  # a frozen LLM: no copy on any rank
+    if copies:
+        group = pg_collection.embd if pg_collection is not None else parallel_state.get_embedding_group()
+        _sum_tied_copies([w.main_grad if hasattr(w, "main_grad") else w.grad for w in copies], group)
+
+
 def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = False,
              loss_mode: LossMode = LossMode.DEFAULT) -> list[DistributedDataParallel]:
     """megatron's DDP around each chunk. The loss mode is fixed here: per-token loss needs gradients summed,
     not averaged, over DP (megatron divides them by the global token count afterwards)."""
+    sync_tied_embedding_weights(chunks)
     for chunk in chunks:
         chunk.config.calculate_per_token_loss = loss_mode is LossMode.PER_TOKEN
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,

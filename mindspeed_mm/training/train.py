@@ -98,15 +98,10 @@ def check_inputs(args):
 
     spec, _ = reconcile_with_spec(args, load_model_spec(args.mm_model), cuda=False)  # errors: device-independent
     try:  # the stage lists come from the model JSON: errors name its keys
-        plan = plan_layout(spec, _parallel_sizes(args), names=LayoutNames(
+        plan_layout(spec, _parallel_sizes(args), names=LayoutNames(
             "image_encoder.vision_encoder.pipeline_num_layers", "text_decoder.pipeline_num_layers"))
     except LayoutError as e:
         raise LayoutError(f"{e} (in {args.mm_model})") from None
-    if any(s.has_tied_output for s in plan.stages):
-        # the last stage's copy of tied embeddings would need its gradient summed with the first stage's
-        raise LayoutError(f"text_decoder.pipeline_num_layers: tied embeddings (untie_embeddings_and_output_weights "
-                          f"false) are trained with the LLM on one pipeline stage only, got "
-                          f"{[list(r) for r in plan.llm_pp_layers]} (in {args.mm_model})")
     data_spec = load_data_spec(args.mm_data)
     param = data_spec.dataset_param
     tok = param.tokenizer_config.from_pretrained
@@ -153,7 +148,8 @@ def train(args, spec, data_spec) -> RunState:
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     parallel = _parallel_sizes(args, world)
     plan = plan_layout(spec, parallel, world)
-    initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=parallel.vpp, seed=args.seed)
+    initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=parallel.vpp, seed=args.seed,
+                              embedding_pp_ranks=plan.tied_embedding_pp_ranks)
     dp, dp_rank = parallel.dp, parallel_state.get_data_parallel_rank()
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):

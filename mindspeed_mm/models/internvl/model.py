@@ -128,14 +128,24 @@ class InternVLModel(MegatronModule):
             )
             _renumber(self.text_decoder.decoder, stage.llm_layers.start)
         self.input_tensor = None
-        # megatron's finalize_model_grads finds the model under DDP by `pre_process` and syncs embedding
-        # grads between the first and last pipeline rank when they are shared. Ours are shared only with tied
-        # embeddings, between the LLM's first and last stage, which need not be those ranks (the ViT comes
-        # first): megatron must not sync, and a tied LLM is not trained over several stages (training.train).
+        # megatron's finalize_model_grads finds the model under DDP by `pre_process` and sums the embedding
+        # grads of the chunks it takes for the first and last stage by pipeline position (model[0] on the first
+        # rank, model[-1] on the last) when they are shared. Ours are shared only with tied embeddings, between
+        # the LLM's first and last stage, which may be a later rank or chunk (the ViT comes first): megatron's
+        # must find nothing to sum, `training.pipeline.finalize_model_grads` sums `tied_embedding_copy()`.
         self.pre_process, self.post_process = stage.stage == 0, stage.has_llm_head
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder  # one tensor per boundary, as megatron's GPT
         self._apply_freeze()
+
+    def tied_embedding_copy(self) -> torch.nn.Parameter | None:
+        """This chunk's copy of tied embeddings held on two stages (`LayoutPlan.tied_embedding_pp_ranks`): the
+        LLM's first stage's token embeddings or the last stage's output layer; None otherwise."""
+        if self.text_decoder is None or not any(s.has_tied_output for s in self.plan.stages):
+            return None
+        if self.stage.has_llm_embed or self.stage.has_tied_output:
+            return self.text_decoder.shared_embedding_or_output_weight()
+        return None
 
     def _apply_freeze(self) -> None:
         parts = [(self.text_decoder, self.spec.text.freeze)]

@@ -73,6 +73,11 @@ class LLMDecoder(GPTModel):
 
     def __init__(self, *args, rope_scaling: Optional[RopeScaling], rotary_base: float, **kwargs):
         super().__init__(*args, rotary_base=rotary_base, **kwargs)
+        if self.share_embeddings_and_output_weights and self.pre_process and not self.post_process:
+            # megatron marks the embedding so only on the first pipeline rank's first chunk, where it assumes it;
+            # the mark gives it a bucket of its own under the distributed optimizer, so that it is sharded over DP
+            # as the last stage's copy is and the copies' gradients can be summed after the reduce-scatter
+            self.embedding.word_embeddings.weight.shared_embedding = True
         if rope_scaling is None or not hasattr(self, "rotary_pos_emb"):
             return
         assert rope_scaling.type == "dynamic", rope_scaling  # RopeScaling admits no other type
@@ -85,9 +90,11 @@ class LLMDecoder(GPTModel):
 
     def _is_in_embd_group(self) -> bool:
         """Tied embeddings over several stages: megatron copies the embedding to the last stage's output layer
-        at construction by an all-reduce over its embedding group (the first and last pipeline rank), which need
-        not hold the LLM's first stage here (the ViT comes first), so that all-reduce could wait forever. The
-        copy is loaded with the checkpoint instead (`sharding.stage_name`: the rank files hold it)."""
+        at construction by an all-reduce over its embedding group, on the chunk it takes for the first or last
+        one by pipeline position; here the LLM's first stage may be a later rank or chunk (the ViT comes first),
+        or the same rank as the last stage, so that all-reduce could wait forever. The copy is loaded with the
+        checkpoint (`sharding.stage_name`: the rank files hold it) and training copies it once more
+        (`training.pipeline.wrap_ddp`, for megatron's random initialisation)."""
         return False
 
     def forward(self, input_ids: Tensor, *args, rope_seq_len: Optional[int] = None, **kwargs):

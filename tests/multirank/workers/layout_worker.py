@@ -1,7 +1,8 @@
 """torchrun worker: run the tiny model at one layout, save this rank's losses and tensor slices.
 argv: HF_DIR OUT_DIR LAYOUT_ARGS_JSON [OUT_DIR LAYOUT_ARGS_JSON | --hf-dir HF_DIR ...]: several layouts run one
-after the other in the same launch (one start-up paid); they must share tp, pp, cp and vpp (the groups are made
-once). ``--hf-dir`` switches the checkpoint for the layouts after it (other presets in the same launch)."""
+after the other in the same launch (one start-up paid); megatron's groups are rebuilt only when a layout needs
+other ones (tp, pp, cp, vpp, or the embedding group of tied embeddings on two stages). ``--hf-dir`` switches the
+checkpoint for the layouts after it (other presets in the same launch)."""
 import sys
 
 from mindspeed_mm.device import apply_device_adaptor
@@ -9,8 +10,10 @@ from mindspeed_mm.device import apply_device_adaptor
 
 def main() -> None:
     apply_device_adaptor(force=True)
+    import torch
+
     from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
-    from tests.helpers.layout_check import LayoutArgs, run_layout, save_rank_result
+    from tests.helpers.layout_check import LayoutArgs, layout_plan, run_layout, save_rank_result
 
     hf_dir, rest = sys.argv[1], sys.argv[2:]
     runs = []  # (hf_dir, out_dir, args)
@@ -21,12 +24,15 @@ def main() -> None:
         else:
             runs.append((hf_dir, rest[0], LayoutArgs.from_json(rest[1])))
         rest = rest[2:]
-    groups = {(a.tp, a.pp, a.cp, a.vpp) for _, _, a in runs}
-    assert len(groups) == 1, f"expected layouts at one (tp, pp, cp, vpp): {sys.argv[1:]}"
     init_distributed(backend="gloo")
-    args = runs[0][2]
-    initialize_model_parallel(tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp)
+    groups = None
     for hf_dir, out_dir, args in runs:
+        _, plan = layout_plan(hf_dir, args, torch.distributed.get_world_size())
+        wanted = (args.tp, args.pp, args.cp, args.vpp, plan.tied_embedding_pp_ranks)
+        if wanted != groups:
+            initialize_model_parallel(tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp,
+                                      embedding_pp_ranks=plan.tied_embedding_pp_ranks)
+            groups = wanted
         save_rank_result(out_dir, run_layout(hf_dir, args))
     destroy_distributed()
 
