@@ -123,7 +123,9 @@ MALFORMED = {
     "wrong_type": (lambda r: r["text_decoder"].update(num_layers="28"), "text_decoder.num_layers"),
     "bool_is_not_int": (lambda r: r["image_encoder"]["vision_encoder"].update(num_layers=True),
                         "image_encoder.vision_encoder.num_layers"),
-    "hidden_mod_heads": (lambda r: r["text_decoder"].update(num_attention_heads=27),
+    # without kv_channels the head size is hidden / heads, which must divide (with it, any head count is legal)
+    "hidden_mod_heads": (lambda r: (r["text_decoder"].pop("kv_channels", None),
+                                    r["text_decoder"].update(num_attention_heads=27)),
                          "text_decoder.num_attention_heads"),
     "vit_hidden_mod_heads": (lambda r: r["image_encoder"]["vision_encoder"].update(num_attention_heads=15),
                              "image_encoder.vision_encoder.num_attention_heads"),
@@ -315,7 +317,8 @@ def test_llm_kind_consistency(model_id, key, value):
 
 def test_kv_channels_need_not_divide_hidden():
     raw = json.loads((EXAMPLES / "model_8B.json").read_text())
-    raw["text_decoder"].pop("add_qkv_bias")
+    for key in ("add_qkv_bias", "qk_layernorm"):  # Qwen2's values; the qwen3 kind's defaults apply instead
+        raw["text_decoder"].pop(key)
     raw["text_decoder"].update(model_id="qwen3", hidden_size=3584, num_attention_heads=24, num_query_groups=4,
                                kv_channels=128)
     t = load_model_spec(raw).text
