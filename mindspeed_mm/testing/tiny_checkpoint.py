@@ -34,6 +34,7 @@ from mindspeed_mm.models.internvl.hf.keys import (
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "TRAINING_LINES",
     "EXTRA_SPECIAL_TOKENS",
     "DEFAULT_SYSTEM_MESSAGE",
     "TinyPreset",
@@ -80,8 +81,7 @@ _PRETOKENIZE_REGEX = (
     r"|\s+(?!\S)|\s+"
 )
 
-_TRAINING_TEXT = "\n".join(
-    [
+TRAINING_LINES = (  # what the tiny tokenizers learn their pieces from
         DEFAULT_SYSTEM_MESSAGE,
         "The quick brown fox jumps over the lazy dog. Please describe this image in detail.",
         "What is in the picture? The image shows a cat sitting on a wooden table next to a cup of coffee.",
@@ -92,8 +92,8 @@ _TRAINING_TEXT = "\n".join(
         "Frame-1: the video starts with a dog running in the park, then it stops and looks at the camera.",
         "user assistant system image video frame question answer model language vision",
         "0 1 2 3 4 5 6 7 8 9 10 100 2024 3.14",
-    ]
 )
+_TRAINING_TEXT = "\n".join(TRAINING_LINES)
 
 
 # ----------------------------------------------------------------------------------------------------------------

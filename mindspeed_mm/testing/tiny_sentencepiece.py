@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from mindspeed_mm.data.template import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, \
+from mindspeed_mm.testing.tiny_checkpoint import TRAINING_LINES
+from mindspeed_mm.data.template import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, \
     IMG_START_TOKEN
 
 __all__ = ["SP_VOCAB_SIZE", "ADDED_TOKENS", "TINY_SP_TOKENIZER_LEN", "write_tiny_sentencepiece_tokenizer"]
@@ -42,16 +43,7 @@ TINY_SP_TOKENIZER_LEN = SP_VOCAB_SIZE + len(ADDED_TOKENS)
 MODEL_MAX_LENGTH = 2048
 
 _TRAINING_LINES = (
-    DEFAULT_SYSTEM_MESSAGE,
-    "The quick brown fox jumps over the lazy dog. Please describe this image in detail.",
-    "What is in the picture? The image shows a cat sitting on a wooden table next to a cup of coffee.",
-    "A rocket is standing on the launch pad. An astronaut floats in space above the blue earth.",
-    "Answer the question using a single word or phrase. How many people are there in the photo?",
-    "请描述这张图片。图片中有什么？这是一只猫，它坐在桌子上。",
-    "图中有一个宇航员和一枚火箭。请用一个词或短语回答问题。这张照片里有几个人？",
-    "Frame-1: the video starts with a dog running in the park, then it stops and looks at the camera.",
-    "user assistant system image video frame question answer model language vision",
-    "0 1 2 3 4 5 6 7 8 9 10 100 2024 3.14",
+    *TRAINING_LINES,
     "def area(width, height):",
     "    return width  *  height",
 )
