@@ -33,6 +33,7 @@ from mindspeed_mm.models.internvl.hf.keys import (
 )
 
 __all__ = [
+    "INTERNVL_TOKENS",
     "SPECIAL_TOKENS",
     "TRAINING_LINES",
     "EXTRA_SPECIAL_TOKENS",
@@ -50,19 +51,12 @@ __all__ = [
 
 
 # Appended after the BPE vocab, in this order (Qwen order; the real model has other tokens in between).
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
+    *INTERNVL_TOKENS,
     "<video>",  # transformers' InternVL processor needs a video_token
 )
 # named special tokens transformers' InternVL processor reads from the tokenizer

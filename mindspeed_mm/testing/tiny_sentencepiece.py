@@ -15,9 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from mindspeed_mm.testing.tiny_checkpoint import TRAINING_LINES
-from mindspeed_mm.data.template import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, \
-    IMG_START_TOKEN
+from mindspeed_mm.testing.tiny_checkpoint import INTERNVL_TOKENS, TRAINING_LINES
+from mindspeed_mm.data.template import IM_END, IM_START
 
 __all__ = ["SP_VOCAB_SIZE", "ADDED_TOKENS", "TINY_SP_TOKENIZER_LEN", "write_tiny_sentencepiece_tokenizer"]
 
@@ -29,15 +28,7 @@ ADDED_TOKENS = (
     "<|action_end|>",
     "<|interpreter|>",
     "<|plugin|>",
-    IMG_START_TOKEN,
-    IMG_END_TOKEN,
-    IMG_CONTEXT_TOKEN,
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
+    *INTERNVL_TOKENS,
 )
 TINY_SP_TOKENIZER_LEN = SP_VOCAB_SIZE + len(ADDED_TOKENS)
 MODEL_MAX_LENGTH = 2048
