@@ -54,7 +54,7 @@ from mindspeed_mm.checkpoint.mm_format import (
 from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.sources import HFSource, MMSource, columns
 from mindspeed_mm.checkpoint.streaming_save import NUMPY_DTYPES, LazyTensor, SideBySide, owned
-from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec
+from mindspeed_mm.config.model_spec import PARAMS_DTYPE_NAMES, InternVLSpec, load_model_spec
 from mindspeed_mm.config.parallel import ParallelConfig
 from mindspeed_mm.errors import CheckpointFormatError, UserError
 from mindspeed_mm.models.internvl.hf.config import (
@@ -303,7 +303,6 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
                           files, n_bytes, time.perf_counter() - t0, src.format)
 
 
-_SPEC_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # model JSON params_dtype -> file dtype
 
 
 @dataclass
@@ -332,7 +331,7 @@ def dry_run(spec: InternVLSpec, parallel: Optional[ParallelConfig] = None, *, dt
     and `dtype` (a file dtype name; default: the spec's params_dtype): no weights are read or written."""
     style = _target_style(target_format)
     plan = plan_from_parallel_config(spec, parallel or ParallelConfig())
-    dtype = dtype or _SPEC_DTYPES[spec.text.params_dtype]
+    dtype = dtype or PARAMS_DTYPE_NAMES[spec.text.params_dtype]
     itemsize = NUMPY_DTYPES[dtype].itemsize
     ranks = {}
     for key, chunks in rank_contents(spec, plan, style).items():

@@ -74,13 +74,16 @@ __all__ = [
     "IMG_CONTEXT_TOKEN",
     "IGNORE_INDEX",
     "PARAMS_DTYPES",
+    "PARAMS_DTYPE_NAMES",
     "LLM_KINDS",
 ]
 
 DEFAULT_IMG_CONTEXT_TOKEN_ID = 151667  # <IMG_CONTEXT> in the Qwen2.5-based InternVL3 tokenizers
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IGNORE_INDEX = -100  # label of a position that is not a target (the data marks them, the loss skips them)
-PARAMS_DTYPES = ("fp32", "bf16", "fp16")
+# params_dtype -> the tensor dtype's name (torch.<name>; a checkpoint's dtype name)
+PARAMS_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PARAMS_DTYPES = tuple(PARAMS_DTYPE_NAMES)
 # text_decoder.model_id -> the LLM kind: the reference's names for Qwen2 ("internllm" in its training JSONs,
 # "Qwen2.5llm" in its inference JSON), and ours for the other kinds
 LLM_KINDS = {"internllm": "qwen2", "Qwen2.5llm": "qwen2", "qwen3": "qwen3", "internlm3": "internlm3"}

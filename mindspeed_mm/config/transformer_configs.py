@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .model_spec import ModelSpecError, InternVLSpec, pipeline_shape
+from .model_spec import PARAMS_DTYPE_NAMES, ModelSpecError, InternVLSpec, pipeline_shape
 from .parallel import ParallelSizes
 
 __all__ = ["vision_transformer_config", "text_transformer_config", "torch_dtype", "default_parallel_sizes"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {k: getattr(torch, v) for k, v in PARAMS_DTYPE_NAMES.items()}
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -153,9 +153,6 @@ class TrainArgs:
         return dataclasses.asdict(self)
 
 
-_flag = flag_name
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain_vlm.py", allow_abbrev=False,
                                 description="Finetune InternVL3 with megatron-core (reference-compatible flags).",
@@ -164,11 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         if f.type in ("bool", bool):
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+            p.add_argument(flag_name(f.name), dest=f.name, action="store_true", help=help_text)
             continue
         kind = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
                 "Optional[str]": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        p.add_argument(_flag(f.name), dest=f.name, type=kind, default=f.default, help=help_text, **meta)
+        p.add_argument(flag_name(f.name), dest=f.name, type=kind, default=f.default, help=help_text, **meta)
     return p
 
 
