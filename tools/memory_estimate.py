@@ -81,10 +81,10 @@ class RankMemory:
 
 def _trainable(spec: InternVLSpec, owner: str) -> bool:
     if owner in (LLM_EMBED, LLM_LAYER, LLM_HEAD):
-        return not spec.text.freeze
+        return not spec.text.frozen
     if owner == PROJECTOR:
         return not spec.projector.freeze
-    return not spec.vision.freeze
+    return not spec.vision.frozen
 
 
 def _layer_activation_bytes(spec: InternVLSpec, r: Recipe) -> tuple[float, float]:

@@ -76,6 +76,9 @@ __all__ = [
     "PARAMS_DTYPES",
     "PARAMS_DTYPE_NAMES",
     "LLM_KINDS",
+    "LoraSpec",
+    "LORA_PARTS",
+    "lora_spec",
 ]
 
 DEFAULT_IMG_CONTEXT_TOKEN_ID = 151667  # <IMG_CONTEXT> in the Qwen2.5-based InternVL3 tokenizers
@@ -195,6 +198,85 @@ _RECOMPUTE_CHOICES = {
 
 
 # --------------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------------
+
+# The linears a LoRA may adapt, per module, by their names in transformers' native InternVL (one adapter pair
+# per HF linear, as PEFT has them; our fused qkv and gate/up linears hold one pair per part).
+LORA_PARTS = {
+    "vision": ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"),
+    "text": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _target_names() -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """Every name a user may give in ``target_modules`` -> the parts it means: ours (megatron's), InternVL's own
+    (its PEFT target lists) and transformers' native names, with or without their parent module."""
+    qkv = ("q_proj", "k_proj", "v_proj")
+    vision = {"linear_qkv": qkv, "attn.qkv": qkv, "qkv": qkv, "linear_proj": ("projection_layer",),
+              "attn.proj": ("projection_layer",), "proj": ("projection_layer",),
+              "linear_fc1": ("fc1",), "linear_fc2": ("fc2",)}
+    for part in LORA_PARTS["vision"]:
+        parent = "mlp" if part.startswith("fc") else "attention"
+        vision[part] = vision[f"{parent}.{part}"] = (part,)
+    text = {"linear_qkv": qkv, "linear_proj": ("o_proj",), "linear_fc1": ("gate_proj", "up_proj"),
+            "linear_fc2": ("down_proj",)}
+    for part in LORA_PARTS["text"]:
+        parent = "mlp" if part in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        text[part] = text[f"{parent}.{part}"] = (part,)
+    return {"vision": vision, "text": text}
+
+
+LORA_TARGET_NAMES = _target_names()
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A module's LoRA (``image_encoder.vision_encoder.lora`` / ``text_decoder.lora``): each adapted linear W
+    computes ``W x + (alpha / rank) * B A dropout(x)``, A of rank x in, B of out x rank. ``target_modules``
+    holds the adapted parts in :data:`LORA_PARTS` order (transformers' native names); build it with
+    :func:`lora_spec`, which also reads InternVL's and our names."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: Tuple[str, ...]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_spec(module: str, raw: Any, path: str) -> Optional[LoraSpec]:
+    """``raw`` (a JSON object: rank, alpha = 2 x rank, dropout = 0.05, target_modules = every part; or a
+    LoraSpec) checked for ``module`` ("vision" or "text"); rank 0 is no LoRA."""
+    if raw is None or isinstance(raw, LoraSpec):
+        return raw
+    s = Section(raw, path, known=("rank", "alpha", "dropout", "target_modules"))
+    rank = s.get("rank", int, minimum=0)
+    if rank == 0:
+        return None
+    alpha = s.get("alpha", float, None, nullable=True)
+    alpha = 2.0 * rank if alpha is None else alpha
+    if alpha <= 0:
+        raise ModelSpecError(s.key("alpha"), f"must be > 0, got {alpha!r}")
+    dropout = s.get("dropout", float, 0.05)
+    if not 0.0 <= dropout < 1.0:
+        raise ModelSpecError(s.key("dropout"), f"must be in [0, 1), got {dropout!r}")
+    names = LORA_TARGET_NAMES[module]
+    given = s.get("target_modules", list, None, nullable=True)
+    parts: set = set()
+    for i, name in enumerate(given if given is not None else LORA_PARTS[module]):
+        if name not in names:
+            raise ModelSpecError(f"{s.key('target_modules')}[{i}]", f"{name!r} is not a linear of this module; "
+                                 f"known: {', '.join(sorted(names))}")
+        parts.update(names[name])
+    if not parts:
+        raise ModelSpecError(s.key("target_modules"), "is empty (omit lora, or set rank 0, for no LoRA)")
+    return LoraSpec(rank, alpha, dropout, tuple(p for p in LORA_PARTS[module] if p in parts))
+
+
+# --------------------------------------------------------------------------------------------------
 # The spec dataclasses
 # --------------------------------------------------------------------------------------------------
 
@@ -229,7 +311,9 @@ class VisionEncoderSpec(_SpecBase):
     downsample_ratio: Optional[float] = None
     select_layer: Optional[int] = None
     ps_version: Optional[str] = None
-    freeze: bool = _run(True)
+    freeze: Optional[bool] = _run(None)
+    lora: Optional[LoraSpec] = _run(None)
+    unfreeze_last_layers: int = _run(0)
     params_dtype: str = _run("fp32")
     pipeline_num_layers: PipelineNumLayers = _run(None)
     recompute_granularity: Optional[str] = _run(None)
@@ -252,6 +336,7 @@ class VisionEncoderSpec(_SpecBase):
     }
 
     def __post_init__(self) -> None:
+        self._set("lora", lora_spec("vision", self.lora, join(self._PATH, "lora")))
         self._check_fields()
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "patch_size",
                        "image_size", "num_channels", "layernorm_epsilon", "downsample_ratio")
@@ -265,6 +350,15 @@ class VisionEncoderSpec(_SpecBase):
         self._set("pipeline_num_layers", _check_pipeline(
             join(self._PATH, "pipeline_num_layers"), self.pipeline_num_layers, self.num_layers))
         self._check_recompute()
+        if not 0 <= self.unfreeze_last_layers <= self.num_layers:
+            raise self._err("unfreeze_last_layers", f"must be in [0, num_layers={self.num_layers}], got "
+                            f"{self.unfreeze_last_layers!r}")
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the ViT's own weights are frozen: ``freeze`` when given, else frozen (the reference's
+        default; with LoRA: only the adapters train)."""
+        return True if self.freeze is None else self.freeze
 
     @property
     def head_dim(self) -> int:
@@ -373,7 +467,9 @@ class TextDecoderSpec(_SpecBase):
     attention_softmax_in_fp32: bool = True
     params_dtype: str = _run("fp32")
     pipeline_num_layers: PipelineNumLayers = _run(None)
-    freeze: bool = _run(False)
+    freeze: Optional[bool] = _run(None)
+    lora: Optional[LoraSpec] = _run(None)
+    unfreeze_output_layer: bool = _run(False)
     recompute_granularity: Optional[str] = _run(None)
     recompute_method: Optional[str] = _run(None)
     recompute_num_layers: Optional[int] = _run(None)
@@ -395,6 +491,7 @@ class TextDecoderSpec(_SpecBase):
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
             self._set("rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+        self._set("lora", lora_spec("text", self.lora, join(self._PATH, "lora")))
         self._check_fields()
         self._positive("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                        "num_query_groups", "kv_channels", "max_position_embeddings", "rotary_base",
@@ -427,6 +524,12 @@ class TextDecoderSpec(_SpecBase):
     @property
     def head_dim(self) -> int:
         return self.kv_channels  # type: ignore[return-value]
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the LLM's own weights are frozen: ``freeze`` when given, else only with LoRA (the adapters
+        train; ``freeze: false`` with LoRA trains both)."""
+        return self.lora is not None if self.freeze is None else self.freeze
 
     @property
     def kind(self) -> str:
@@ -713,6 +816,21 @@ def _model_id_first(section: Dict[str, Any]) -> Dict[str, Any]:
     return {"model_id": section["model_id"], **{k: v for k, v in section.items() if k != "model_id"}}
 
 
+_UNSET_UNLESS_USED = {"lora": None, "unfreeze_last_layers": 0, "unfreeze_output_layer": False}
+
+
+def _with_training_choices(module: Any) -> Dict[str, Any]:
+    """A module's keys with LoRA and the unfreeze switches only where they are on (so a model JSON without them
+    reads as it did before they existed); ``freeze`` as given, the ViT's default written out as the reference
+    files have it, the LLM's left out (given false, LoRA would train the base weights too)."""
+    out = {k: v for k, v in _plain(module).items() if k not in _UNSET_UNLESS_USED or v != _UNSET_UNLESS_USED[k]}
+    if isinstance(module, VisionEncoderSpec):
+        out["freeze"] = module.frozen
+    elif out["freeze"] is None:
+        del out["freeze"]
+    return out
+
+
 def to_dict(spec: InternVLSpec) -> Dict[str, Any]:
     """The spec in the reference schema (only keys with an effect), loadable by :func:`load_model_spec`."""
     out: Dict[str, Any] = {}
@@ -720,8 +838,8 @@ def to_dict(spec: InternVLSpec) -> Dict[str, Any]:
         if f.name not in ("vision", "projector", "text"):
             out[f.name] = _plain(getattr(spec, f.name))
     out = _model_id_first(out)
-    out["text_decoder"] = _model_id_first(_plain(spec.text))
-    out["image_encoder"] = {"vision_encoder": _model_id_first(_plain(spec.vision)),
+    out["text_decoder"] = _model_id_first(_with_training_choices(spec.text))
+    out["image_encoder"] = {"vision_encoder": _model_id_first(_with_training_choices(spec.vision)),
                             "vision_projector": _model_id_first(_plain(spec.projector))}
     return out
 

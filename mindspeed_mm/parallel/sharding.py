@@ -90,6 +90,8 @@ def tp_slice(kind: str, full_shape: tuple[int, ...], tp: int, rank: int, padded_
         return Slice(0, tuple((b * block + lo, b * block + hi) for b in range(3)))
     if kind == "vit_heads":
         return Slice(1, ((lo, hi),))
+    if kind == "vit_head_rows":
+        return Slice(0, ((lo, hi),))
     raise AssertionError(kind)
 
 

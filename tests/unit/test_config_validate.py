@@ -68,8 +68,9 @@ def test_section_types_and_unknown_keys():
 def test_run_settings_and_architecture():
     assert set(RUN_SETTINGS) == {
         *(f"{m}.{k}" for m in ("image_encoder.vision_encoder", "text_decoder")
-          for k in ("freeze", "params_dtype", "pipeline_num_layers", "init_method_std", "recompute_granularity",
+          for k in ("freeze", "lora", "params_dtype", "pipeline_num_layers", "init_method_std", "recompute_granularity",
                     "recompute_method", "recompute_num_layers")),
+        "image_encoder.vision_encoder.unfreeze_last_layers", "text_decoder.unfreeze_output_layer",
         *(f"image_encoder.vision_encoder.{k}" for k in ("drop_path_rate", "initializer_factor", "sequence_parallel",
                                                         "context_parallel_size")),
         *(f"text_decoder.{k}" for k in ("max_position_embeddings", "rope_scaling", "variable_seq_lengths")),

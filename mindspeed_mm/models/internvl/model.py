@@ -9,6 +9,7 @@ when the LLM starts on the next stage) or LLM hidden states. Every stage reads t
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,13 @@ from torch import Tensor
 from mindspeed_mm.config.model_spec import IGNORE_INDEX, InternVLSpec
 from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.config.transformer_configs import text_transformer_config, vision_transformer_config
+from mindspeed_mm.models.internvl.params import lookup, trainable
 from mindspeed_mm.models.internvl.projector import InternVLProjector
+from mindspeed_mm.models.internvl.sharding import global_name, shard_tensor
 from mindspeed_mm.models.internvl.rope import LLMDecoder
 from mindspeed_mm.models.internvl.specs import block_spec, llm_layer_spec, vit_layer_spec
 from mindspeed_mm.models.internvl.vision import InternViT
+from mindspeed_mm.models.lora import kaiming_uniform_like_peft
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, plan_layout
 
 
@@ -39,7 +43,7 @@ class VisionModel(MegatronModule):
         super().__init__(config=vision_config)
         v = spec.vision
         layer = vit_layer_spec(qk_norm=v.qk_layernorm, qkv_bias=v.add_qkv_bias, drop_path_rate=v.drop_path_rate,
-                               layer_scale_init=v.initializer_factor)
+                               layer_scale_init=v.initializer_factor, lora=v.lora)
         self.encoder = InternViT(vision_config, block_spec(layer, len(stage.vit_layers), final_norm=False),
                                  v.image_size, v.patch_size, v.num_channels, spec.downsample_ratio,
                                  first=stage.has_vit_embed, last=stage.has_projector, vp_stage=vp_stage)
@@ -94,7 +98,7 @@ def single_stage_plan(spec: InternVLSpec, parallel: ParallelSizes) -> LayoutPlan
 class InternVLModel(MegatronModule):
     def __init__(self, spec: InternVLSpec, parallel: ParallelSizes | None = None,
                  plan: LayoutPlan | None = None, stage: StagePlan | None = None,
-                 cp_algo: str = "megatron_cp_algo"):
+                 cp_algo: str = "megatron_cp_algo", seed: int = 1234):
         parallel = plan.parallel if plan is not None else (parallel or ParallelSizes())
         plan = plan or single_stage_plan(spec, parallel)
         stage = stage or plan.stages[0]
@@ -112,7 +116,7 @@ class InternVLModel(MegatronModule):
             self.text_decoder = LLMDecoder(
                 config=text_config,
                 rope_scaling=t.rope_scaling,
-                transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo, t.qk_layernorm),
+                transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo, t.qk_layernorm, t.lora),
                                                   len(stage.llm_layers), final_norm=True),
                 vocab_size=plan.padded_vocab_size,
                 max_sequence_length=t.max_position_embeddings,
@@ -136,6 +140,7 @@ class InternVLModel(MegatronModule):
         self.pre_process, self.post_process = stage.stage == 0, stage.has_llm_head
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder  # one tensor per boundary, as megatron's GPT
+        self._init_adapters(seed)
         self._apply_freeze()
 
     def tied_embedding_copy(self) -> torch.nn.Parameter | None:
@@ -147,14 +152,27 @@ class InternVLModel(MegatronModule):
             return self.text_decoder.shared_embedding_or_output_weight()
         return None
 
+    def global_names(self):
+        """(name in the full model, parameter) for every parameter of this chunk."""
+        for local, p in self.named_parameters():
+            yield global_name(local, self.stage), p
+
+    def _init_adapters(self, seed: int) -> None:
+        """LoRA's A drawn for the full matrix from a generator keyed by `seed` and its name, then cut for this rank
+        (B starts at zero): every layout starts from the same adapters."""
+        tp, rank = self.parallel.tp, parallel_state.get_tensor_model_parallel_rank() if self.parallel.tp > 1 else 0
+        with torch.no_grad():
+            for name, p in self.global_names():
+                d, _ = lookup(name)
+                if not d.adapter or ".lora_a" not in name:
+                    continue
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = kaiming_uniform_like_peft(tuple(d.shape(self.spec)), g)
+                p.copy_(shard_tensor(name, full, self.spec, tp, rank, self.plan.padded_vocab_size))
+
     def _apply_freeze(self) -> None:
-        parts = [(self.text_decoder, self.spec.text.freeze)]
-        if self.image_encoder is not None:
-            parts += [(self.image_encoder.encoder, self.spec.vision.freeze),
-                      (self.image_encoder.projector, self.spec.projector.freeze)]
-        for module, frozen in parts:
-            for p in module.parameters() if module is not None else ():
-                p.requires_grad_(not frozen)
+        for name, p in self.global_names():
+            p.requires_grad_(trainable(self.spec, name))
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list):

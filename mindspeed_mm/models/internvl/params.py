@@ -8,7 +8,8 @@ stage), its names in both HF formats, and how several HF tensors merge into it. 
 - `rows` / `cols`: even split of dim 0 / dim 1 (column- / row-parallel linears);
 - `glu`: the LLM's `linear_fc1` is `[gate; up]`, rank r gets `[gate_r; up_r]`;
 - `vit_qkv`: the ViT's `[Q; K; V]` by uneven head counts (`head_partition`), rank r gets `[q_r; k_r; v_r]`;
-  `vit_heads`: the ViT's `linear_proj` columns by the same head counts;
+  `vit_heads`: the ViT's `linear_proj` columns by the same head counts; `vit_head_rows`: rows by them (the LoRA
+  B of one of the ViT's q, k, v);
 - `vocab`: embedding and output rows, zero-padded to a multiple of TP (the model masks padded logits).
 Merges: `copy` (one HF tensor), `concat` (row blocks stacked), `interleave` (the LLM's q, k, v stacked per
 query group: `[q heads of group g; k_g; v_g]` for each g, what megatron's fused qkv expects).
@@ -38,7 +39,7 @@ from mindspeed_mm.config.model_spec import InternVLSpec
 
 VIT_EMBED, VIT_LAYER, PROJECTOR = "vit_embed", "vit_layer", "projector"
 LLM_EMBED, LLM_LAYER, LLM_HEAD = "llm_embed", "llm_layer", "llm_head"
-TP_KINDS = ("replicate", "rows", "cols", "glu", "vit_qkv", "vit_heads", "vocab")
+TP_KINDS = ("replicate", "rows", "cols", "glu", "vit_qkv", "vit_heads", "vit_head_rows", "vocab")
 # the dim tensor parallelism cuts; replicated tensors: 0, where TP 1 cuts everything
 TP_DIM = {"cols": 1, "vit_heads": 1}
 
@@ -60,6 +61,7 @@ class ParamDef:
     original: tuple[str, ...]
     merge: str = "copy"
     when: Callable[[InternVLSpec], bool] = _always
+    adapter: bool = False  # a LoRA matrix: not in HF model checkpoints; native names are PEFT's
     pattern: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,7 @@ class Param:
     native: tuple[str, ...]
     original: tuple[str, ...]
     merge: str
+    adapter: bool = False
 
     def hf(self, fmt: str) -> tuple[str, ...]:
         return self.native if fmt == "native" else self.original
@@ -227,14 +230,80 @@ def _llm() -> list[ParamDef]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------------- LoRA
+# One adapter pair per adapted HF linear (transformers' native names, as PEFT names them): for a column-parallel
+# linear A whole and B split like its part's rows; for a row-parallel one A split like the weight's columns and B
+# whole. Our fused linears (the qkv, the LLM's gate/up) hold one pair per part: `lora_a_q`, `lora_b_q`, ...
+# Which part sits where in the fused rows is `models/lora.py`'s business; the registry names and cuts each.
+LORA_BASE = {"vision": "image_encoder.encoder.encoder.layers.{i}.", "text": "text_decoder.decoder.layers.{i}."}
+# part -> (our linear, the suffix of its adapters' names, the HF module of the part), per module
+LORA_LINEARS = {
+    "vision": {"q_proj": ("self_attention.linear_qkv", "_q", "attention.q_proj"),
+               "k_proj": ("self_attention.linear_qkv", "_k", "attention.k_proj"),
+               "v_proj": ("self_attention.linear_qkv", "_v", "attention.v_proj"),
+               "projection_layer": ("self_attention.linear_proj", "", "attention.projection_layer"),
+               "fc1": ("mlp.linear_fc1", "", "mlp.fc1"), "fc2": ("mlp.linear_fc2", "", "mlp.fc2")},
+    "text": {"q_proj": ("self_attention.linear_qkv", "_q", "self_attn.q_proj"),
+             "k_proj": ("self_attention.linear_qkv", "_k", "self_attn.k_proj"),
+             "v_proj": ("self_attention.linear_qkv", "_v", "self_attn.v_proj"),
+             "o_proj": ("self_attention.linear_proj", "", "self_attn.o_proj"),
+             "gate_proj": ("mlp.linear_fc1", "_gate", "mlp.gate_proj"),
+             "up_proj": ("mlp.linear_fc1", "_up", "mlp.up_proj"),
+             "down_proj": ("mlp.linear_fc2", "", "mlp.down_proj")},
+}
+_LORA_HF = {"vision": "vision_tower.encoder.layer.{i}.", "text": "language_model.model.layers.{i}."}
+
+
+def _lora_sizes(module: str, part: str, s: InternVLSpec) -> tuple[int, int]:
+    """(out, in) of the HF linear `part` of `module`."""
+    if module == "vision":
+        h, f = s.vision.hidden_size, s.vision.ffn_hidden_size
+        return {"fc1": (f, h), "fc2": (h, f)}.get(part, (h, h))
+    t = s.text
+    q, kv, h, f = t.num_attention_heads * t.kv_channels, t.num_query_groups * t.kv_channels, t.hidden_size, \
+        t.ffn_hidden_size
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (f, h),
+            "up_proj": (f, h), "down_proj": (h, f)}[part]
+
+
+def _lora() -> list[ParamDef]:
+    out = []
+    for module, linears in LORA_LINEARS.items():
+        owner = VIT_LAYER if module == "vision" else LLM_LAYER
+        for part, (linear, suffix, hf) in linears.items():
+            row_parallel = linear.endswith(("linear_proj", "linear_fc2"))
+            if row_parallel:
+                a_kind, b_kind = ("vit_heads" if part == "projection_layer" else "cols"), "replicate"
+            else:
+                a_kind, b_kind = "replicate", ("vit_head_rows" if module == "vision" and suffix else "rows")
+
+            def when(s, module=module, part=part):
+                lora = getattr(s, module).lora
+                return lora is not None and part in lora.target_modules
+
+            def a_shape(s, module=module, part=part):
+                return (getattr(s, module).lora.rank, _lora_sizes(module, part, s)[1])
+
+            def b_shape(s, module=module, part=part):
+                return (_lora_sizes(module, part, s)[0], getattr(s, module).lora.rank)
+
+            for ab, kind, shape in (("a", a_kind, a_shape), ("b", b_kind, b_shape)):
+                native = (_LORA_HF[module] + f"{hf}.lora_{ab.upper()}.weight",)
+                out.append(ParamDef(f"{LORA_BASE[module]}{linear}.lora_{ab}{suffix}", owner, kind, shape, native,
+                                    (), when=when, adapter=True))
+    return out
+
+
 REGISTRY: tuple[ParamDef, ...] = (*_vit(), *_projector(), *_llm())
+LORA_REGISTRY: tuple[ParamDef, ...] = tuple(_lora())
 LAYER_OWNERS = {VIT_LAYER: "vision", LLM_LAYER: "text"}  # owner -> the spec section whose num_layers counts them
 
 
-def params(spec: InternVLSpec) -> list[Param]:
-    """Every parameter of the full model for `spec`, in the registry's order, layer by layer."""
+def params(spec: InternVLSpec, adapters: bool = False) -> list[Param]:
+    """Every parameter of the full model for `spec`, in the registry's order, layer by layer; `adapters`: with
+    the LoRA matrices its spec asks for (they follow their layer's weights)."""
     out = []
-    for d in REGISTRY:
+    for d in REGISTRY + (LORA_REGISTRY if adapters else ()):
         if not d.when(spec):
             continue
         shape = tuple(d.shape(spec))
@@ -245,9 +314,9 @@ def params(spec: InternVLSpec) -> list[Param]:
         for i in layers:
             fill = (lambda t: t) if i is None else (lambda t, i=i: t.replace("{i}", str(i)))
             out.append(Param(fill(d.name), d.owner, i, d.tp, shape, tuple(map(fill, d.native)),
-                             tuple(map(fill, d.original)), d.merge))
+                             tuple(map(fill, d.original)), d.merge, d.adapter))
     order = {VIT_EMBED: 0, VIT_LAYER: 1, PROJECTOR: 2, LLM_EMBED: 3, LLM_LAYER: 4, LLM_HEAD: 5}
-    return sorted(out, key=lambda p: (order[p.owner], -1 if p.layer is None else p.layer))
+    return sorted(out, key=lambda p: (order[p.owner], -1 if p.layer is None else p.layer, p.adapter))
 
 
 def param_shapes(spec: InternVLSpec) -> dict[str, tuple[int, ...]]:
@@ -258,7 +327,7 @@ def param_shapes(spec: InternVLSpec) -> dict[str, tuple[int, ...]]:
 @lru_cache(maxsize=None)
 def lookup(name: str) -> tuple[ParamDef, Optional[int]]:
     """The registry row of one of our parameter names (global or stage-local) and its layer index."""
-    for d in REGISTRY:
+    for d in REGISTRY + LORA_REGISTRY:
         m = d.pattern.match(name)
         if m:
             return d, int(m.group(1)) if m.groups() else None
@@ -267,6 +336,27 @@ def lookup(name: str) -> tuple[ParamDef, Optional[int]]:
 
 def tp_kind(name: str) -> str:
     return lookup(name)[0].tp
+
+
+def is_adapter(name: str) -> bool:
+    return lookup(name)[0].adapter
+
+
+def trainable(spec: InternVLSpec, name: str) -> bool:
+    """Whether parameter `name` (global) trains under `spec`: the LoRA matrices always; a module's own weights
+    unless it is frozen, then the ViT's last `unfreeze_last_layers` layers and, with `unfreeze_output_layer`,
+    the LLM's output layer (the token embeddings when tied) still do. The one rule the model applies."""
+    d, layer = lookup(name)
+    if d.adapter:
+        return True
+    if d.owner in (VIT_EMBED, VIT_LAYER):
+        v = spec.vision
+        return not v.frozen or d.owner == VIT_LAYER and layer >= v.num_layers - v.unfreeze_last_layers
+    if d.owner == PROJECTOR:
+        return not spec.projector.freeze
+    t = spec.text
+    head = OUTPUT_LAYER if not t.tied else EMBEDDING
+    return not t.frozen or t.unfreeze_output_layer and name == head
 
 
 def with_layer(template: str, layer: Optional[int]) -> str:

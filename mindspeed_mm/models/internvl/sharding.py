@@ -44,7 +44,7 @@ def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: 
     """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp` in `style`."""
     kind = tp_kind_for(name, style)
     rows = ()
-    if kind in ("vit_qkv", "vit_heads"):
+    if kind in ("vit_qkv", "vit_heads", "vit_head_rows"):
         rows = [h * spec.vision.head_dim for h in head_partition(spec.vision.num_attention_heads, tp)]
     return tp_slice(kind, full_shape, tp, rank, padded_vocab, rows)
 

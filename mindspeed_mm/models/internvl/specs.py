@@ -5,6 +5,8 @@ linear (for uneven tensor-parallel partitions) is a change of spec.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -14,31 +16,58 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from mindspeed_mm.config.model_spec import LORA_PARTS, LoraSpec
 from mindspeed_mm.models.internvl.norm import HeadNorm, TorchNorm
+from mindspeed_mm.models.internvl.params import LORA_LINEARS
 from mindspeed_mm.models.internvl.sdpa_attention import SDPAttention
 from mindspeed_mm.models.internvl.vision import InternViTLayer, InternViTSelfAttention
+from mindspeed_mm.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
 
 
-def _mlp() -> ModuleSpec:
-    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                           linear_fc2=RowParallelLinear))
+def _linears(module: str, lora: Optional[LoraSpec]) -> dict:
+    """The spec of each of a layer's four linears: megatron's, or with LoRA on the parts `lora` targets (the
+    registry's `LORA_LINEARS` says which parts a linear fuses, in their row order)."""
+    out = {"self_attention.linear_qkv": ColumnParallelLinear, "self_attention.linear_proj": RowParallelLinear,
+           "mlp.linear_fc1": ColumnParallelLinear, "mlp.linear_fc2": RowParallelLinear}
+    if lora is None:
+        return out
+    for linear in out:
+        parts = [(suffix, part) for part in LORA_PARTS[module]
+                 for name, suffix, _ in [LORA_LINEARS[module][part]] if name == linear]
+        adapted = tuple(part in lora.target_modules for _, part in parts)
+        if not any(adapted):
+            continue
+        if out[linear] is RowParallelLinear:
+            out[linear] = ModuleSpec(module=LoRARowParallelLinear, params={"lora": lora})
+        else:
+            out[linear] = ModuleSpec(module=LoRAColumnParallelLinear, params={
+                "lora": lora, "suffixes": tuple(s for s, _ in parts), "adapted": adapted,
+                "interleave": module == "text" and linear.endswith("linear_qkv")})
+    return out
+
+
+def _mlp(linears: dict) -> ModuleSpec:
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=linears["mlp.linear_fc1"],
+                                                           linear_fc2=linears["mlp.linear_fc2"]))
 
 
 def vit_layer_spec(qk_norm: bool, qkv_bias: bool, drop_path_rate: float, layer_scale_init: float,
-                   core_attention=SDPAttention) -> ModuleSpec:
+                   core_attention=SDPAttention, lora: Optional[LoraSpec] = None) -> ModuleSpec:
+    linears = _linears("vision", lora)
     attention = ModuleSpec(
         module=InternViTSelfAttention,
         params={"attn_mask_type": AttnMaskType.no_mask, "qk_norm": qk_norm,
                 "qkv_bias": qkv_bias},
-        submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core_attention,
-                                           linear_proj=RowParallelLinear),
+        submodules=SelfAttentionSubmodules(linear_qkv=linears["self_attention.linear_qkv"],
+                                           core_attention=core_attention,
+                                           linear_proj=linears["self_attention.linear_proj"]),
     )
     return ModuleSpec(
         module=InternViTLayer,
         params={"drop_path_rate": drop_path_rate, "layer_scale_init": layer_scale_init},
         submodules=TransformerLayerSubmodules(
             input_layernorm=TorchNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm, mlp=_mlp(), mlp_bda=get_bias_dropout_add),
+            pre_mlp_layernorm=TorchNorm, mlp=_mlp(linears), mlp_bda=get_bias_dropout_add),
     )
 
 
@@ -51,21 +80,25 @@ def llm_core_attention(cp: int, cp_algo: str):
     return ModuleSpec(module=ContextParallelAttention, params={"cp_algo": cp_algo})
 
 
-def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo", qk_norm: bool = False) -> ModuleSpec:
+def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo", qk_norm: bool = False,
+                   lora: Optional[LoraSpec] = None) -> ModuleSpec:
     """`qk_norm`: Qwen3's per-head RMSNorm of q and k (over head_dim, before RoPE), in megatron's slots."""
     core_attention = llm_core_attention(cp, cp_algo)
     norm = HeadNorm if qk_norm else None
+    linears = _linears("text", lora)
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core_attention,
-                                           linear_proj=RowParallelLinear, q_layernorm=norm, k_layernorm=norm),
+        submodules=SelfAttentionSubmodules(linear_qkv=linears["self_attention.linear_qkv"],
+                                           core_attention=core_attention,
+                                           linear_proj=linears["self_attention.linear_proj"], q_layernorm=norm,
+                                           k_layernorm=norm),
     )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=TorchNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm, mlp=_mlp(), mlp_bda=get_bias_dropout_add),
+            pre_mlp_layernorm=TorchNorm, mlp=_mlp(linears), mlp_bda=get_bias_dropout_add),
     )
 
 
