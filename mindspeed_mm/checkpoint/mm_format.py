@@ -89,6 +89,9 @@ class MMCheckpointMeta:
     iteration: str = "release"
     meta_version: int = META_VERSION
     tp_style: str = "mm"  # whose TP convention the rank files follow (models.internvl.sharding.TP_STYLES)
+    # an adapter save (LoRA): {"dir", "iteration", "fingerprint"} of the frozen base its rank files hold only the
+    # adapters and trainable parameters for (checkpoint.fingerprint); None: the rank files hold every weight
+    base: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.tp_style not in TP_STYLES:

@@ -7,6 +7,7 @@ re-cut for this one (`Resharder`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -14,24 +15,32 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
+from mindspeed_mm.checkpoint.discover import discover
+from mindspeed_mm.checkpoint.fingerprint import add_stats, check_fingerprint, tensor_stats
 from mindspeed_mm.checkpoint.mm_format import (
-    chunk_key, has_meta, iteration_dir, load_rank_object, plain_int, rank_file, read_rank_file,
+    META_FILE, MMCheckpointMeta, checkpoint_meta, chunk_key, has_meta, iteration_dir, load_rank_object, plain_int,
+    rank_file, read_meta, read_rank_file,
 )
 from mindspeed_mm.checkpoint.torch_file import StoredTensor
 from mindspeed_mm.config.model_spec import InternVLSpec
+from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
+from mindspeed_mm.models.internvl.params import OUTPUT_LAYER, tp_kind
 from mindspeed_mm.models.internvl.sharding import global_name, local_state_dict, merge_tensor, shard_tensor, stage_name
 from mindspeed_mm.parallel.layout import LayoutPlan
 
-__all__ = ["build_model_chunks", "load_full_weights", "load_converted_weights", "Resharder"]
+__all__ = ["build_model_chunks", "load_full_weights", "load_converted_weights", "Resharder", "Checkpoint",
+           "open_checkpoint", "checkpoint_weights", "base_fingerprint", "base_reference", "load_adapters"]
 
 
-def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo") -> list[InternVLModel]:
-    """One InternVLModel per virtual-pipeline chunk held by this rank, in chunk order."""
+def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo",
+                       seed: int = 1234) -> list[InternVLModel]:
+    """One InternVLModel per virtual-pipeline chunk held by this rank, in chunk order; `seed` draws the LoRA
+    adapters' initial A (the same at every layout)."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for v in range(plan.num_chunks):
-        chunk = InternVLModel(spec, plan=plan, stage=plan.stage(pp_rank, v), cp_algo=cp_algo)
+        chunk = InternVLModel(spec, plan=plan, stage=plan.stage(pp_rank, v), cp_algo=cp_algo, seed=seed)
         if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
             chunk.cuda(torch.cuda.current_device())  # configs initialise on CPU (use_cpu_initialization)
         chunks.append(chunk)
@@ -123,11 +132,178 @@ class Resharder:
 
 def load_converted_weights(chunks: list[InternVLModel], mm_dir, style: str = "mm") -> None:
     """Load this rank's part of an MM checkpoint saved at the chunks' layout in TP style `style` (an
-    mm-convert output, or a MindSpeed-MM one without metadata: see `Resharder`)."""
-    plan = chunks[0].plan
+    mm-convert output, a training save, an adapter save on top of its base, or a MindSpeed-MM one without
+    metadata: see `Resharder`)."""
+    spec, plan = chunks[0].spec, chunks[0].plan
     mm_dir = Path(mm_dir)
-    resharder = Resharder(iteration_dir(mm_dir), chunks[0].spec, plan, plan, style, foreign=not has_meta(mm_dir))
-    weights = resharder.weights(parallel_state.get_tensor_model_parallel_rank(),
-                                parallel_state.get_pipeline_model_parallel_rank())
+    if has_meta(mm_dir):
+        ckpt = open_checkpoint(mm_dir, spec, "from_pretrained")
+    else:
+        ckpt = Checkpoint(mm_dir, iteration_dir(mm_dir), MMCheckpointMeta.from_plan(
+            plan, spec, source_format="native", source_hf_dir=None, hf_config={}, tp_style=style), plan, True)
+    weights, _ = checkpoint_weights(ckpt, spec, plan)
     for chunk, state in zip(chunks, weights):
         load_full_state_dict(chunk, state)
+    check_base(chunks, ckpt)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints as a whole: their layout, and adapter saves on top of their base
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint to read: its directory, the iteration read, what it records (or, `foreign`, what was found
+    in its files) and the layout it was saved at."""
+    root: Path
+    it_dir: Path
+    meta: MMCheckpointMeta
+    plan: LayoutPlan
+    foreign: bool
+
+
+def open_checkpoint(load_dir, spec: InternVLSpec, told_as: str, iteration: Optional[str] = None) -> Checkpoint:
+    """The checkpoint at `load_dir` (the tracker's iteration, or `iteration`), checked against `spec`. Without our
+    metadata (MindSpeed-MM's conversions and saves) its layout and TP style are read off its files."""
+    root = Path(load_dir).absolute()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{told_as} {root}: no such directory")
+    it_dir = root / iteration if iteration else iteration_dir(root)
+    if not it_dir.is_dir():
+        raise FileNotFoundError(f"{told_as} {root}: iteration {iteration} is missing ({it_dir})")
+    if not has_meta(root):
+        found = discover(root, spec, told_as=told_as)
+        meta = MMCheckpointMeta.from_plan(found.plan, spec, source_format="native", source_hf_dir=None, hf_config={},
+                                          tp_style=found.tp_style)
+        return Checkpoint(root, it_dir, meta, found.plan, True)
+    meta = read_meta(it_dir) if (it_dir / META_FILE).is_file() else checkpoint_meta(root)
+    return Checkpoint(root, it_dir, meta, meta.plan(spec), False)
+
+
+def _base_of(ckpt: Checkpoint, spec: InternVLSpec) -> Checkpoint:
+    base = ckpt.meta.base
+    try:
+        out = open_checkpoint(base["dir"], spec, f"the base of {ckpt.root}", base.get("iteration"))
+    except FileNotFoundError as e:
+        raise CheckpointFormatError(f"{ckpt.root} holds adapters only, and its base is gone: {e}") from None
+    if out.meta.base is not None:
+        raise CheckpointFormatError(f"{ckpt.root}: its base {out.root} is an adapter save itself (merge it with "
+                                    f"`mm-convert InternVLConverter mm_to_hf` first)")
+    return out
+
+
+def checkpoint_weights(ckpt: Checkpoint, spec: InternVLSpec, plan: LayoutPlan) -> tuple[list[dict], Resharder]:
+    """This rank's full chunk state dicts at `plan`, and the checkpoint's Resharder (for its other sections).
+    An adapter save's tensors go on top of its base's, each resharded from the layout it was saved at."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    resharder = Resharder(ckpt.it_dir, spec, ckpt.plan, plan, ckpt.meta.tp_style, ckpt.foreign)
+    weights = resharder.weights(tp_rank, pp_rank)
+    if ckpt.meta.base is not None:
+        base = _base_of(ckpt, spec)
+        under = Resharder(base.it_dir, spec, base.plan, plan, base.meta.tp_style, base.foreign)
+        weights = [{**b, **w} for b, w in zip(under.weights(tp_rank, pp_rank), weights)]
+    return weights, resharder
+
+
+def base_fingerprint(chunks: list[InternVLModel], names: Optional[set] = None) -> dict[str, list[float]]:
+    """`checkpoint.fingerprint` of the model's frozen parameters (or of `names`), over all ranks: each TP slice
+    counted once (a replicated tensor on TP rank 0, one DP and CP replica), a tied copy not at all. Collective."""
+    local: dict[str, list[float]] = {}
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
+        for chunk in chunks:
+            chunk = chunk.module if hasattr(chunk, "module") else chunk
+            for local_name, p in chunk.named_parameters():
+                name = global_name(local_name, chunk.stage)
+                wanted = name in names if names is not None else not p.requires_grad
+                if not wanted or local_name == OUTPUT_LAYER and chunk.stage.has_tied_output:
+                    continue
+                if tp_kind(name) == "replicate" and tp_rank != 0:
+                    continue
+                add_stats(local, name, tensor_stats(p.detach()))
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    out: dict[str, list[float]] = {}
+    for part in gathered:
+        for name, stats in part.items():
+            add_stats(out, name, stats)
+    return dict(sorted(out.items()))
+
+
+def base_reference(ckpt: Checkpoint, chunks: list[InternVLModel]) -> dict:
+    """What an adapter save trained from `ckpt` records of its base: `ckpt` itself when it holds every weight,
+    else `ckpt`'s own base (resuming an adapter save). Collective."""
+    if ckpt.meta.base is not None:
+        return ckpt.meta.base
+    return {"dir": str(ckpt.root), "iteration": ckpt.it_dir.name, "fingerprint": base_fingerprint(chunks)}
+
+
+def check_base(chunks: list[InternVLModel], ckpt: Checkpoint, loaded: Optional[str] = None) -> None:
+    """The base loaded into `chunks` (from `loaded`; default: the one `ckpt` records) must be the one the
+    adapters of `ckpt` were trained on. Collective."""
+    base = ckpt.meta.base
+    if base is not None:
+        actual = base_fingerprint(chunks, set(base["fingerprint"]))
+        where = loaded or f"{base['dir']}/{base.get('iteration', '')}"
+        check_fingerprint(base["fingerprint"], actual, where, str(ckpt.root))
+
+
+def load_adapters(chunks: list[InternVLModel], full: Mapping[str, Tensor], source: str) -> None:
+    """Load full-model adapter matrices (and any other trainable tensors) into this rank's chunks: every LoRA
+    parameter of the chunks must be given, each with its full shape."""
+    from mindspeed_mm.models.internvl.params import is_adapter, lookup
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    spec = chunks[0].spec
+    for chunk in chunks:
+        own = dict(chunk.global_names())
+        wanted = {n for n in own if is_adapter(n)}
+        missing = sorted(wanted - set(full))
+        if missing:
+            raise CheckpointFormatError(f"{source}: no tensor for {len(missing)} adapter matrices of the model, "
+                                        f"e.g. {missing[0]} (other targets or layers?)")
+        with torch.no_grad():
+            for name in wanted | (set(full) & set(own)):
+                t = full[name]
+                shape = tuple(lookup(name)[0].shape(spec))
+                if tuple(t.shape) != shape:
+                    raise CheckpointFormatError(f"{source}: {name} has shape {tuple(t.shape)}, the model's is "
+                                                f"{shape} (another rank or model?)")
+                own[name].copy_(shard_tensor(name, t, spec, chunk.plan.parallel.tp, tp_rank,
+                                             chunk.plan.padded_vocab_size).to(own[name].dtype))
+
+
+def load_adapter_dir(path, chunks: list[InternVLModel], log: Callable[[str], None] = print) -> None:
+    """`--load-adapter`: adapters on top of the loaded base, from a PEFT adapter directory (transformers' native
+    InternVL names) or an adapter save of ours (any layout; its base's fingerprint checked against the loaded
+    one). Every LoRA parameter of the chunks must be given."""
+    from mindspeed_mm.checkpoint.adapters import check_same_loras, is_peft_dir, read_peft_adapter
+    from mindspeed_mm.models.internvl.params import is_adapter
+
+    spec, plan = chunks[0].spec, chunks[0].plan
+    if is_peft_dir(path):
+        _, loras, tensors = read_peft_adapter(path)
+        check_same_loras(spec, loras, str(path))
+        load_adapters(chunks, tensors, str(path))
+        log(f"loaded the PEFT adapter {path} ({len(tensors)} matrices)")
+        return
+    ckpt = open_checkpoint(path, spec, "--load-adapter")
+    if ckpt.meta.base is None:
+        raise CheckpointFormatError(f"--load-adapter {ckpt.root}: a full checkpoint, not an adapter save (use --load)")
+    saved = ckpt.meta.spec()
+    check_same_loras(spec, {"vision": saved.vision.lora, "text": saved.text.lora}, str(ckpt.root))
+    resharder = Resharder(ckpt.it_dir, spec, ckpt.plan, plan, ckpt.meta.tp_style)
+    weights = resharder.weights(parallel_state.get_tensor_model_parallel_rank(),
+                                parallel_state.get_pipeline_model_parallel_rank())
+    with torch.no_grad():
+        for chunk, sd in zip(chunks, weights):
+            own = dict(chunk.named_parameters())
+            missing = sorted(n for n in own if is_adapter(n) and n not in sd)
+            if missing or set(sd) - set(own):
+                raise CheckpointFormatError(f"--load-adapter {ckpt.root}: does not fit the model (missing "
+                                            f"{missing[:3]}, unexpected {sorted(set(sd) - set(own))[:3]})")
+            for name, t in sd.items():
+                own[name].copy_(t)
+    check_base(chunks, ckpt, loaded="by --load")
+    log(f"loaded the adapters of {ckpt.it_dir} (their base's fingerprint matches the loaded one)")

@@ -103,6 +103,8 @@ class TrainArgs:
     recompute_num_layers: Optional[int] = _f(None, "layers per recompute group (with full)")
     # ---- checkpoints
     load: Optional[str] = _f(None, "checkpoint to start from: an mm-convert output or a directory this loop saved")
+    load_adapter: Optional[str] = _f(None, "adapters to load on top of --load: a LoRA save of this loop or a PEFT "
+                                           "adapter directory (its LoRA is the run's when the model JSON sets none)")
     save: Optional[str] = _f(None, "directory to save iter_XXXXXXX checkpoints into")
     save_interval: Optional[int] = _f(None, "save every this many iterations (and at the end)")
     ckpt_format: str = _f("torch", "torch: per-rank model_optim_rng.pt files in model space (reshardable)",

@@ -33,24 +33,21 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params
 from torch import Tensor
 
+from mindspeed_mm.checkpoint.adapters import check_same_loras
 from mindspeed_mm.checkpoint.atomic import replace_dir, replace_file
 from mindspeed_mm.errors import CheckpointFormatError
-from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.mm_format import (
     META_FILE,
     TRACKER_FILE,
     MMCheckpointMeta,
-    checkpoint_meta,
     chunk_key,
-    has_meta,
-    iteration_dir,
     plain_int,
     rank_file,
     save_rank_object,
     write_meta,
 )
 from mindspeed_mm.parallel.layout import LayoutPlan
-from mindspeed_mm.runtime.chunks import Resharder
+from mindspeed_mm.runtime.chunks import Checkpoint, check_base, checkpoint_weights, open_checkpoint
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedState"]
 
@@ -61,8 +58,11 @@ def _module(chunk):
     return chunk.module if hasattr(chunk, "module") else chunk
 
 
-def model_state(chunk) -> dict[str, Tensor]:
-    return {k: v for k, v in _module(chunk).state_dict().items() if not k.endswith("_extra_state")}
+def model_state(chunk, trainable_only: bool = False) -> dict[str, Tensor]:
+    """The chunk's tensors as rank files hold them; `trainable_only`: an adapter save's (its base is frozen)."""
+    keep = {n for n, p in _module(chunk).named_parameters() if p.requires_grad} if trainable_only else None
+    return {k: v for k, v in _module(chunk).state_dict().items()
+            if not k.endswith("_extra_state") and (keep is None or k in keep)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -243,6 +243,12 @@ def _all_gather_states(state: dict, group) -> list[dict]:
             for o, n in zip(out, sizes)]
 
 
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _dp_cp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
@@ -270,7 +276,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, plan: L
         tmp.mkdir()
     torch.distributed.barrier()
 
-    obj: dict[str, Any] = {chunk_key(v, len(chunks)): model_state(c) for v, c in enumerate(chunks)}
+    obj: dict[str, Any] = {chunk_key(v, len(chunks)): model_state(c, trainable_only=meta.base is not None)
+                           for v, c in enumerate(chunks)}
     if save_optim and optimizer is not None:
         obj["optimizer"] = optimizer_state_model_space(optimizer, chunks)  # collective over DP
         obj["grad_scaler"] = _grad_scaler_state(optimizer)
@@ -309,6 +316,7 @@ class LoadedState:
     meta: MMCheckpointMeta
     optimizer_loaded: bool
     same_layout: bool
+    checkpoint: Checkpoint
 
 
 def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optimizer=None, scheduler=None,
@@ -318,40 +326,43 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
     told otherwise, the optimizer state, LR schedule and RNG. `release` checkpoints and `finetune` start at
     iteration 0 with a fresh optimizer."""
     from mindspeed_mm.models.internvl.model import load_full_state_dict
+    from mindspeed_mm.models.internvl.params import is_adapter
 
-    load_dir = Path(load_dir).absolute()
-    if not load_dir.is_dir():
-        raise FileNotFoundError(f"--load {load_dir}: no such directory")
-    it_dir = iteration_dir(load_dir)
     spec = _module(chunks[0]).spec
-    foreign = not has_meta(load_dir)
-    if not foreign:
-        meta = checkpoint_meta(load_dir)
-        old = meta.plan(spec)
-    else:
-        # Written by another tool (MindSpeed-MM's converter or trainer): no layout recorded, so it is read off
-        # the files and checked against this run's model.
-        found = discover(load_dir, spec, told_as="--load")
-        old = found.plan
-        meta = MMCheckpointMeta.from_plan(old, spec, source_format="native", source_hf_dir=None, hf_config={},
-                                          tp_style=found.tp_style)
+    ckpt = open_checkpoint(load_dir, spec, "--load")
+    load_dir, it_dir, meta, old, foreign = ckpt.root, ckpt.it_dir, ckpt.meta, ckpt.plan, ckpt.foreign
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    resharder = Resharder(it_dir, spec, old, plan, meta.tp_style, foreign)
+    weights, resharder = checkpoint_weights(ckpt, spec, plan)
     same = resharder.same
     if not same:
         log(f"loading {it_dir} saved at TP{old.parallel.tp} PP{old.parallel.pp} VPP{old.num_chunks}"
             f"{'' if meta.tp_style == 'mm' else f' ({meta.tp_style} convention)'} into "
             f"TP{plan.parallel.tp} PP{plan.parallel.pp} VPP{plan.num_chunks}: resharding")
-    weights = resharder.weights(tp_rank, pp_rank)
+    if meta.base is not None:
+        log(f"{it_dir} holds adapters and trainable parameters: the frozen base from {meta.base['dir']}/"
+            f"{meta.base.get('iteration', '')}")
+    saved = None if foreign else meta.spec()
+    if saved is not None and (saved.vision.lora or saved.text.lora):
+        check_same_loras(spec, {"vision": saved.vision.lora, "text": saved.text.lora}, str(it_dir))
+    fresh = not any(is_adapter(n) for sd in weights for n in sd)
+    fresh = fresh and any(is_adapter(n) for c in chunks for n, _ in _module(c).named_parameters())
+    fresh = bool(_any_rank(fresh))
     for chunk, sd in zip(chunks, weights):
+        if fresh:  # a checkpoint without adapters under a LoRA run: its adapters start as initialised
+            sd = {**{n: p.detach() for n, p in _module(chunk).named_parameters() if is_adapter(n)}, **sd}
         load_full_state_dict(_module(chunk), sd)
+    check_base([_module(c) for c in chunks], ckpt)
     if optimizer is not None:
         optimizer.reload_model_params()  # main params are copies made when the optimizer was built
 
     own = resharder.obj(tp_rank, pp_rank) if same else resharder.obj(0, 0)
     saved_iteration = plain_int(own.get("iteration"))
     release = it_dir.name == "release" or saved_iteration is None
+    if fresh and not (release or finetune):
+        log(f"note: {it_dir} has no adapters: the LoRA run starts from its weights at iteration 0 with a fresh "
+            f"optimizer (as --finetune)")
+    finetune = finetune or fresh
     iteration = 0 if (release or finetune) else saved_iteration
     consumed = 0 if (release or finetune) else plain_int(own.get("consumed_train_samples")) or 0
     if foreign:
@@ -390,4 +401,4 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
             log("note: RNG states not restored (the data-parallel layout changed)")
     log(f"loaded {it_dir} (iteration {iteration}, {consumed} samples consumed"
         f"{', optimizer state' if optimizer_loaded else ''})")
-    return LoadedState(iteration, consumed, meta, optimizer_loaded, same)
+    return LoadedState(iteration, consumed, meta, optimizer_loaded, same, ckpt)

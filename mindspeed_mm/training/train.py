@@ -115,6 +115,14 @@ def check_inputs(args):
             raise DataSpecError(f"{key}.data_folder", f"no such directory: {basic.data_folder}", args.mm_data)
     if args.load and not Path(args.load).is_dir():
         raise ArgumentError(f"--load {args.load}: no such directory")
+    if args.load_adapter:
+        from mindspeed_mm.checkpoint.adapters import adapter_loras, with_loras
+
+        if not args.load:
+            raise ArgumentError("--load-adapter needs --load: the base checkpoint the adapters go on")
+        if not Path(args.load_adapter).is_dir():
+            raise ArgumentError(f"--load-adapter {args.load_adapter}: no such directory")
+        spec = with_loras(spec, adapter_loras(args.load_adapter), f"--load-adapter {args.load_adapter}")
     return spec, data_spec
 
 
@@ -134,7 +142,7 @@ def train(args, spec, data_spec) -> RunState:
     from mindspeed_mm.training.loss import LossMode, reduce_reported
     from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
     from mindspeed_mm.training.optim import build_optimizer
-    from mindspeed_mm.runtime.chunks import build_model_chunks
+    from mindspeed_mm.runtime.chunks import base_reference, build_model_chunks, load_adapter_dir
     from mindspeed_mm.training.pipeline import train_step, wrap_ddp
 
     init_distributed(args.distributed_backend)
@@ -165,7 +173,7 @@ def train(args, spec, data_spec) -> RunState:
     tok_dir = data_spec.tokenizer_config.from_pretrained
     tokenizer = load_tokenizer(data_spec.tokenizer_config, spec.img_context_token_id)
 
-    chunks = build_model_chunks(spec, plan, args.context_parallel_algo)
+    chunks = build_model_chunks(spec, plan, args.context_parallel_algo, seed=args.seed)
     model = wrap_ddp(chunks, args.use_distributed_optimizer, loss_mode)
     optimizer, scheduler = build_optimizer(args, model)
     state = RunState()
@@ -180,6 +188,12 @@ def train(args, spec, data_spec) -> RunState:
                                           hf_config=loaded.meta.hf_config)
         if not loaded.optimizer_loaded and state.iteration:
             scheduler.step(increment=state.iteration)  # the LR where the run left off
+        if args.load_adapter:
+            load_adapter_dir(args.load_adapter, chunks, log=logger.info)
+            optimizer.reload_model_params()
+        if spec.vision.lora or spec.text.lora:
+            # saves hold the adapters and trainable parameters, and name the frozen base they go on
+            meta = dataclasses.replace(meta, base=base_reference(loaded.checkpoint, chunks))
     else:
         logger.info("no --load: training from megatron's random initialisation")
 
