@@ -140,4 +140,18 @@ def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)
+        merge_adapters(chunk)
     return StageRunner(chunks)
+
+
+def merge_adapters(chunk) -> int:
+    """Fold every LoRA adapter into its linear's weight (W + alpha/r B A, this rank's slice): generation then
+    runs the plain model, at its speed. Returns the number of linears merged."""
+    from mindspeed_mm.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+
+    n = 0
+    for module in chunk.modules():
+        if isinstance(module, (LoRAColumnParallelLinear, LoRARowParallelLinear)) and not module.lora_merged:
+            module.merge_lora_()
+            n += 1
+    return n
