@@ -211,6 +211,11 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     "small": TinyPreset(vit_hidden=256, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False,
                         vit_layers=4, vit_ffn=1024, image_size=224, llm_hidden=512, llm_layers=4, llm_heads=8,
                         llm_kv_heads=2, llm_ffn=1408),
+    # For the LoRA memory benchmark: the small ViT, an LLM of ~90M parameters (8 layers of width 1024), so that
+    # its weights, gradients and Adam state stand out from the process's fixed memory.
+    "medium": TinyPreset(vit_hidden=256, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False,
+                         vit_layers=4, vit_ffn=1024, image_size=224, llm_hidden=1024, llm_layers=8, llm_heads=16,
+                         llm_kv_heads=4, llm_ffn=2816),
     # vit6b with 4 LLM query groups (4 heads, 4 kv heads), so that TP4 can split the LLM's attention.
     "tp4": TinyPreset(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=False, vit_qk_norm=True,
                       llm_heads=4, llm_kv_heads=4),
