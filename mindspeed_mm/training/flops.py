@@ -1,7 +1,8 @@
 """Model FLOPs of a training step, for TFLOP/s and MFU: matmuls and convolutions only (norms, softmax and
 element-wise work are left out, as is usual for MFU), attention counted over the full square score matrix
 (what the kernels compute). A module's forward counts 1x, its backward 2x when its weights train and 1x when
-only activation gradients flow through it (a frozen module with trainable modules before it)."""
+only activation gradients flow through it (a frozen module with trainable modules before it, or a frozen base
+under LoRA: the adapters' own FLOPs, rank/width of the base's, are left out)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ class StepFlops:
 
 def step_flops(spec: InternVLSpec, num_tiles: int, seq_lens: list[int]) -> StepFlops:
     """Forward + backward FLOPs of one step over these tiles and (padded) sequence lengths."""
-    vit_trains = not (spec.vision.frozen and spec.projector.freeze)
-    llm_trains = not spec.text.frozen
-    vit_mult = 3 if vit_trains else 1
-    llm_mult = 3 if llm_trains else (2 if vit_trains else 1)
+    v, t = spec.vision, spec.text
+    vit_trains = not (v.frozen and spec.projector.freeze)
+    vit_grads = vit_trains or v.lora is not None or v.unfreeze_last_layers > 0
+    vit_mult = 3 if vit_trains else (2 if vit_grads else 1)
+    llm_mult = 3 if not t.frozen else (2 if vit_grads or t.lora is not None else 1)
     return StepFlops(vit_mult * vit_forward_flops(spec, num_tiles), llm_mult * llm_forward_flops(spec, seq_lens))
