@@ -50,7 +50,7 @@ class StepFlops:
 
 def step_flops(spec: InternVLSpec, num_tiles: int, seq_lens: list[int]) -> StepFlops:
     """Forward + backward FLOPs of one step over these tiles and (padded) sequence lengths."""
-    vit_trains = not (spec.vision.frozen and spec.projector.freeze)
+    vit_trains = not (spec.vision.frozen and spec.projector.frozen)
     llm_trains = not spec.text.frozen
     vit_mult = 3 if vit_trains else 1
     llm_mult = 3 if llm_trains else (2 if vit_trains else 1)
