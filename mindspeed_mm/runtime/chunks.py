@@ -26,12 +26,13 @@ from mindspeed_mm.parallel.layout import LayoutPlan
 __all__ = ["build_model_chunks", "load_full_weights", "load_converted_weights", "Resharder"]
 
 
-def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo") -> list[InternVLModel]:
-    """One InternVLModel per virtual-pipeline chunk held by this rank, in chunk order."""
+def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo",
+                       seed: int = 1234) -> list[InternVLModel]:
+    """One InternVLModel per virtual-pipeline chunk held by this rank, in chunk order (`seed`: LoRA's A)."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for v in range(plan.num_chunks):
-        chunk = InternVLModel(spec, plan=plan, stage=plan.stage(pp_rank, v), cp_algo=cp_algo)
+        chunk = InternVLModel(spec, plan=plan, stage=plan.stage(pp_rank, v), cp_algo=cp_algo, seed=seed)
         if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
             chunk.cuda(torch.cuda.current_device())  # configs initialise on CPU (use_cpu_initialization)
         chunks.append(chunk)
