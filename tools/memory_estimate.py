@@ -83,7 +83,7 @@ def _trainable(spec: InternVLSpec, owner: str) -> bool:
     if owner in (LLM_EMBED, LLM_LAYER, LLM_HEAD):
         return not spec.text.frozen
     if owner == PROJECTOR:
-        return not spec.projector.freeze
+        return not spec.projector.frozen
     return not spec.vision.frozen
 
 

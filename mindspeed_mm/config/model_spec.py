@@ -383,7 +383,7 @@ class ProjectorSpec(_SpecBase):
     downsample_ratio: Optional[float] = None
     vit_hidden_size: Optional[int] = None
     llm_hidden_size: Optional[int] = None
-    freeze: bool = _run(False)
+    freeze: Optional[bool] = _run(None)
     activation_func: str = "gelu"
     layernorm_epsilon: float = 1e-5
 
@@ -393,6 +393,11 @@ class ProjectorSpec(_SpecBase):
     def __post_init__(self) -> None:
         self._check_fields()
         self._positive("downsample_ratio", "vit_hidden_size", "llm_hidden_size", "layernorm_epsilon")
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the projector is frozen: ``freeze`` when given, else trainable (the reference's default)."""
+        return bool(self.freeze)
 
     @property
     def input_size(self) -> int:
@@ -821,10 +826,10 @@ _UNSET_UNLESS_USED = {"lora": None, "unfreeze_last_layers": 0, "unfreeze_output_
 
 def _with_training_choices(module: Any) -> Dict[str, Any]:
     """A module's keys with LoRA and the unfreeze switches only where they are on (so a model JSON without them
-    reads as it did before they existed); ``freeze`` as given, the ViT's default written out as the reference
-    files have it, the LLM's left out (given false, LoRA would train the base weights too)."""
+    reads as it did before they existed); ``freeze`` as given, the ViT's and projector's defaults written out as
+    the reference files have them, the LLM's left out (given false, LoRA would train the base weights too)."""
     out = {k: v for k, v in _plain(module).items() if k not in _UNSET_UNLESS_USED or v != _UNSET_UNLESS_USED[k]}
-    if isinstance(module, VisionEncoderSpec):
+    if isinstance(module, (VisionEncoderSpec, ProjectorSpec)):
         out["freeze"] = module.frozen
     elif out["freeze"] is None:
         del out["freeze"]
@@ -840,7 +845,7 @@ def to_dict(spec: InternVLSpec) -> Dict[str, Any]:
     out = _model_id_first(out)
     out["text_decoder"] = _model_id_first(_with_training_choices(spec.text))
     out["image_encoder"] = {"vision_encoder": _model_id_first(_with_training_choices(spec.vision)),
-                            "vision_projector": _model_id_first(_plain(spec.projector))}
+                            "vision_projector": _model_id_first(_with_training_choices(spec.projector))}
     return out
 
 

@@ -101,6 +101,19 @@ class TrainArgs:
                                               choices=("full", "selective"))
     recompute_method: Optional[str] = _f(None, "uniform or block (with full)", choices=("uniform", "block"))
     recompute_num_layers: Optional[int] = _f(None, "layers per recompute group (with full)")
+    # ---- LoRA and freezing (InternVL's flags in Megatron's style; applied to the model JSON, which must agree)
+    use_llm_lora: Optional[int] = _f(None, "LoRA of this rank on the LLM's linears (0: none); the LLM's base weights "
+                                           "then freeze unless text_decoder.freeze is false")
+    use_backbone_lora: Optional[int] = _f(None, "LoRA of this rank on the ViT's linears (0: none)")
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha of the adapters the flags above add (default: 2 x rank)")
+    lora_dropout: Optional[float] = _f(None, "dropout on the adapters' input (default: 0.05, InternVL's)")
+    freeze_llm: bool = _f(False, "freeze the LLM's own weights (text_decoder.freeze true)")
+    freeze_backbone: bool = _f(False, "freeze the ViT's own weights (image_encoder.vision_encoder.freeze true)")
+    freeze_mlp: bool = _f(False, "freeze the projector (image_encoder.vision_projector.freeze true)")
+    unfreeze_vit_layers: Optional[int] = _f(None, "train the ViT's last N layers (its unfreeze_last_layers); -N means "
+                                                  "the same (InternVL's spelling; InternVL's positive N, layers[N:], "
+                                                  "is the last num_layers - N here)")
+    unfreeze_lm_head: bool = _f(False, "train the LLM's output layer (text_decoder.unfreeze_output_layer)")
     # ---- checkpoints
     load: Optional[str] = _f(None, "checkpoint to start from: an mm-convert output or a directory this loop saved")
     load_adapter: Optional[str] = _f(None, "adapters to load on top of --load: a LoRA save of this loop or a PEFT "
@@ -150,6 +163,14 @@ class TrainArgs:
             raise ArgumentError(f"--save-interval must be >= 1, got {self.save_interval}")
         if self.num_workers < 0:
             raise ArgumentError(f"--num-workers must be >= 0, got {self.num_workers}")
+        for name in ("use_llm_lora", "use_backbone_lora"):
+            rank = getattr(self, name)
+            if rank is not None and rank < 0:
+                raise ArgumentError(f"{flag_name(name)} must be >= 0 (a LoRA rank; 0: no LoRA), got {rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ArgumentError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            raise ArgumentError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,7 +201,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
 
 def reconcile_with_spec(args: TrainArgs, spec, cuda: bool):
     """Check the model flags that repeat the JSON spec, fill per-module recompute settings the JSON leaves
-    unset, and say which flags fall back on this device. Returns (spec, warnings)."""
+    unset, apply the LoRA and freeze flags (`apply_training_flags`), and say which flags fall back on this
+    device. Returns (spec, warnings)."""
     t = spec.text
     check_model_flags(spec, args.mm_model, {name: getattr(args, name) for name in REPEATED_FLAGS}, args.swiglu)
     if t.params_dtype != args.params_dtype_name:
@@ -194,7 +216,66 @@ def reconcile_with_spec(args: TrainArgs, spec, cuda: bool):
             spec = dataclasses.replace(spec, text=dataclasses.replace(spec.text, **fill))
         if spec.vision.recompute_granularity is None:
             spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, **fill))
-    return spec, device_warnings(args, cuda)
+    return apply_training_flags(args, spec), device_warnings(args, cuda)
+
+
+_LORA_DEFAULT_DROPOUT = 0.05  # InternVL's wrap_llm_lora / wrap_backbone_lora
+_MODULE_PATHS = {"vision": "image_encoder.vision_encoder", "projector": "image_encoder.vision_projector",
+                 "text": "text_decoder"}
+
+
+def apply_training_flags(args: TrainArgs, spec):
+    """The spec with InternVL's LoRA and freeze flags applied. A flag adds what the JSON leaves unset; where
+    the JSON says something else (another LoRA, ``"freeze": false`` against ``--freeze-*``) it is an error
+    naming both, and where it says the same, nothing changes."""
+    src = args.mm_model
+    lora_flags = {"vision": "use_backbone_lora", "text": "use_llm_lora"}
+    for module, dest in lora_flags.items():
+        rank, m, path = getattr(args, dest), getattr(spec, module), _MODULE_PATHS[module]
+        if rank is None:
+            continue
+        flag = f"{flag_name(dest)} {rank}"
+        if m.lora is None:
+            if rank:
+                alpha = float(args.lora_alpha) if args.lora_alpha is not None else 2.0 * rank
+                dropout = args.lora_dropout if args.lora_dropout is not None else _LORA_DEFAULT_DROPOUT
+                m = dataclasses.replace(m, lora={"rank": rank, "alpha": alpha, "dropout": dropout})
+                spec = dataclasses.replace(spec, **{module: m})
+            continue
+        if rank != m.lora.rank:
+            raise ArgumentError(f"{flag}{' (no LoRA)' if rank == 0 else ''} contradicts {path}.lora.rank "
+                                f"{m.lora.rank} of {src}")
+    for dest, key in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        with_lora = [k for k in lora_flags if getattr(spec, k).lora is not None]
+        if not with_lora:
+            raise ArgumentError(f"{flag_name(dest)} needs --use-llm-lora or --use-backbone-lora (or a lora in {src})")
+        for module in with_lora:
+            have = getattr(getattr(spec, module).lora, key)
+            if float(value) != float(have):
+                raise ArgumentError(f"{flag_name(dest)} {value} contradicts {_MODULE_PATHS[module]}.lora.{key} "
+                                    f"{have} of {src}")
+    for dest, module in (("freeze_llm", "text"), ("freeze_backbone", "vision"), ("freeze_mlp", "projector")):
+        if not getattr(args, dest):
+            continue
+        m = getattr(spec, module)
+        if m.freeze is False:
+            raise ArgumentError(f"{flag_name(dest)} contradicts {_MODULE_PATHS[module]}.freeze false of {src}")
+        spec = dataclasses.replace(spec, **{module: dataclasses.replace(m, freeze=True)})
+    n = args.unfreeze_vit_layers
+    if n:
+        v, key = spec.vision, f"{_MODULE_PATHS['vision']}.unfreeze_last_layers"
+        if abs(n) > v.num_layers:
+            raise ArgumentError(f"--unfreeze-vit-layers {n}: the ViT has {v.num_layers} layers "
+                                f"({_MODULE_PATHS['vision']}.num_layers of {src})")
+        if v.unfreeze_last_layers not in (0, abs(n)):
+            raise ArgumentError(f"--unfreeze-vit-layers {n} contradicts {key} {v.unfreeze_last_layers} of {src}")
+        spec = dataclasses.replace(spec, vision=dataclasses.replace(v, unfreeze_last_layers=abs(n)))
+    if args.unfreeze_lm_head:
+        spec = dataclasses.replace(spec, text=dataclasses.replace(spec.text, unfreeze_output_layer=True))
+    return spec
 
 
 def device_warnings(args: TrainArgs, cuda: bool) -> list[str]:

@@ -52,7 +52,7 @@ class StepFlops:
 def step_flops(spec: InternVLSpec, num_tiles: int, seq_lens: list[int]) -> StepFlops:
     """Forward + backward FLOPs of one step over these tiles and (padded) sequence lengths."""
     v, t = spec.vision, spec.text
-    vit_trains = not (v.frozen and spec.projector.freeze)
+    vit_trains = not (v.frozen and spec.projector.frozen)
     vit_grads = vit_trains or v.lora is not None or v.unfreeze_last_layers > 0
     vit_mult = 3 if vit_trains else (2 if vit_grads else 1)
     llm_mult = 3 if not t.frozen else (2 if vit_grads or t.lora is not None else 1)

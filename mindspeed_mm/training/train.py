@@ -174,6 +174,9 @@ def train(args, spec, data_spec) -> RunState:
     tokenizer = load_tokenizer(data_spec.tokenizer_config, spec.img_context_token_id)
 
     chunks = build_model_chunks(spec, plan, args.context_parallel_algo, seed=args.seed)
+    from mindspeed_mm.training.trainable_report import TrainableReport
+
+    trainable = TrainableReport(chunks, spec, logger.info)  # what trains; the optimizer state after step 1
     model = wrap_ddp(chunks, args.use_distributed_optimizer, loss_mode)
     optimizer, scheduler = build_optimizer(args, model)
     state = RunState()
@@ -217,6 +220,7 @@ def train(args, spec, data_spec) -> RunState:
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step applies
         reports, grad_norm = train_step(model, optimizer, microbatches,
                                         per_sample_loss=loss_mode is LossMode.PER_SAMPLE)
+        trainable.after_step(optimizer, stepped=grad_norm is not None)
         scheduler.step(increment=1)
         state.iteration += 1
         state.consumed_train_samples += gbs
@@ -259,7 +263,7 @@ def train(args, spec, data_spec) -> RunState:
                 record["mfu"] = tflops / peak if peak else None
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {state.iteration}: loss is {loss}")
-            logger.log(record)
+            logger.log(trainable.add_to(record))
             window = Counter()
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save()

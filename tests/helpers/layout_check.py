@@ -42,6 +42,11 @@ class LayoutArgs:
     distributed_optimizer: bool = False
     seed: int = 0
     mm_dir: str | None = None  # load the weights from this mm-convert output instead of slicing the HF ones
+    # LoRA as a user has it (`lora_spec_of`): "vit", "llm" or "both" adapted (dropout 0), the base ViT and LLM
+    # frozen, the projector trainable; random adapters (B non-zero) loaded with the weights, the same everywhere
+    lora: str | None = None
+    unfreeze_last_layers: int = 0  # with lora: the ViT's last layers trainable
+    recompute: bool = False  # full recompute of every layer of both modules (through the spec)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -59,6 +64,41 @@ def trainable_spec(hf_dir) -> InternVLSpec:
                                text=dataclasses.replace(spec.text, freeze=False))
 
 
+LORA_RANK, LORA_ALPHA = 4, 8.0
+
+
+def lora_spec_of(spec: InternVLSpec, args: LayoutArgs) -> InternVLSpec:
+    """`spec` with the LoRA, freezing and recompute `args` ask for."""
+    if args.lora:
+        assert args.lora in ("vit", "llm", "both"), args.lora
+        lora = {"rank": LORA_RANK, "alpha": LORA_ALPHA, "dropout": 0.0}
+        vision = dataclasses.replace(spec.vision, freeze=True, unfreeze_last_layers=args.unfreeze_last_layers,
+                                     lora=lora if args.lora in ("vit", "both") else None)
+        text = dataclasses.replace(spec.text, freeze=True, lora=lora if args.lora in ("llm", "both") else None)
+        spec = dataclasses.replace(spec, vision=vision, text=text,
+                                   projector=dataclasses.replace(spec.projector, freeze=False))
+    if args.recompute:
+        full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, **full),
+                                   text=dataclasses.replace(spec.text, **full))
+    return spec
+
+
+def random_adapters(spec: InternVLSpec, seed: int = 11) -> dict[str, torch.Tensor]:
+    """Every LoRA matrix of `spec`, full-size, from a generator keyed by `seed` and its name: A and B alike
+    non-zero, so that the first step's gradient reaches A (B = 0 would stop it)."""
+    import zlib
+
+    from mindspeed_mm.models.internvl.params import params
+
+    out = {}
+    for p in params(spec, adapters=True):
+        if p.adapter:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(p.name.encode()))
+            out[p.name] = (torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(0.2).float()
+    return out
+
+
 def run_layout(hf_dir, args: LayoutArgs) -> dict:
     """Needs megatron's groups initialised at (tp, pp, cp, vpp). Returns this rank's share."""
     spec, plan = layout_plan(hf_dir, args, torch.distributed.get_world_size())
@@ -67,7 +107,11 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
         load_converted_weights(chunks, args.mm_dir)
     else:
         _, fmt, state = load_hf_checkpoint(hf_dir)
-        load_full_weights(chunks, hf_to_mm(state, spec, fmt))
+        full = hf_to_mm(state, spec, fmt)
+        if args.lora:
+            full.update(random_adapters(spec))
+        load_full_weights(chunks, full)
+    loaded = local_tensors(chunks, "param") if args.lora else None
     model = wrap_ddp(chunks, args.distributed_optimizer)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     microbatches = make_microbatches(spec, args.microbatches * dp, seed=args.seed)[dp_rank::dp]
@@ -86,17 +130,45 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
         for _ in range(args.adam_steps):
             losses.append(microbatch_losses(train_step(model, optimizer, microbatches)[0]))
         what = "param"
-    return {
+    out = {
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "dp_rank": dp_rank,
         "cp_rank": parallel_state.get_context_parallel_rank(),
         "losses": losses,
         "tensors": local_tensors(model, what),
     }
+    if args.lora:
+        out.update(_lora_facts(model, spec, loaded, out["tensors"], optimizer if args.adam_steps else None))
+    return out
+
+
+def _lora_facts(model, spec, loaded, after, optimizer) -> dict:
+    """What this rank's frozen and trainable parameters did (global names), the start-up report's figures
+    (collectives) and this rank's trainable elements and tensors."""
+    from mindspeed_mm.models.internvl.sharding import global_name
+    from mindspeed_mm.training.trainable_report import count_parameters, optimizer_state_bytes
+
+    facts = {"frozen_changed": [], "changed": [], "trainable": [], "local_trainable": [0, 0]}
+    for chunk in model:
+        module = chunk.module
+        for local, p in module.named_parameters():
+            name = global_name(local, module.stage)
+            same = torch.equal(loaded[module.stage.stage][local], after[module.stage.stage][local])
+            if p.requires_grad:
+                facts["trainable"].append(name)
+                facts["local_trainable"][0] += p.numel()
+                facts["local_trainable"][1] += 1
+                if not same:
+                    facts["changed"].append(name)
+            elif not same:
+                facts["frozen_changed"].append(name)
+    facts["counts"] = count_parameters(model, spec)
+    facts["optimizer_state_bytes"] = optimizer_state_bytes(optimizer) if optimizer is not None else None
+    return facts
 
 
 def layout_plan(hf_dir, args: LayoutArgs, world: int):
-    spec = trainable_spec(hf_dir)
+    spec = lora_spec_of(trainable_spec(hf_dir), args)
     parallel = ParallelSizes.from_world_size(world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sp=args.sp)
     return spec, plan_layout(spec, parallel, world, args.vit_pp_layers, args.llm_pp_layers)
 
@@ -109,7 +181,10 @@ def merge_rank_results(results: list[dict], spec: InternVLSpec, plan) -> dict:
             for stage, tensors in r["tensors"].items():
                 shards[(r["tp_rank"], stage)] = tensors
     losses = {r["dp_rank"]: r["losses"] for r in results if r["losses"] and r["losses"][0]}
-    return {"tensors": full_state_dict(shards, spec, plan), "losses": losses}
+    out = {"tensors": full_state_dict(shards, spec, plan), "losses": losses}
+    if "counts" in results[0]:
+        out["ranks"] = results  # the LoRA facts of every rank, as they are
+    return out
 
 
 def save_rank_result(out_dir, result: dict) -> None:

@@ -27,7 +27,7 @@ from mindspeed_mm.models.internvl.projector import InternVLProjector
 from mindspeed_mm.models.internvl.sharding import global_name, shard_tensor
 from mindspeed_mm.models.internvl.rope import LLMDecoder
 from mindspeed_mm.models.internvl.specs import block_spec, llm_layer_spec, vit_layer_spec
-from mindspeed_mm.models.internvl.vision import InternViT
+from mindspeed_mm.models.internvl.vision import InternViT, input_for_full_recompute
 from mindspeed_mm.models.lora import kaiming_uniform_like_peft
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, plan_layout
 
@@ -279,6 +279,7 @@ class InternVLModel(MegatronModule):
             decoder_input = self._cp_split(self.splice(input_ids, features, dummy), 0)
             if self.parallel.sp:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+            decoder_input = input_for_full_recompute(decoder_input, self.text_decoder.decoder)
         out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=None,
                                 decoder_input=decoder_input, rope_seq_len=seq_len)
         if not stage.has_llm_head:

@@ -353,7 +353,7 @@ def trainable(spec: InternVLSpec, name: str) -> bool:
         v = spec.vision
         return not v.frozen or d.owner == VIT_LAYER and layer >= v.num_layers - v.unfreeze_last_layers
     if d.owner == PROJECTOR:
-        return not spec.projector.freeze
+        return not spec.projector.frozen
     t = spec.text
     head = OUTPUT_LAYER if not t.tied else EMBEDDING
     return not t.frozen or t.unfreeze_output_layer and name == head

@@ -236,6 +236,7 @@ class InternViT(MegatronModule):
         else:
             x = self.input_tensor
         if self.encoder is not None:
+            x = input_for_full_recompute(x, self.encoder)
             x = self.encoder(x if self.embeddings is not None else None, attention_mask=self._key_padding_mask(x))
         if not self.last:
             return x
@@ -249,3 +250,14 @@ class InternViT(MegatronModule):
         side = math.isqrt(p)
         x = pixel_shuffle_v2(x.reshape(n, side, side, c), self.downsample_ratio)
         return x.reshape(n, -1, x.shape[-1])
+
+
+def input_for_full_recompute(x: Tensor | None, block: torch.nn.Module) -> Tensor | None:
+    """`x`, made to require grad when `block` recomputes fully and trains something (LoRA, unfrozen layers) but
+    `x` does not (frozen embeddings): megatron's checkpoint is reentrant, so an output of inputs that need no
+    grad gets none, and the block's adapters would silently get no gradient."""
+    if (x is None or x.requires_grad or not torch.is_grad_enabled()
+            or block.config.recompute_granularity != "full"
+            or not any(p.requires_grad for p in block.parameters())):
+        return x
+    return x.detach().requires_grad_()
