@@ -826,10 +826,11 @@ _UNSET_UNLESS_USED = {"lora": None, "unfreeze_last_layers": 0, "unfreeze_output_
 
 def _with_training_choices(module: Any) -> Dict[str, Any]:
     """A module's keys with LoRA and the unfreeze switches only where they are on (so a model JSON without them
-    reads as it did before they existed); ``freeze`` as given, the ViT's and projector's defaults written out as
-    the reference files have them, the LLM's left out (given false, LoRA would train the base weights too)."""
+    reads as it did before they existed); ``freeze`` as given, the ViT's default written out as the reference
+    files have it, the others' left out when not given (given false, LoRA would train the LLM's base weights
+    too, and --freeze-mlp would contradict the projector's)."""
     out = {k: v for k, v in _plain(module).items() if k not in _UNSET_UNLESS_USED or v != _UNSET_UNLESS_USED[k]}
-    if isinstance(module, (VisionEncoderSpec, ProjectorSpec)):
+    if isinstance(module, VisionEncoderSpec):
         out["freeze"] = module.frozen
     elif out["freeze"] is None:
         del out["freeze"]
