@@ -30,7 +30,7 @@ setup(
         "av>=12",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-image>=0.22"],  # scikit-image: real sample photos for the tiling tests
+        "test": ["pytest>=8", "scikit-image>=0.22", "peft>=0.13"],  # scikit-image: real sample photos for the tiling tests
         # Optional GPU accelerators: never imported unless present and asked for.
         "gpu": ["transformer-engine", "apex"],
     },

@@ -249,9 +249,12 @@ class LoraSpec:
 
 def lora_spec(module: str, raw: Any, path: str) -> Optional[LoraSpec]:
     """``raw`` (a JSON object: rank, alpha = 2 x rank, dropout = 0.05, target_modules = every part; or a
-    LoraSpec) checked for ``module`` ("vision" or "text"); rank 0 is no LoRA."""
-    if raw is None or isinstance(raw, LoraSpec):
-        return raw
+    LoraSpec, checked and normalised the same way) checked for ``module`` ("vision" or "text"); rank 0 is no
+    LoRA."""
+    if raw is None:
+        return None
+    if isinstance(raw, LoraSpec):
+        raw = {**dataclasses.asdict(raw), "target_modules": list(raw.target_modules)}
     s = Section(raw, path, known=("rank", "alpha", "dropout", "target_modules"))
     rank = s.get("rank", int, minimum=0)
     if rank == 0:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from mindspeed_mm.config.model_spec import LORA_PARTS, InternVLSpec, LoraSpec
 from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.models.internvl.hf.keys import native_key_to_module, normalize_native_key
-from mindspeed_mm.models.internvl.params import LORA_LINEARS, LORA_REGISTRY, params, template_regex
+from mindspeed_mm.models.internvl.params import LORA_BASE, LORA_LINEARS, LORA_REGISTRY, params, template_regex
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -91,6 +91,22 @@ def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) 
     return default
 
 
+def _check_complete(module: str, parts: set, adapters: Mapping[str, Tensor], bad) -> None:
+    """Every layer of `module` holding an adapter holds lora_A and lora_B of each of `parts` (one LoRA for the
+    module, as our spec has it)."""
+    base = LORA_BASE[module]
+    prefix = base.split("{i}")[0]
+    layers = sorted({int(n[len(prefix):].split(".", 1)[0]) for n in adapters if n.startswith(prefix)})
+    for i in layers:
+        for part in (p for p in LORA_PARTS[module] if p in parts):
+            linear, suffix, hf = LORA_LINEARS[module][part]
+            for ab in "ab":
+                if f"{base.replace('{i}', str(i))}{linear}.lora_{ab}{suffix}" not in adapters:
+                    layer = _LAYERS[module].replace(r"\d+", str(i)).replace("\\", "")
+                    raise bad(f"no {PEFT_PREFIX}{layer}{hf}.lora_{ab.upper()}.weight: every adapted layer must "
+                              f"adapt the same linears ({', '.join(sorted(parts))}), each with lora_A and lora_B")
+
+
 def from_peft(config: Mapping[str, Any], state: Mapping[str, Tensor], source: str) -> tuple[
         dict[str, Optional[LoraSpec]], dict[str, Tensor]]:
     """A PEFT LoRA adapter for transformers' native InternVL -> ({"vision": LoraSpec | None, "text": ...}, our
@@ -105,6 +121,9 @@ def from_peft(config: Mapping[str, Any], state: Mapping[str, Tensor], source: st
             raise bad(f"{key} {config[key]!r} is not supported (plain LoRA only)")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise bad("trains biases or whole modules besides the adapters (bias / modules_to_save): not supported")
+    for key in ("layers_to_transform", "layers_pattern"):
+        if config.get(key) not in (None, [], ""):
+            raise bad(f"{key} {config[key]!r} is not supported (our LoRA adapts the same linears in every layer)")
     out: dict[str, Tensor] = {}
     found: dict[str, dict[str, Any]] = {"vision": {}, "text": {}}
     for key, tensor in state.items():
@@ -129,6 +148,7 @@ def from_peft(config: Mapping[str, Any], state: Mapping[str, Tensor], source: st
         if not f:
             specs[module] = None
             continue
+        _check_complete(module, f["parts"], out, bad)
         if len(f["ranks"]) > 1:
             raise bad(f"{module} linears with different (rank, alpha) {sorted(f['ranks'])}: one per module only")
         (rank, alpha), = f["ranks"]
