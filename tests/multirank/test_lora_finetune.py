@@ -125,3 +125,62 @@ def test_a_base_other_than_the_adapters_one_is_refused(tiny, tmp_path, uninterru
     assert "is not the one its adapters were trained on" in last and "differs" in last, last
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "never").exists()
+
+
+def _peft_adapter_of(hf_dir: Path, out: Path, rank: int = 4) -> Path:
+    """A PEFT adapter directory (transformers' native names) for the model at `hf_dir`, random matrices."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from mindspeed_mm.config.model_spec import lora_spec
+    from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
+    from mindspeed_mm.models.internvl.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, to_peft
+    from mindspeed_mm.models.internvl.params import params
+
+    spec = spec_from_hf_dir(hf_dir)
+    spec = dataclasses.replace(spec, text=dataclasses.replace(
+        spec.text, lora=lora_spec("text", {"rank": rank, "dropout": 0.0}, "text_decoder.lora")))
+    g = torch.Generator().manual_seed(0)
+    adapters = {p.name: torch.randn(p.shape, generator=g) * 0.05 for p in params(spec, adapters=True) if p.adapter}
+    out.mkdir(parents=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(spec, str(hf_dir))))
+    save_file({k: v.contiguous() for k, v in to_peft(adapters, spec).items()}, str(out / ADAPTER_WEIGHTS))
+    return out
+
+
+def _fails_with_one_line(args) -> str:
+    r = subprocess.run([sys.executable, str(PRETRAIN), *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_a_peft_adapter_loads_and_a_foreign_one_is_refused(tiny, tmp_path):
+    """--load BASE --load-adapter PEFT_DIR with a model JSON without LoRA: the run takes the adapter's LoRA (rank 4
+    on the LLM); its first loss differs from the base's alone, and is the same at TP2 + SP as at one rank. An adapter of another model is one line, exit 2."""
+    model = model_json(tiny, tmp_path, "peft")
+    peft_dir = _peft_adapter_of(tiny.hf_dir, tmp_path / "peft")
+    plain = pretrain_args(tiny, model, iters=1, load=tiny.mm_dir, metrics=tmp_path / "base.jsonl")
+    run_torchrun(PRETRAIN, 1, plain)
+    run_torchrun(PRETRAIN, 1, pretrain_args(tiny, model, iters=1, load=tiny.mm_dir, metrics=tmp_path / "one.jsonl",
+                                            extra=("--load-adapter", str(peft_dir))))
+    with_adapter = pretrain_args(tiny, model, iters=1, load=tiny.mm_dir, metrics=tmp_path / "adapter.jsonl",
+                                 save=tmp_path / "saved", extra=("--load-adapter", str(peft_dir)))
+    run_torchrun(PRETRAIN, 2, with_adapter + ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    base_loss, adapter_loss = records(tmp_path / "base.jsonl")[0]["loss"], records(tmp_path / "adapter.jsonl")[0]["loss"]
+    one_rank = records(tmp_path / "one.jsonl")[0]["loss"]
+    assert abs(base_loss - adapter_loss) > 1e-4 * base_loss
+    assert abs(adapter_loss - one_rank) <= LOSS_RTOL * one_rank, (adapter_loss, one_rank)
+    meta = json.loads((tmp_path / "saved" / "iter_0000001" / "mm_convert_meta.json").read_text())
+    assert meta["model_spec"]["text_decoder"]["lora"]["rank"] == 4 and meta["base"]["iteration"] == "release"
+
+    other = prepare_tiny_run(tmp_path / "other", preset="small", seed=1, convert=False)
+    foreign = _peft_adapter_of(other.hf_dir, tmp_path / "foreign")
+    last = _fails_with_one_line(pretrain_args(tiny, model, iters=1, load=tiny.mm_dir,
+                                              extra=("--load-adapter", str(foreign))))
+    assert "has shape" in last and "the model's is" in last, last
+    last = _fails_with_one_line(pretrain_args(tiny, model, iters=1, load=tiny.mm_dir,
+                                              extra=("--load-adapter", str(peft_dir), "--use-llm-lora", "8")))
+    assert "rank 4" in last and "rank 8" in last, last
