@@ -16,6 +16,11 @@ hf_to_mm and resplit never import torch: tensors are numpy views of the mapped f
 with an allowlist unpickler (`torch_file.load`) and written by `streaming_save`. torch's import and teardown
 (~1.7 s) would otherwise cost more than copying a 2B checkpoint. mm_to_hf writes safetensors through torch.
 
+Adapter saves (a LoRA run's: adapters and trainable parameters only, the frozen base named in the metadata)
+are the one place values are computed: mm_to_hf merges them (W + alpha/r B A in fp32, cast to W's dtype, a
+weight at a time, the base read at its own layout and checked against the recorded fingerprint as it is read)
+or writes them as a PEFT adapter; resplit keeps them an adapter save naming the same base.
+
 The per-parameter mapping (`models.internvl.hf.mapping`) and the per-rank slicing (`models.internvl.sharding`)
 are views of one registry (`models.internvl.params`), so a converted shard is by construction
 ``local_state_dict(hf_to_mm(source), spec, plan, tp_rank, stage)``.
@@ -40,13 +45,16 @@ import numpy as np
 
 from mindspeed_mm.checkpoint.atomic import atomic_output_dir, check_output_dir
 from mindspeed_mm.checkpoint.hf_files import SAFE_INDEX, write_sharded
+from mindspeed_mm.checkpoint.fingerprint import add_stats, check_fingerprint, tensor_stats
 from mindspeed_mm.checkpoint.mm_format import (
     META_FILE,
     TRACKER_FILE,
     MMCheckpointMeta,
     checkpoint_meta,
     has_meta,
+    iteration_dir,
     rank_file,
+    read_meta,
     save_rank_file,
     write_meta,
     write_model_json,
@@ -54,7 +62,9 @@ from mindspeed_mm.checkpoint.mm_format import (
 from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.sources import HFSource, MMSource, columns
 from mindspeed_mm.checkpoint.streaming_save import NUMPY_DTYPES, LazyTensor, SideBySide, owned
-from mindspeed_mm.config.model_spec import PARAMS_DTYPE_NAMES, InternVLSpec, load_model_spec
+from mindspeed_mm.config.model_spec import (
+    PARAMS_DTYPE_NAMES, InternVLSpec, architecture_differences, load_model_spec,
+)
 from mindspeed_mm.config.parallel import ParallelConfig
 from mindspeed_mm.errors import CheckpointFormatError, UserError
 from mindspeed_mm.models.internvl.hf.config import (
@@ -62,7 +72,8 @@ from mindspeed_mm.models.internvl.hf.config import (
     spec_from_hf_dir,
 )
 from mindspeed_mm.models.internvl.hf.mapping import mapping_rules, pieces_from_parts
-from mindspeed_mm.models.internvl.params import EMBEDDING, param_shapes, params
+from mindspeed_mm.models.internvl.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, to_peft
+from mindspeed_mm.models.internvl.params import EMBEDDING, VIT_EMBED, VIT_LAYER, is_adapter, lookup, param_shapes, params
 from mindspeed_mm.models.internvl.sharding import TP_STYLES, shard_slice, stage_name
 from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_from_parallel_config
 from mindspeed_mm.parallel.sharding import Slice
@@ -103,11 +114,14 @@ def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "file"
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)
 
 
-def _placement(spec: InternVLSpec, plan: LayoutPlan) -> list[list[str]]:
+def _placement(spec: InternVLSpec, plan: LayoutPlan, names: Optional[set] = None) -> list[list[str]]:
     """The parameters each stage holds; every parameter must land on exactly one stage, but for the tied
-    embeddings' copy on the last stage (`sharding.stage_name`)."""
+    embeddings' copy on the last stage (`sharding.stage_name`). `names`: only these (an adapter save's: LoRA
+    matrices among them), else every weight of the model."""
     per_stage: list[list[str]] = [[] for _ in plan.stages]
-    for p in params(spec):
+    for p in params(spec, adapters=names is not None):
+        if names is not None and p.name not in names:
+            continue
         held = [s.stage for s in plan.stages if stage_name(p.name, s) is not None]
         copies = sum(plan.stages[s].has_tied_output for s in held) if p.name == EMBEDDING else 0
         if len(held) != 1 + copies:
@@ -126,12 +140,13 @@ class RankTensor:
     shape: tuple[int, ...]
 
 
-def rank_contents(spec: InternVLSpec, plan: LayoutPlan, style: str = "mm"
+def rank_contents(spec: InternVLSpec, plan: LayoutPlan, style: str = "mm", names: Optional[set] = None
                   ) -> dict[tuple[int, int], list[list[RankTensor]]]:
     """(tp_rank, pp_rank) -> one list per virtual chunk of the tensors that rank file holds: what `write_mm`
-    writes and `dry_run` sizes, from the registry's shapes alone."""
-    shapes = param_shapes(spec)
-    per_stage = _placement(spec, plan)
+    writes and `dry_run` sizes, from the registry's shapes alone. `names`: only these parameters (an adapter
+    save's)."""
+    shapes = {p.name: p.shape for p in params(spec, adapters=names is not None)}
+    per_stage = _placement(spec, plan, names)
     tp = plan.parallel.tp
     out = {}
     for pp_rank in range(plan.parallel.pp):
@@ -155,14 +170,16 @@ def rank_contents(spec: InternVLSpec, plan: LayoutPlan, style: str = "mm"
 def write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
               get_slice: Callable[[str, Slice], list[Array]],
               dtype_of: Callable[[str], str], progress: bool, desc: str, workers: int, direct_io: bool,
-              after_write: Optional[Callable[[Array], None]] = None, style: str = "mm") -> tuple[int, int]:
+              after_write: Optional[Callable[[Array], None]] = None, style: str = "mm",
+              names: Optional[set] = None) -> tuple[int, int]:
     """Write every rank file of `plan` into `tmp/release` in TP style `style`, `workers` files at a time;
     returns (files, bytes).
     `get_slice(name, sl)` reads just a rank's part of a full tensor (or its row pieces), so no full tensor
     need be in memory; it runs in the writer threads when they first fill a chunk holding that part
     (`save_streaming`), so it must be thread-safe. Files are written concurrently, and each by several threads,
-    so that copying into one chunk overlaps the disk's writing of another."""
-    contents = rank_contents(spec, plan, style)
+    so that copying into one chunk overlaps the disk's writing of another. `names`: only these parameters (an
+    adapter save's), else every weight of the model."""
+    contents = rank_contents(spec, plan, style, names)
     tp, pp = plan.parallel.tp, plan.parallel.pp
     iter_dir = tmp / "release"
     jobs = [(tp_rank, pp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
@@ -385,40 +402,67 @@ def _meta_and_plan(mm_dir: Path, pc: Optional[ParallelConfig], hf_dir: Optional[
     return meta, spec, found.plan
 
 
+LORA_FORMATS = ("merged", "peft")
+
+
 def mm_to_hf(mm_dir: str, save_hf_dir: str, hf_format: Optional[str] = None, hf_dir: Optional[str] = None,
              parallel: Optional[ParallelConfig] = None, *, max_shard_size: Union[int, str] = "5GB",
-             overwrite: bool = False, progress: bool = True) -> ConvertSummary:
+             overwrite: bool = False, progress: bool = True, lora_format: str = "merged") -> ConvertSummary:
     """MM shards back to an HF checkpoint of `hf_format` (default: the one converted from); config and tokenizer
     files come from `hf_dir` (default: the source recorded in the metadata; required for a checkpoint without
     metadata, whose layout and TP style are read off its files). `parallel`, when given, must match the
-    recorded or discovered layout."""
+    recorded or discovered layout.
+
+    An adapter save (LoRA: its rank files hold the adapters and trainable parameters, its metadata names the
+    frozen base) is written merged (`lora_format` "merged": every adapted weight W + alpha/r B A, in fp32 and
+    cast to W's dtype; the trainable parameters from the save, the rest from the base at whatever layout it has,
+    whose fingerprint is checked tensor by tensor), or as a PEFT adapter directory for transformers' native
+    InternVL ("peft": `_export_peft`)."""
     t0 = time.perf_counter()
     mm_dir, out_dir = Path(mm_dir).absolute(), Path(save_hf_dir).absolute()
     if hf_format not in (None, NATIVE, ORIGINAL):
         raise UserError(f"hf_format: expected 'native' or 'original', got {hf_format!r}")
+    if lora_format not in LORA_FORMATS:
+        raise UserError(f"lora_format: expected one of {list(LORA_FORMATS)}, got {lora_format!r}")
     max_bytes = _parse_size(max_shard_size)
     check_output_dir(out_dir, overwrite)
     meta, spec, plan = _meta_and_plan(mm_dir, parallel, hf_dir)
+    if lora_format == "peft":
+        if meta.base is None:
+            raise UserError(f"lora_format peft: {mm_dir} is not a LoRA adapter save (it holds every weight and "
+                            f"names no base); export it as a full HF checkpoint (lora_format merged, the default)")
+        return _export_peft(mm_dir, out_dir, meta, spec, plan, hf_dir, overwrite, t0)
     fmt = hf_format or meta.source_format
-    src = MMSource(mm_dir, meta, spec, plan)
-    _log(f"{mm_dir}: MM {plan.describe()} from {meta.source_format} HF -> {fmt} HF")
+    src = MMSource(mm_dir, meta, spec, plan, partial=meta.base is not None)
+    merge = _LoraMerge(mm_dir, meta, spec, src) if meta.base is not None else None
+    _log(f"{mm_dir}: MM {plan.describe()} from {meta.source_format} HF -> {fmt} HF"
+         + (f" (adapters merged into the base {merge.where})" if merge else ""))
     shapes = param_shapes(spec)
     rules = mapping_rules(spec, fmt)
     config_dir = Path(hf_dir).absolute() if hf_dir else (Path(meta.source_hf_dir) if meta.source_hf_dir else None)
 
+    def release() -> None:
+        src.release()
+        if merge is not None:
+            merge.base.release()
+
     def tensors():
         for r in _progress(rules, len(rules), f"mm_to_hf ({fmt})", progress, unit="tensor"):
-            full = src.tensor(r.mm)
+            full = src.tensor(r.mm) if merge is None else merge.tensor(r.mm)
             if tuple(full.shape) != shapes[r.mm]:
                 raise CheckpointFormatError(f"{src.iter_dir}: {r.mm} has shape {tuple(full.shape)}, the model "
                                             f"config needs {shapes[r.mm]}")
             yield from zip(r.hf, map(owned, r.op.split(full)))
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        names, _ = write_sharded(tensors(), tmp, max_bytes, on_flush=src.release)
-        if src.unused:
-            path, v, k = sorted(src.unused)[0]
-            raise CheckpointFormatError(f"{path}: {len(src.unused)} tensor(s) were not used, e.g. chunk {v} {k!r}")
+        names, _ = write_sharded(tensors(), tmp, max_bytes, on_flush=release)
+        for used in (src, *((merge.base,) if merge else ())):
+            if used.unused:
+                path, v, k = sorted(used.unused)[0]
+                raise CheckpointFormatError(f"{path}: {len(used.unused)} tensor(s) were not used, e.g. chunk {v} "
+                                            f"{k!r}")
+        if merge is not None:
+            merge.check_complete()
         config = read_hf_config(hf_dir) if hf_dir else meta.hf_config
         (tmp / "config.json").write_text(json.dumps(_target_config(config, detect_format(config), fmt, spec),
                                                     indent=2, sort_keys=True) + "\n")
@@ -443,20 +487,192 @@ def resplit(mm_dir: str, save_mm_dir: str, parallel: Optional[ParallelConfig] = 
     check_output_dir(Path(save_mm_dir).absolute(), overwrite)
     meta, spec, plan_a = _meta_and_plan(mm_dir, None, hf_dir)
     plan_b = plan_from_parallel_config(spec, parallel or ParallelConfig())
-    src = MMSource(mm_dir, meta, spec, plan_a)
+    # an adapter save stays one: its adapters and trainable parameters at the new layout, the same base named
+    src = MMSource(mm_dir, meta, spec, plan_a, partial=meta.base is not None)
     layout = (f"MM {plan_a.describe()}{_style_note(meta.tp_style)} -> MM {plan_b.describe()}"
-              f"{_style_note(style)}")
+              f"{_style_note(style)}" + (" (an adapter save: its base is not copied)" if meta.base else ""))
     _log(f"{mm_dir}: {layout}")
     with atomic_output_dir(save_mm_dir, overwrite) as tmp:
         files, n_bytes = write_mm(tmp, spec, plan_b, src.pieces, src.dtype, progress, "resplit",
-                                  workers, direct_io, after_write=src.mapped.drop_pages, style=style)
+                                  workers, direct_io, after_write=src.mapped.drop_pages, style=style,
+                                  names=set(src.names) if meta.base is not None else None)
         src.release()
         if src.unused:
             path, v, k = sorted(src.unused)[0]
             raise CheckpointFormatError(f"{path}: {len(src.unused)} tensor(s) were not used, e.g. chunk {v} {k!r}")
         write_meta(tmp, MMCheckpointMeta.from_plan(plan_b, spec, source_format=meta.source_format,
                                                    source_hf_dir=meta.source_hf_dir, hf_config=meta.hf_config,
-                                                   dtypes=meta.dtypes or dict(src.dtypes), tp_style=style))
+                                                   dtypes=meta.dtypes or dict(src.dtypes), tp_style=style,
+                                                   base=meta.base))
         write_model_json(tmp, spec, plan_b)
     return ConvertSummary("resplit", str(Path(save_mm_dir).absolute()), layout, files, n_bytes,
+                          time.perf_counter() - t0, meta.source_format)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Adapter saves (LoRA): merged onto their base, or as a PEFT adapter
+# ------------------------------------------------------------------------------------------------------------
+
+def _open_base(mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec) -> tuple[Path, MMCheckpointMeta, LayoutPlan]:
+    """The iteration directory, metadata and layout of the frozen base an adapter save names; errors say which
+    base is gone or unfit."""
+    root = Path(meta.base["dir"])
+    iteration = meta.base.get("iteration")
+    if not root.is_dir():
+        raise CheckpointFormatError(f"{mm_dir} holds adapters only, and its base {root} is gone (no such "
+                                    f"directory): restore the base checkpoint there")
+    it_dir = root / iteration if iteration else iteration_dir(root)
+    if not it_dir.is_dir():
+        raise CheckpointFormatError(f"{mm_dir} holds adapters only, and its base {root} lacks iteration "
+                                    f"{iteration} ({it_dir})")
+    if has_meta(root):
+        base = read_meta(it_dir) if (it_dir / META_FILE).is_file() else checkpoint_meta(root)
+        if base.base is not None:
+            raise CheckpointFormatError(f"{mm_dir}: its base {root} is an adapter save itself (export that one "
+                                        f"merged first and train from it)")
+        diffs = architecture_differences(base.spec(), spec)
+        if diffs:
+            key, theirs, mine = diffs[0]
+            raise CheckpointFormatError(f"{mm_dir}: its base {root} is another model ({key} {theirs!r} there, "
+                                        f"{mine!r} in the adapter save)")
+        return it_dir, base, base.plan(spec)
+    found = discover(root, spec, told_as=f"the base of {mm_dir}")
+    if iteration_dir(root) != it_dir:
+        raise CheckpointFormatError(f"{mm_dir}: its base {root} has no {META_FILE}, and only its latest iteration "
+                                    f"is read ({iteration_dir(root).name}, not {iteration})")
+    return it_dir, MMCheckpointMeta.from_plan(found.plan, spec, source_format="native", source_hf_dir=None,
+                                              hf_config={}, tp_style=found.tp_style), found.plan
+
+
+def _stats(spec: InternVLSpec, name: str, t) -> list[float]:
+    """`fingerprint.tensor_stats` of a full tensor as the model held it: in its module's params_dtype."""
+    import torch
+
+    module = spec.vision if lookup(name)[0].owner in (VIT_EMBED, VIT_LAYER) else spec.text
+    dtype = getattr(torch, PARAMS_DTYPE_NAMES[module.params_dtype])
+    return tensor_stats(t if t.dtype == dtype else t.to(dtype))
+
+
+class _LoraMerge:
+    """An adapter save on top of its base, a full tensor of ours at a time: a trainable parameter from the save,
+    any other from the base (resharded from its own layout by `MMSource`, its fingerprint checked as it is
+    read), and an adapted weight merged with its adapters (`merged`)."""
+
+    def __init__(self, mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, save: MMSource):
+        it_dir, base_meta, base_plan = _open_base(mm_dir, meta, spec)
+        self.base = MMSource(it_dir.parent, base_meta, spec, base_plan, iteration=it_dir.name)
+        self.mm_dir, self.spec, self.save, self.held = mm_dir, spec, save, set(save.names)
+        self.where = str(it_dir)
+        self.fingerprint: dict[str, list[float]] = meta.base["fingerprint"]
+        self.checked: set[str] = set()
+        # our weight -> (its native rule's op, per native part: its adapters (A, B) or None, alpha / rank)
+        pairs = {p.native[0].replace(".lora_A.weight", ".weight"): (p.name, p.name.replace(".lora_a", ".lora_b"))
+                 for p in params(spec, adapters=True) if p.adapter and ".lora_A." in p.native[0]}
+        self.adapted = {}
+        for r in mapping_rules(spec, NATIVE):
+            if any(k in pairs for k in r.hf):
+                module = spec.vision if lookup(r.mm)[0].owner in (VIT_EMBED, VIT_LAYER) else spec.text
+                self.adapted[r.mm] = (r.op, [pairs.get(k) for k in r.hf], module.lora.scaling)
+
+    def tensor(self, name: str):
+        if name in self.held:
+            t = self.save.tensor(name)
+            self.base.skip(name)
+        else:
+            t = self.base.tensor(name)
+            if name in self.fingerprint:
+                check_fingerprint({name: self.fingerprint[name]}, {name: _stats(self.spec, name, t)}, self.where,
+                                  str(self.mm_dir))
+                self.checked.add(name)
+        return self.merged(name, t) if name in self.adapted else t
+
+    def merged(self, name: str, w):
+        """W + alpha/r B A, each part's adapters in fp32 and the parts merged as the native HF linears are into
+        our fused weight, cast to W's dtype."""
+        import torch
+
+        op, parts, scaling = self.adapted[name]
+        pieces = []
+        for pair, shape in zip(parts, op.part_shapes(tuple(w.shape))):
+            if pair is None:
+                pieces.append(torch.zeros(shape, dtype=torch.float32))
+            else:
+                a, b = (self.save.tensor(n).float() for n in pair)
+                pieces.append(scaling * (b @ a))
+        return (w.float() + op.merge(pieces)).to(w.dtype)
+
+    def check_complete(self) -> None:
+        missing = sorted(set(self.fingerprint) - self.checked)
+        if missing:
+            raise CheckpointFormatError(f"{self.mm_dir}: the base {self.where} was not read for {len(missing)} "
+                                        f"fingerprinted parameter(s), e.g. {missing[0]} (the save holds them?)")
+
+
+def _hf_fingerprint(hf_dir: Path, spec: InternVLSpec, names: set) -> dict[str, list[float]]:
+    """The fingerprint of an HF checkpoint's tensors as our parameters `names`, a tensor at a time."""
+    import torch
+
+    src = HFSource(hf_dir)
+    out: dict[str, list[float]] = {}
+    for r in mapping_rules(spec, src.format):
+        if r.mm in names:
+            dtype = getattr(torch, src.dtype(r))
+            parts = [torch.from_numpy(np.array(src.read(k))).view(dtype) for k in r.hf]
+            add_stats(out, r.mm, _stats(spec, r.mm, r.op.merge(parts)))
+    src.release()
+    return out
+
+
+def _peft_base(mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, hf_dir: Optional[str]) -> str:
+    """`base_model_name_or_path` of the PEFT adapter: `hf_dir` when given, else the base's source HF directory
+    (from its metadata), else the base's own directory. A local HF directory is checked against the base's
+    fingerprint: a PEFT adapter is only right on the weights it was trained on."""
+    base_dir = Path(meta.base["dir"])
+    if hf_dir:
+        name = str(Path(hf_dir).absolute())
+    elif base_dir.is_dir():
+        it_dir, base_meta, _ = _open_base(mm_dir, meta, spec)
+        name = base_meta.source_hf_dir or str(base_dir)
+    else:  # the base is gone: the HF directory it was converted from, as the save recorded it
+        _log(f"warning: the base {base_dir} is gone; naming the HF directory the save records")
+        name = meta.source_hf_dir or str(base_dir)
+    hf = Path(name)
+    if not (hf / "config.json").is_file():
+        _log(f"warning: base_model_name_or_path {name} is not an HF checkpoint directory (an MM one): convert the "
+             f"base with mm_to_hf and load the adapter on that")
+        return name
+    fingerprint = meta.base["fingerprint"]
+    actual = _hf_fingerprint(hf, spec, set(fingerprint))
+    try:
+        check_fingerprint(fingerprint, actual, str(hf), str(mm_dir))
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"{e} (lora_format peft: the HF base the adapter would name differs from the "
+                                    f"base it was trained on, {base_dir}: give the base's own HF conversion with "
+                                    f"--cfg.hf_config.hf_dir, or export merged)") from None
+    return name
+
+
+def _export_peft(mm_dir: Path, out_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, plan: LayoutPlan,
+                 hf_dir: Optional[str], overwrite: bool, t0: float) -> ConvertSummary:
+    """An adapter save as a PEFT LoRA adapter directory for transformers' native InternVL
+    (`adapter_config.json` + `adapter_model.safetensors`). A save that also trains non-adapter parameters (the
+    projector, unfrozen layers) is refused: PEFT's adapter would lose them; the merged export keeps them."""
+    from safetensors.torch import save_file
+
+    src = MMSource(mm_dir, meta, spec, plan, partial=True)
+    others = [n for n in src.names if not is_adapter(n)]
+    if others:
+        raise UserError(f"lora_format peft: {mm_dir} also trains {len(others)} parameter(s) that are not LoRA "
+                        f"adapters ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), which a PEFT "
+                        f"adapter does not hold; export the merged checkpoint instead (lora_format merged)")
+    base_name = _peft_base(mm_dir, meta, spec, hf_dir)
+    _log(f"{mm_dir}: {len(src.names)} LoRA matrices -> PEFT adapter for {base_name}")
+    adapters = {n: src.tensor(n).contiguous() for n in src.names}
+    src.release()
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_file(to_peft(adapters, spec), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(spec, base_name), indent=2, sort_keys=True)
+                                          + "\n")
+        n_bytes = (tmp / ADAPTER_WEIGHTS).stat().st_size
+    return ConvertSummary("mm_to_hf", str(out_dir), f"MM {plan.describe()} adapters -> PEFT LoRA adapter", 2, n_bytes,
                           time.perf_counter() - t0, meta.source_format)

@@ -13,7 +13,7 @@ import os
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -170,16 +170,23 @@ class HFSource:
 class MMSource:
     """An MM checkpoint read lazily: `get(global_name)` merges the tensor from its TP shards, which follow
     `meta.tp_style` (of a tensor whole on every rank, MindSpeed-MM's projector, rank 0's copy is read and the
-    others' shapes checked; all count as used)."""
+    others' shapes checked; all count as used). `iteration`: the iteration directory to read (default: the
+    tracker's). `partial`: an adapter save, whose rank files hold only the LoRA matrices and the trainable
+    parameters: the parameters it holds (`names`) are those its first TP rank's files have, every LoRA matrix
+    of the spec among them, and the other TP ranks must hold the same."""
 
-    def __init__(self, mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, plan: LayoutPlan):
-        self.iter_dir = iteration_dir(mm_dir)
+    def __init__(self, mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, plan: LayoutPlan,
+                 iteration: Optional[str] = None, partial: bool = False):
+        self.iter_dir = Path(mm_dir) / iteration if iteration else iteration_dir(mm_dir)
         self.spec, self.plan, self.meta, self.style = spec, plan, meta, meta.tp_style
         self.tp, self.pp, self.vpp = plan.parallel.tp, plan.parallel.pp, plan.num_chunks
         self._open: dict[tuple[int, int], RankFile] = {}
         self._lock = threading.Lock()
         self.mapped = MappedFiles()
-        ps = params(spec)
+        ps = params(spec, adapters=partial)
+        if partial:
+            ps = self._held(ps)
+        self.names = [p.name for p in ps]
         self.shapes = {p.name: p.shape for p in ps}
         self.where: dict[str, tuple[int, str]] = {}  # global name -> (stage index, local name)
         self.unused: set[tuple[Path, int, str]] = set()
@@ -213,6 +220,19 @@ class MMSource:
                     self.unused.update((path, v, k) for k in sd if (pp_rank + v * self.pp, k) not in copies)
                     self.dtypes.update(t.dtype for t in sd.values())
 
+    def _held(self, ps: list) -> list:
+        """The parameters of `ps` an adapter save holds: those with their stage-local name in the first TP rank's
+        chunk of a stage that places them (the others are checked by the inventory)."""
+        present = {(s.stage, k) for s in self.plan.stages
+                   for k in self._file(0, s.stage % self.pp).chunks[s.stage // self.pp]}
+        held = [p for p in ps if any((s.stage, stage_name(p.name, s)) in present for s in self.plan.stages)]
+        names = {p.name for p in held}
+        missing = [p.name for p in ps if p.adapter and p.name not in names]
+        if missing:
+            raise CheckpointFormatError(f"{self.iter_dir}: an adapter save without {len(missing)} LoRA matrices "
+                                        f"its model has, e.g. {missing[0]}")
+        return held
+
     def _file(self, tp_rank: int, pp_rank: int) -> RankFile:
         with self._lock:  # writer threads read at once
             rf = self._open.get((tp_rank, pp_rank))
@@ -240,6 +260,14 @@ class MMSource:
                                      self.style)
         except ValueError as e:
             raise CheckpointFormatError(f"{self.iter_dir}: {e}") from None
+
+    def skip(self, name: str) -> None:
+        """Count tensor `name` as used without reading it (a base's tensor an adapter save replaces)."""
+        stage, local = self.where[name]
+        for tp_rank in range(self.tp):
+            path, v, _ = self._chunk(tp_rank, stage)
+            with self._lock:
+                self.unused.discard((path, v, local))
 
     def pieces(self, name: str, sl: Slice) -> list[Union[Array, SideBySide]]:
         """Slice `sl` (of another layout) of the full tensor `name`, as views of this checkpoint's shards whose

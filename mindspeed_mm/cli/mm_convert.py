@@ -4,6 +4,7 @@
         --cfg.parallel_config.llm_pp_layers [[6,8,8,6]] --cfg.parallel_config.vit_pp_layers [[24,0,0,0]] \\
         --cfg.parallel_config.tp_size 2
     mm-convert InternVLConverter mm_to_hf --cfg.mm_dir OUT --cfg.save_hf_dir HF2 [--cfg.hf_format native]
+    mm-convert InternVLConverter mm_to_hf --cfg.mm_dir LORA_SAVE --cfg.save_hf_dir ADAPTER --cfg.lora_format peft
     mm-convert InternVLConverter resplit --cfg.mm_dir OUT --cfg.save_mm_dir OUT2 --cfg.parallel_config.tp_size 4
     mm-convert InternVLConverter mm_to_hf --cfg.mm_dir MINDSPEED_OUT --cfg.hf_config.hf_dir HF --cfg.save_hf_dir HF2
     mm-convert InternVLConverter hf_to_mm ... --cfg.target_format mindspeed   # MindSpeed-MM's own rank files
@@ -92,6 +93,14 @@ class MMToHFConfig:
         "given, it is checked against that.", default=None)
     max_shard_size: Union[int, str] = _h("Largest safetensors file to write, bytes or e.g. '5GB', '500MB'.",
                                          default="5GB")
+    lora_format: str = _h(
+        "For an adapter save (a LoRA run's save: adapters and trainable parameters on a frozen base its metadata "
+        "names). 'merged': the full HF checkpoint, every adapted weight W + alpha/r B A (fp32, cast to W's "
+        "dtype), the trainable parameters from the save, the rest from the base (its fingerprint checked). "
+        "'peft': a PEFT LoRA adapter directory for transformers' native InternVL (adapter_config.json, "
+        "adapter_model.safetensors) whose base_model_name_or_path is hf_config.hf_dir or the base's source HF "
+        "directory (checked against the base's fingerprint); refused when the save also trains non-adapter "
+        "parameters.", default="merged")
     trust_remote_code: bool = _h(_TRUST_HELP, default=False)
     overwrite: bool = _h("Replace a non-empty output directory.", default=False)
     progress: bool = _h("Show a progress bar.", default=True)
@@ -138,7 +147,8 @@ def hf_to_mm(cfg: HFToMMConfig) -> Union[ConvertSummary, DryRunReport]:
 def mm_to_hf(cfg: MMToHFConfig) -> ConvertSummary:
     _note_trust(cfg)
     return convert.mm_to_hf(cfg.mm_dir, cfg.save_hf_dir, cfg.hf_format, cfg.hf_config.hf_dir, cfg.parallel_config,
-                            max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite, progress=cfg.progress)
+                            max_shard_size=cfg.max_shard_size, overwrite=cfg.overwrite, progress=cfg.progress,
+                            lora_format=cfg.lora_format)
 
 
 def resplit(cfg: ResplitConfig) -> ConvertSummary:
