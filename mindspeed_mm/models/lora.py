@@ -68,8 +68,8 @@ class _Adapters:
 
     def merge_lora_(self) -> None:
         """W += s * B A (this rank's slice) and drop the adapters: inference then runs the plain linear."""
-        with torch.no_grad():
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        with torch.no_grad():  # in fp32, then rounded once: what mm-convert's merged export writes
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         for s, on in zip(self.lora_suffixes, self.lora_adapted):
             if on:
                 delattr(self, f"lora_a{s}")

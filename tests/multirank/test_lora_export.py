@@ -28,6 +28,8 @@ from mindspeed_mm.testing.tiny_run import prepare_tiny_run, pretrain_args, write
 from tests.helpers.launch import run_torchrun
 from tests.helpers.oracle import load_native_model
 
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]  # two pretrain_vlm.py runs, one of them on 2 ranks
+
 REPO = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 8
 PROMPT = "Describe the picture."
