@@ -17,3 +17,14 @@ def megatron_single_rank():
     initialize_model_parallel(tp=1, pp=1, cp=1)
     yield
     destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """As `megatron_single_rank`, shared by a module's tests (the oracle modules build many models in it)."""
+    from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
+
+    init_distributed()
+    initialize_model_parallel(tp=1, pp=1, cp=1)
+    yield
+    destroy_distributed()

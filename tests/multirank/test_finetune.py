@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.launch import run_torchrun
+from tests.helpers.torch_files import saved_tensors
 from mindspeed_mm.testing.tiny_run import pretrain_args, prepare_tiny_run, write_model_json
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -43,17 +44,6 @@ def train(tiny, tmp_path: Path, name: str, nproc: int, model: Path, iters: int, 
     return metrics
 
 
-def saved_tensors(save_dir: Path, iteration: int) -> dict:
-    """{(file, section, name): tensor} of a single-rank save (model weights and optimizer state)."""
-    out = {}
-    for f in sorted((save_dir / f"iter_{iteration:07d}").glob("mp_rank_*/model_optim_rng.pt")):
-        obj = torch.load(f, weights_only=True)
-        for k, v in obj["model"].items():
-            out[(f.parent.name, "model", k)] = v
-        for kind, sd in obj["optimizer"]["chunks"][0].items():
-            for k, v in sd.items():
-                out[(f.parent.name, kind, k)] = v
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

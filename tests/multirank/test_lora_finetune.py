@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers.launch import run_torchrun
+from tests.helpers.torch_files import saved_tensors
 from mindspeed_mm.testing.tiny_run import pretrain_args, prepare_tiny_run, write_model_json
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -47,16 +48,6 @@ def train(tiny, tmp_path: Path, name: str, nproc: int, model: Path, iters: int, 
     return records(metrics)
 
 
-def saved(save_dir: Path, iteration: int) -> dict:
-    out = {}
-    for f in sorted((save_dir / f"iter_{iteration:07d}").glob("mp_rank_*/model_optim_rng.pt")):
-        obj = torch.load(f, weights_only=True)
-        for k, v in obj["model"].items():
-            out[(f.parent.name, "model", k)] = v
-        for kind, sd in obj["optimizer"]["chunks"][0].items():
-            for k, v in sd.items():
-                out[(f.parent.name, kind, k)] = v
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def test_resume_is_bit_exact_at_the_same_layout(tiny, tmp_path, uninterrupted):
     second = train(tiny, tmp_path, "second", 1, model, 4, load=tmp_path / "half", save=tmp_path / "half")
     assert [r["iteration"] for r in first + second] == [1, 2, 3, 4]
     assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
-    a, b = saved(base_tmp / "full", 4), saved(tmp_path / "half", 4)
+    a, b = saved_tensors(base_tmp / "full", 4), saved_tensors(tmp_path / "half", 4)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
 

@@ -50,16 +50,6 @@ CASES = [(preset, t) for preset in ("vit300m", "vit6b") for t in TARGETS] + [("q
 
 
 @pytest.fixture(scope="module")
-def megatron_world():
-    from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
-
-    init_distributed()
-    initialize_model_parallel(tp=1, pp=1, cp=1)
-    yield
-    destroy_distributed()
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """preset -> (hf_dir, config, fmt, hf_state), written once per preset."""
     out = {}

@@ -32,16 +32,6 @@ def _unfrozen(spec):
     )
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    from mindspeed_mm.distributed import destroy_distributed, init_distributed, initialize_model_parallel
-
-    init_distributed()
-    initialize_model_parallel(tp=1, pp=1, cp=1)
-    yield
-    destroy_distributed()
-
-
 # each LLM kind with each ViT kind, and tied embeddings
 PRESETS = ["vit300m", "vit6b", "qwen3_vit300m", "qwen3_vit6b", "internlm3_vit300m", "internlm3_vit6b", "qwen3_tied"]
 
