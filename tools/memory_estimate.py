@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from mindspeed_mm.checkpoint.convert import rank_contents  # noqa: E402
 from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec  # noqa: E402
 from mindspeed_mm.config.parallel import ParallelConfig  # noqa: E402
-from mindspeed_mm.models.internvl.params import LLM_EMBED, LLM_HEAD, LLM_LAYER, PROJECTOR, lookup  # noqa: E402
+from mindspeed_mm.models.internvl.params import trainable as trains  # noqa: E402
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_from_parallel_config  # noqa: E402
 
 GB = 1e9
@@ -79,14 +79,6 @@ class RankMemory:
         return self.weights + self.grads + self.optimizer + self.activations + self.logits + self.allowance
 
 
-def _trainable(spec: InternVLSpec, owner: str) -> bool:
-    if owner in (LLM_EMBED, LLM_LAYER, LLM_HEAD):
-        return not spec.text.frozen
-    if owner == PROJECTOR:
-        return not spec.projector.frozen
-    return not spec.vision.frozen
-
-
 def _layer_activation_bytes(spec: InternVLSpec, r: Recipe) -> tuple[float, float]:
     """(bytes one LLM layer keeps per micro-batch for its backward, bytes of its input alone) on one rank."""
     t = spec.text
@@ -111,7 +103,7 @@ def estimate(spec: InternVLSpec, plan: LayoutPlan, r: Recipe) -> list[RankMemory
         for chunk in chunks:
             for tensor in chunk:
                 n = math.prod(tensor.shape)
-                if _trainable(spec, lookup(tensor.name)[0].owner):
+                if trains(spec, tensor.name):
                     trainable += n
                 else:
                     frozen += n
