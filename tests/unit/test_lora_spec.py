@@ -349,3 +349,26 @@ def test_from_peft_rejects_an_incomplete_adapter(peft_pair):
     layer1 = [k for k in state if ".language_model.layers.1.mlp.down_proj." in k]
     with pytest.raises(CheckpointFormatError, match="down_proj"):
         from_peft(config, {k: v for k, v in state.items() if k not in layer1}, "adapter")
+
+
+# ------------------------------------------------------------------------ LoRA with an explicit freeze false
+
+def test_lora_with_freeze_false_trains_base_and_adapters_and_says_so_once(megatron_single_rank):
+    from mindspeed_mm.models.internvl.model import InternVLModel
+    from mindspeed_mm.training.trainable_report import TrainableReport
+
+    both = _spec(text={"lora": {"rank": 4}, "freeze": False})
+    lines: list[str] = []
+    TrainableReport([InternVLModel(both)], both, lines.append)
+    notes = [line for line in lines if "freeze false" in line]
+    assert notes == [f"{LLM}: LoRA and freeze false: its base weights train too"], lines
+    model = InternVLModel(both)
+    llm = {n: p.requires_grad for n, p in model.named_parameters() if n.startswith("text_decoder.")}
+    assert all(llm.values()) and any(".lora_a" in n for n in llm)
+    # freeze left unsaid: LoRA freezes the base, and nothing is said
+    only = _spec(text={"lora": {"rank": 4}})
+    lines.clear()
+    TrainableReport([InternVLModel(only)], only, lines.append)
+    assert not [line for line in lines if "freeze false" in line]
+    trains = {n for n, p in InternVLModel(only).named_parameters() if p.requires_grad and n.startswith("text_")}
+    assert trains and all(".lora_" in n for n in trains)
