@@ -19,7 +19,7 @@ def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
     """``input_ids`` [b, S] padded with ``pad_id``, ``labels`` [b, S] padded with -100, ``attention_mask``
     [b, S] bool, ``pixel_values`` [T, 3, H, W] (None when no sample has tiles), ``image_flags`` [T] (None
     likewise), ``num_samples``, ``num_tokens`` (real tokens, image tokens included), ``num_image_tokens``,
-    ``skipped`` {reason: count} summed over the samples."""
+    ``skipped`` {reason: count} summed over the samples, ``samples_by_dataset`` {mixture dataset name: count}."""
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
     lengths = [int(s["input_ids"].numel()) for s in samples]
@@ -51,4 +51,5 @@ def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
         "num_tokens": sum(lengths),
         "num_image_tokens": sum(int(s["num_image_tokens"]) for s in samples),
         "skipped": dict(skipped),
+        "samples_by_dataset": dict(Counter(s["dataset"] for s in samples if "dataset" in s)),
     }

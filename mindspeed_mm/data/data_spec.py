@@ -14,13 +14,17 @@
 
 Rules: values are type-checked (``bool`` is not an ``int``); a key nobody knows is an error naming its path,
 because a misspelt key silently falling back to a default is the most expensive kind of config bug. Keys the
-reference carries without effect here are accepted: ``use_text_processer``, ``group_by_length`` (no length
-grouping: batches are padded to their own longest sample), ``image_reader_type`` and the torchvision
+reference carries without effect here are accepted: ``use_text_processer``, ``image_reader_type`` and the torchvision
 ``train_pipeline`` (our tiling is bit-exact with InternVL's PIL path; only ``norm_fun``'s mean/std and the
 presence of ``Pad2Square`` are read, and a ``Resize`` must agree with ``image_size``). Every error is a
 :class:`DataSpecError` (the one :class:`~mindspeed_mm.config.validate.ConfigError` of every config file)
 naming the key path and the file. Relative paths in the JSON are kept as written (resolved against the working
 directory, as in the reference scripts).
+
+Mixtures (``data/mixture.py``): ``basic_parameters`` is one dataset or a list, or ``meta_path`` names InternVL's
+meta JSON ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time, length}}`` instead. Each
+dataset keeps ``floor(repeat_time x records)`` samples; ``max_dynamic_patch`` overrides the tiling limit for its
+images; ``group_by_length`` orders each global batch as InternVL's LengthGroupedSampler does.
 """
 from __future__ import annotations
 
@@ -57,12 +61,21 @@ DataSpecError = ConfigError  # the name this module's callers and users know
 
 @dataclass(frozen=True)
 class BasicParameters:
-    """One annotation file. ``repeat_time`` >= 1 must be an integer (the file is repeated); in (0, 1) it keeps
-    that fraction of the file's first samples. ``data_folder`` null: paths are relative to the file's folder."""
+    """One dataset of the mixture: an annotation file. It gives ``floor(repeat_time x records)`` samples
+    (see :mod:`mindspeed_mm.data.mixture`). ``data_folder`` null: paths are relative to the file's folder.
+    ``max_dynamic_patch`` null: the ``dataset_param`` one. ``data_augment``: InternVL's random JPEG
+    re-compression of tiles, accepted and not applied (said once in the log). ``length``: the meta JSON's record
+    count, informational (a mismatch is logged). ``key``/``source``: where it was written, for messages."""
 
     data_path: str
     data_folder: str | None = None
     repeat_time: float = 1.0
+    name: str = ""
+    max_dynamic_patch: int | None = None
+    data_augment: bool = False
+    length: int | None = None
+    key: str = field(default="", compare=False)
+    source: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class DatasetParam:
     # The pipeline's Pad2Square: pads images that are not tiled (video frames, dynamic_image_size false) to a
     # square of the mean colour before resizing, as the reference does; tiles are square already.
     pad_to_square: bool = False
+    group_by_length: bool = False
+    meta_path: str | None = None
 
     @property
     def tokens_per_tile(self) -> int:
@@ -124,14 +139,17 @@ def _basic(raw: Any, path: str) -> BasicParameters:
     data_path = s.get("data_path", str)
     folder = s.get("data_folder", str, None, nullable=True)
     repeat = s.get("repeat_time", float, 1.0)
+    name = s.get("name", str, "")
+    max_patch = s.get("max_dynamic_patch", int, None, nullable=True, minimum=1)
+    augment = s.get("data_augment", bool, False)
     s.done()
     if not data_path:
         raise DataSpecError(s.key("data_path"), "must not be empty")
     if not Path(data_path).suffix.lower() in (".json", ".jsonl"):
         raise DataSpecError(s.key("data_path"), f"{data_path!r}: only .json (a list) and .jsonl files are read")
-    if repeat <= 0 or (repeat > 1 and repeat != int(repeat)):
-        raise DataSpecError(s.key("repeat_time"), f"must be an integer >= 1 or a fraction in (0, 1), got {repeat!r}")
-    return BasicParameters(data_path, folder, repeat)
+    if repeat <= 0:
+        raise DataSpecError(s.key("repeat_time"), f"must be > 0, got {repeat!r}")
+    return BasicParameters(data_path, folder, repeat, name, max_patch, augment, key=path)
 
 
 def _norm_from_pipeline(pre: Section, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
@@ -191,13 +209,24 @@ def tokenizer_config_from_dict(raw: Any, path: str, use_fast: bool) -> Tokenizer
 def _dataset_param(raw: Any, path: str) -> DatasetParam:
     s = Section(raw, path)
     dataset_type = s.get("dataset_type", str, "multimodal", choices=("multimodal",))
-    basic_raw = s.get("basic_parameters", object)
-    if isinstance(basic_raw, list):
+    meta_path = s.get("meta_path", str, None, nullable=True)
+    basic_raw = s.get("basic_parameters", object, None, nullable=True)
+    if (meta_path is None) == (basic_raw is None):
+        raise DataSpecError(s.key("basic_parameters"), "give either basic_parameters or meta_path (InternVL's "
+                            f"meta JSON), not {'both' if meta_path else 'neither'}")
+    if meta_path is not None:
+        from mindspeed_mm.data.mixture import read_meta
+
+        basics = read_meta(meta_path, s.key("meta_path"))
+    elif isinstance(basic_raw, list):
         if not basic_raw:
             raise DataSpecError(s.key("basic_parameters"), "an empty list names no data")
         basics = tuple(_basic(b, f"{s.key('basic_parameters')}[{i}]") for i, b in enumerate(basic_raw))
     else:
         basics = (_basic(basic_raw, s.key("basic_parameters")),)
+    from mindspeed_mm.data.mixture import name_datasets
+
+    basics = name_datasets(basics)
 
     tokenizer = tokenizer_config_from_dict(s.get("tokenizer_config", dict), s.key("tokenizer_config"), use_fast=False)
 
@@ -226,7 +255,8 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
         "norm_std": std,
         "pad_to_square": pad,
     }
-    s.get("group_by_length", bool, False)
+    kwargs["group_by_length"] = s.get("group_by_length", bool, False)
+    kwargs["meta_path"] = meta_path
     s.get("use_text_processer", bool, False)
     if s.get("use_packed_ds", bool, False):
         raise DataSpecError(s.key("use_packed_ds"), "packing is not implemented; set it to false")
@@ -243,6 +273,10 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
     if kwargs["max_dynamic_patch"] < kwargs["min_dynamic_patch"]:
         raise DataSpecError(s.key("max_dynamic_patch"), f"{kwargs['max_dynamic_patch']} is below "
                             f"min_dynamic_patch {kwargs['min_dynamic_patch']}")
+    for b in basics:
+        if b.max_dynamic_patch is not None and b.max_dynamic_patch < kwargs["min_dynamic_patch"]:
+            raise DataSpecError(f"{b.key}.max_dynamic_patch", f"{b.max_dynamic_patch} is below min_dynamic_patch "
+                                f"{kwargs['min_dynamic_patch']}", b.source)
     if kwargs["max_num_frame"] < kwargs["min_num_frame"]:
         raise DataSpecError(s.key("max_num_frame"), f"{kwargs['max_num_frame']} is below "
                             f"min_num_frame {kwargs['min_num_frame']}")

@@ -124,18 +124,11 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         if self.img_context_id is None or self.img_context_id == tokenizer.unk_token_id:
             raise UserError(f"the tokenizer has no {IMG_CONTEXT_TOKEN} token")
 
-        # (record, folder its paths are relative to, "file:n" for messages)
-        self.records: list[tuple[Any, str, str]] = []
-        for basic in p.basic_parameters:
-            records = read_annotations(basic.data_path)
-            folder = basic.data_folder if basic.data_folder is not None else str(Path(basic.data_path).parent)
-            indexed = [(r, folder, f"{basic.data_path}:{n}") for n, r in enumerate(records, 1)]
-            if basic.repeat_time < 1:
-                indexed = indexed[: int(len(indexed) * basic.repeat_time)]
-            else:
-                indexed = indexed * int(basic.repeat_time)
-            self.records += indexed
-        if not self.records:
+        # (record, folder its paths are relative to, "file:n" for messages), read lazily (data/mixture.py)
+        from mindspeed_mm.data.mixture import Mixture
+
+        self.records = Mixture(p.basic_parameters, self.seed)
+        if not len(self.records):
             raise UserError(f"no samples in {[b.data_path for b in p.basic_parameters]}")
 
     def __len__(self) -> int:
@@ -155,6 +148,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 logger.warning("skipping sample %d (%s): %s: %s", j, self.records[j][2], e.reason, e)
                 continue
             sample["skipped"] = dict(skipped)
+            sample["dataset"] = self.records.basic(j).name
             return sample
         raise UserError(f"{sum(skipped.values())} samples in a row from index {index} are unusable "
                         f"({dict(skipped)}); the last: {last}. Check data_path / data_folder.")
@@ -178,7 +172,8 @@ class InternVLChatDataset(torch.utils.data.Dataset):
             images = [images]
         if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
             raise _Skip("malformed", f"'image' must be a path or a list of paths, got {images!r}")
-        return self._image_sample(conversations, [os.path.join(folder, x) for x in images])
+        return self._image_sample(conversations, [os.path.join(folder, x) for x in images],
+                                  self.records.basic(j).max_dynamic_patch)
 
     def _tokenize(self, conversations: list, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -208,7 +203,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         size = self.param.image_size
         return self._result(ids, labels, torch.zeros(0, 3, size, size, dtype=torch.float32))
 
-    def _image_sample(self, conversations: list, paths: list[str]) -> dict:
+    def _image_sample(self, conversations: list, paths: list[str], max_patch: int | None = None) -> dict:
         p = self.param
         images = []
         for path in paths:
@@ -218,7 +213,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 raise _Skip("missing_file", str(e)) from None
             except ValueError as e:
                 raise _Skip("bad_image", str(e)) from None
-        budget = max(1, p.max_dynamic_patch // len(images)) if p.dynamic_image_size else 1
+        budget = max(1, (max_patch or p.max_dynamic_patch) // len(images)) if p.dynamic_image_size else 1
         while True:
             low = min(p.min_dynamic_patch, budget)
             counts = [self._tile_count(im, low, budget) for im in images]

@@ -9,7 +9,9 @@ from a checkpoint's count continues exactly where the run stopped, across epoch 
 ``drop_last=True`` (the reference): each epoch is cut to a multiple of ``G``, so a micro-batch never mixes two
 epochs. ``drop_last=False``: no sample is dropped; the last micro-batch of an epoch continues into the next
 one, and the stream no longer depends on ``G`` (a resume at another DP size sees the same sample order).
-The sampler is endless: the training loop decides when to stop.
+The sampler is endless: the training loop decides when to stop. ``order`` (epoch -> a permutation of the
+dataset) replaces the shuffle, e.g. ``group_by_length``'s (:func:`~mindspeed_mm.data.mixture.length_grouped_order`).
+Nothing depends on the positions before ``consumed_samples``: resuming computes the epoch's order and starts there.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ __all__ = ["ResumableBatchSampler", "build_dataloader"]
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
     def __init__(self, total_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 consumed_samples: int = 0, shuffle: bool = True, drop_last: bool = True):
+                 consumed_samples: int = 0, shuffle: bool = True, drop_last: bool = True, order=None):
         if total_samples < 1 or micro_batch_size < 1 or dp_size < 1:
             raise ValueError(f"need total_samples, micro_batch_size, dp_size >= 1, got {total_samples}, "
                              f"{micro_batch_size}, {dp_size}")
@@ -42,16 +44,17 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
                              f"{dp_size} DP ranks (drop_last)")
         self.total, self.mbs, self.rank, self.seed = total_samples, micro_batch_size, dp_rank, seed
         self.consumed, self.shuffle = consumed_samples, shuffle
-        self._epoch, self._order = -1, None
+        self._epoch, self._order, self.order = -1, None, order
 
     def _at(self, position: int) -> int:
         """The dataset index at global stream ``position``."""
         epoch, offset = divmod(position, self.epoch_len)
-        if not self.shuffle:
+        if not self.shuffle and self.order is None:
             return offset
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.total, generator=g).tolist()
+            self._epoch, self._order = epoch, (self.order(epoch) if self.order is not None
+                                               else torch.randperm(self.total, generator=g).tolist())
         return self._order[offset]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -63,11 +66,11 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 def build_dataloader(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                      consumed_samples: int, num_workers: int, pad_id: int, shuffle: bool = True,
-                     drop_last: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                     drop_last: bool = True, pin_memory: bool = False, order=None) -> torch.utils.data.DataLoader:
     """An endless loader of this DP rank's collated micro-batches (:func:`collate_internvl`), resumed at
     ``consumed_samples``. Samples are seeded by index, so any ``num_workers`` yields the same batches."""
     sampler = ResumableBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_size, seed, consumed_samples,
-                                    shuffle, drop_last)
+                                    shuffle, drop_last, order)
     if num_workers > 0:
         # The tokenizer was used in this process before the fork; its thread pool must not be shared.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

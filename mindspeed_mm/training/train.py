@@ -107,12 +107,13 @@ def check_inputs(args):
     tok = param.tokenizer_config.from_pretrained
     if not Path(tok).is_dir():
         raise DataSpecError("dataset_param.tokenizer_config.from_pretrained", f"no such directory: {tok}", args.mm_data)
-    for i, basic in enumerate(param.basic_parameters):
-        key = "dataset_param.basic_parameters" + (f"[{i}]" if len(param.basic_parameters) > 1 else "")
+    for basic in param.basic_parameters:  # a meta JSON's entries name their keys in the meta file
+        key, src = basic.key, basic.source or args.mm_data
+        names = ("data_path", "data_folder") if basic.source is None else ("annotation", "root")
         if not Path(basic.data_path).is_file():
-            raise DataSpecError(f"{key}.data_path", f"file not found: {basic.data_path}", args.mm_data)
+            raise DataSpecError(f"{key}.{names[0]}", f"file not found: {basic.data_path}", src)
         if basic.data_folder is not None and not Path(basic.data_folder).is_dir():
-            raise DataSpecError(f"{key}.data_folder", f"no such directory: {basic.data_folder}", args.mm_data)
+            raise DataSpecError(f"{key}.{names[1]}", f"no such directory: {basic.data_folder}", src)
     if args.load and not Path(args.load).is_dir():
         raise ArgumentError(f"--load {args.load}: no such directory")
     if args.load_adapter:
@@ -137,7 +138,7 @@ def train(args, spec, data_spec) -> RunState:
     from mindspeed_mm.parallel.layout import plan_layout
     from mindspeed_mm.training.arguments import ArgumentError, device_warnings
     from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
-    from mindspeed_mm.training.data import build_train_iterator
+    from mindspeed_mm.training.data import build_train_iterator, dataset_names
     from mindspeed_mm.training.flops import step_flops
     from mindspeed_mm.training.loss import LossMode, reduce_reported
     from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
@@ -200,7 +201,9 @@ def train(args, spec, data_spec) -> RunState:
     else:
         logger.info("no --load: training from megatron's random initialisation")
 
-    batches = build_train_iterator(data_spec, tokenizer, spec, args, dp_rank, dp, state.consumed_train_samples)
+    batches = build_train_iterator(data_spec, tokenizer, spec, args, dp_rank, dp, state.consumed_train_samples,
+                                   log=logger.info)
+    names = dataset_names(data_spec)
 
     def save():
         save_checkpoint(args.save, state.iteration, model, plan, meta, optimizer, scheduler,
@@ -228,6 +231,7 @@ def train(args, spec, data_spec) -> RunState:
             state.skipped_iterations += 1
         for mb in microbatches:
             state.skipped.update(mb.get("skipped") or {})
+            window.update({("dataset", k): v for k, v in (mb.get("samples_by_dataset") or {}).items()})
         window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
                       samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
                       padded_tokens=sum(mb["input_ids"].numel() for mb in microbatches),
@@ -241,7 +245,8 @@ def train(args, spec, data_spec) -> RunState:
             loss = _broadcast_from_last_stage(loss)
             tokens, samples, padded, flops, *skipped = _dp_sum(
                 [window["tokens"], window["samples"], window["padded_tokens"], window["flops"],
-                 *(state.skipped[r] for r in SKIP_REASONS)])
+                 *(state.skipped[r] for r in SKIP_REASONS), *(window[("dataset", n)] for n in names)])
+            skipped, by_dataset = skipped[:len(SKIP_REASONS)], skipped[len(SKIP_REASONS):]
             skipped_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
             elapsed = window["time"]
             record = {
@@ -254,6 +259,7 @@ def train(args, spec, data_spec) -> RunState:
                 "skipped_samples": sum(skipped_by_reason.values()), "skipped_iterations": state.skipped_iterations,
                 "skipped_iterations_in_interval": window["skipped_steps"],
                 "skipped_by_reason": skipped_by_reason,
+                "samples_by_dataset": {n: int(c) for n, c in zip(names, by_dataset)},  # since the last record
                 **memory_stats(),
             }
             if cuda:

@@ -106,8 +106,8 @@ def _spec_error(tmp_path, mutate) -> str:
     (lambda r: r["dataset_param"].update(max_dynamic_pach=6), "dataset_param.max_dynamic_pach", "unknown key"),
     (lambda r: r["dataset_param"].update(sampling_method="random"), "dataset_param.sampling_method", "fps"),
     (lambda r: r["dataset_param"].update(basic_parameters=[
-        {"data_path": "a.jsonl", "data_folder": "."}, {"data_path": "b.jsonl", "repeat_time": 1.5}]),
-     "dataset_param.basic_parameters[1].repeat_time", "integer"),
+        {"data_path": "a.jsonl", "data_folder": "."}, {"data_path": "b.jsonl", "repeat_time": 0}]),
+     "dataset_param.basic_parameters[1].repeat_time", "> 0"),
     (lambda r: r["dataset_param"]["basic_parameters"].pop("data_path"),
      "dataset_param.basic_parameters.data_path", "missing"),
     (lambda r: r["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"][1]["param"].update(
@@ -366,7 +366,10 @@ def test_repeat_time_and_several_files(tokenizer, data):
     n = len(_records(data))
     ds = InternVLChatDataset(load_data_spec(raw), tokenizer, 1024, TPT)
     assert len(ds) == 2 * n + int(n * 0.25)
-    assert torch.equal(ds[2 * n + 1]["input_ids"], ds[1]["input_ids"])
+    assert torch.equal(ds[n + 1]["input_ids"], ds[1]["input_ids"])
+    record, _, tag = ds.records[2 * n + 1]  # the fraction: a seeded subset, in file order
+    line = int(tag.rsplit(":", 1)[1]) - 1
+    assert record == _records(data)[line] and ds.records.basic(2 * n).name == "data#2"
 
 
 def test_broken_samples_are_skipped_and_counted(tokenizer, broken_data, caplog):
