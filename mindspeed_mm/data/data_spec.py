@@ -86,6 +86,9 @@ class DatasetParam:
     # The pipeline's Pad2Square: pads images that are not tiled (video frames, dynamic_image_size false) to a
     # square of the mean colour before resizing, as the reference does; tiles are square already.
     pad_to_square: bool = False
+    # A truncated image file is trained on as InternVL does (PIL's LOAD_TRUNCATED_IMAGES) and counted in the
+    # log; true skips its sample instead (reason truncated_image).
+    skip_truncated_images: bool = False
 
     @property
     def tokens_per_tile(self) -> int:
@@ -225,6 +228,7 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
         "norm_mean": mean,
         "norm_std": std,
         "pad_to_square": pad,
+        "skip_truncated_images": s.get("skip_truncated_images", bool, False),
     }
     s.get("group_by_length", bool, False)
     s.get("use_text_processer", bool, False)
