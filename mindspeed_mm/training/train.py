@@ -27,6 +27,7 @@ class RunState:
     consumed_train_samples: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)
     skipped_iterations: int = 0
+    loaded: Counter = dataclasses.field(default_factory=Counter)  # used samples' load notes (truncated images)
 
 
 def _is_last_stage_rank() -> bool:
@@ -131,7 +132,7 @@ def train(args, spec, data_spec) -> RunState:
     import torch
     from megatron.core import parallel_state
     from mindspeed_mm.checkpoint.mm_format import MMCheckpointMeta
-    from mindspeed_mm.data.dataset import SKIP_REASONS
+    from mindspeed_mm.data.dataset import LOAD_NOTES, SKIP_REASONS
     from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
     from mindspeed_mm.parallel.layout import plan_layout
@@ -228,6 +229,7 @@ def train(args, spec, data_spec) -> RunState:
             state.skipped_iterations += 1
         for mb in microbatches:
             state.skipped.update(mb.get("skipped") or {})
+            state.loaded.update(mb.get("loaded") or {})
         window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
                       samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
                       padded_tokens=sum(mb["input_ids"].numel() for mb in microbatches),
@@ -241,8 +243,10 @@ def train(args, spec, data_spec) -> RunState:
             loss = _broadcast_from_last_stage(loss)
             tokens, samples, padded, flops, *skipped = _dp_sum(
                 [window["tokens"], window["samples"], window["padded_tokens"], window["flops"],
-                 *(state.skipped[r] for r in SKIP_REASONS)])
+                 *(state.skipped[r] for r in SKIP_REASONS), *(state.loaded[r] for r in LOAD_NOTES)])
+            skipped, loaded = skipped[:len(SKIP_REASONS)], skipped[len(SKIP_REASONS):]
             skipped_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
+            loaded_by_note = {r: int(n) for r, n in zip(LOAD_NOTES, loaded) if n}
             elapsed = window["time"]
             record = {
                 "iteration": state.iteration, "loss": loss, "lr": lr,
@@ -254,6 +258,7 @@ def train(args, spec, data_spec) -> RunState:
                 "skipped_samples": sum(skipped_by_reason.values()), "skipped_iterations": state.skipped_iterations,
                 "skipped_iterations_in_interval": window["skipped_steps"],
                 "skipped_by_reason": skipped_by_reason,
+                "loaded_by_note": loaded_by_note,
                 **memory_stats(),
             }
             if cuda:
