@@ -19,7 +19,8 @@ def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
     """``input_ids`` [b, S] padded with ``pad_id``, ``labels`` [b, S] padded with -100, ``attention_mask``
     [b, S] bool, ``pixel_values`` [T, 3, H, W] (None when no sample has tiles), ``image_flags`` [T] (None
     likewise), ``num_samples``, ``num_tokens`` (real tokens, image tokens included), ``num_image_tokens``,
-    ``skipped`` {reason: count} summed over the samples, ``samples_by_dataset`` {mixture dataset name: count}."""
+    ``skipped`` {reason: count} and ``loaded`` {note: count} summed over the samples, ``samples_by_dataset``
+    {mixture dataset name: count}."""
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
     lengths = [int(s["input_ids"].numel()) for s in samples]
@@ -39,8 +40,10 @@ def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
     flags = [s["image_flags"] for s in samples if s.get("pixel_values") is not None
              and s["pixel_values"].shape[0] > 0]
     skipped: Counter = Counter()
+    loaded: Counter = Counter()  # what used samples were loaded despite (dataset.LOAD_NOTES)
     for s in samples:
         skipped.update(s.get("skipped") or {})
+        loaded.update(s.get("loaded") or {})
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -52,4 +55,5 @@ def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
         "num_image_tokens": sum(int(s["num_image_tokens"]) for s in samples),
         "skipped": dict(skipped),
         "samples_by_dataset": dict(Counter(s["dataset"] for s in samples if "dataset" in s)),
+        "loaded": dict(loaded),
     }

@@ -101,6 +101,9 @@ class DatasetParam:
     pad_to_square: bool = False
     group_by_length: bool = False
     meta_path: str | None = None
+    # A truncated image file is trained on as InternVL does (PIL's LOAD_TRUNCATED_IMAGES) and counted in the
+    # log; true skips its sample instead (reason truncated_image).
+    skip_truncated_images: bool = False
 
     @property
     def tokens_per_tile(self) -> int:
@@ -254,6 +257,7 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
         "norm_mean": mean,
         "norm_std": std,
         "pad_to_square": pad,
+        "skip_truncated_images": s.get("skip_truncated_images", bool, False),
     }
     kwargs["group_by_length"] = s.get("group_by_length", bool, False)
     kwargs["meta_path"] = meta_path

@@ -4,7 +4,11 @@ A record is ``{"image": path | [paths], "conversations": [...]}``, ``{"video": p
 text only (``conversations`` alone); paths are relative to ``data_folder``. One image is tiled up to
 ``max_dynamic_patch`` tiles, ``n`` images up to ``max(1, max_dynamic_patch // n)`` each (InternVL's rule); a
 video gives one tile per frame and its ``<video>`` placeholder becomes ``Frame-1: <image>\\nFrame-2: <image>...``
-(the training form, also used by our inference).
+(the training form, also used by our inference); ``fps<r>`` sampling takes the whole clip's grid, not capped by
+``max_num_frame`` (InternVL's ``read_frames_decord``). A truncated image file is trained on as InternVL's trainer
+does (PIL's ``LOAD_TRUNCATED_IMAGES``) and counted in the sample's ``"loaded"`` notes, unless
+``skip_truncated_images``; video frames are padded to squares only with a ``Pad2Square`` step (InternVL3's
+recipe has ``pad2square`` false).
 
 Sequence length: a sample is never cut inside an image. If it is too long, the tile budget per image (frames
 for a video) is halved until it fits, down to one; if it still does not fit, the sample is skipped. Text-only
@@ -25,9 +29,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import threading
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mindspeed_mm.data.data_spec import DatasetParam, DataSpec, DataSpecError
 from mindspeed_mm.data.template import (
@@ -48,11 +54,14 @@ from mindspeed_mm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SKIP_REASONS", "VIDEO_PLACEHOLDER", "InternVLChatDataset", "read_annotations"]
+__all__ = ["LOAD_NOTES", "SKIP_REASONS", "VIDEO_PLACEHOLDER", "InternVLChatDataset", "load_image_lenient",
+           "read_annotations"]
 
 VIDEO_PLACEHOLDER = "<video>"
 # Why a record was skipped (the keys of a sample's "skipped" dict).
-SKIP_REASONS = ("missing_file", "bad_image", "bad_video", "malformed", "too_long")
+SKIP_REASONS = ("missing_file", "bad_image", "bad_video", "malformed", "too_long", "truncated_image")
+# What a used sample was loaded despite (the keys of its "loaded" dict, counted per image).
+LOAD_NOTES = ("truncated_image",)
 # This many unusable records in a row means the data, not a sample, is broken (wrong data_folder, ...).
 MAX_CONSECUTIVE_SKIPS = 100
 
@@ -86,6 +95,29 @@ def read_annotations(path: str | os.PathLike) -> list[Any]:
             except json.JSONDecodeError as e:
                 records.append({"_unparsable": f"line {n}: {e.msg}"})
     return records
+
+
+_TRUNCATED_LOCK = threading.Lock()
+
+
+def load_image_lenient(path: str | os.PathLike) -> tuple[Image.Image, bool]:
+    """``(image, truncated)``: the file read strictly (:func:`load_image`), or, if that fails, read again as
+    InternVL's trainer reads every image (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, set at import of
+    its ``internvl_chat_finetune.py``): PIL decodes what is there and fills the rest, and ``truncated``
+    is True. A file PIL cannot identify as an image fails both ways (the strict error is raised)."""
+    try:
+        return load_image(path), False
+    except FileNotFoundError:
+        raise
+    except ValueError as strict:
+        with _TRUNCATED_LOCK:  # a process-wide PIL switch: set it only around this one read
+            before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+            try:
+                return load_image(path), True
+            except ValueError:
+                raise strict from None
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _pad_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
@@ -130,6 +162,10 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         self.records = Mixture(p.basic_parameters, self.seed)
         if not len(self.records):
             raise UserError(f"no samples in {[b.data_path for b in p.basic_parameters]}")
+        if p.pad_to_square:
+            logger.info("the data JSON's train_pipeline has Pad2Square: video frames (and images when "
+                        "dynamic_image_size is false) are padded to squares before resizing, as MindSpeed-MM's "
+                        "pipeline does; InternVL3's recipe (pad2square false) does not, so drop the step to match it")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -149,6 +185,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 continue
             sample["skipped"] = dict(skipped)
             sample["dataset"] = self.records.basic(j).name
+            sample.setdefault("loaded", {})
             return sample
         raise UserError(f"{sum(skipped.values())} samples in a row from index {index} are unusable "
                         f"({dict(skipped)}); the last: {last}. Check data_path / data_folder.")
@@ -205,14 +242,21 @@ class InternVLChatDataset(torch.utils.data.Dataset):
 
     def _image_sample(self, conversations: list, paths: list[str], max_patch: int | None = None) -> dict:
         p = self.param
-        images = []
+        images, truncated = [], 0
         for path in paths:
             try:
-                images.append(load_image(path))
+                image, cut = load_image_lenient(path)
             except FileNotFoundError as e:
                 raise _Skip("missing_file", str(e)) from None
             except ValueError as e:
                 raise _Skip("bad_image", str(e)) from None
+            if cut and p.skip_truncated_images:
+                raise _Skip("truncated_image", f"{path} is truncated (dataset_param.skip_truncated_images)")
+            if cut:
+                logger.warning("image file %s is truncated; training on it as InternVL does (PIL fills the "
+                               "missing part); dataset_param.skip_truncated_images: true skips such samples", path)
+            images.append(image)
+            truncated += cut
         budget = max(1, (max_patch or p.max_dynamic_patch) // len(images)) if p.dynamic_image_size else 1
         while True:
             low = min(p.min_dynamic_patch, budget)
@@ -231,7 +275,10 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 t = [self._single_tile(im)]
             assert len(t) == count, (len(t), count)
             tiles += t
-        return self._result(ids, labels, self._pixels(tiles))
+        out = self._result(ids, labels, self._pixels(tiles))
+        if truncated:
+            out["loaded"] = {"truncated_image": truncated}
+        return out
 
     def _tile_count(self, image: Image.Image, low: int, high: int) -> int:
         if not self.param.dynamic_image_size:
@@ -256,7 +303,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
             raise _Skip("malformed", f"'clip' must be [start, end] seconds, got {clip!r}")
         rng = np.random.default_rng([self.seed, j])
         if p.sampling_method.startswith("fps"):
-            num = p.max_num_frame
+            num = None  # every frame of the rate's grid, not capped by max_num_frame (InternVL's reader)
         else:
             num = int(rng.integers(p.min_num_frame, p.max_num_frame + 1))
         while True:

@@ -11,9 +11,13 @@ Labels are -100 on system and user turns, and on each assistant turn's ``<|im_st
 trailing ``\\n``; the answer tokens and ``<|im_end|>`` are targets. A tokenizer that adds a BOS
 (``add_bos_token``: InternLM2/3's SentencePiece tokenizers) gets one BOS before the system turn, as upstream
 InternVL prepends it to the first turn only. Each ``<image>`` placeholder becomes
-``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile x tiles, thumbnail included) + ``</img>``; when there are
-images and the first user turn has no placeholder, ``<image>\\n`` is prefixed to it. Text-only conversations
-are allowed (upstream MindSpeed-MM rejects them).
+``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile x tiles, thumbnail included) + ``</img>``, in text order
+over the user turns. When there are images and no turn has a placeholder, ``<image>\\n`` is prefixed to the
+first user turn; placeholders written in any user turn (a later one included) are kept where they are, as
+InternVL's ``preprocess_internvl2_5`` places them for a list of images (for one image given as a string,
+InternVL's ``multi_modal_get_item`` prefixes one to ``conversations[0]`` unless that turn has one, and a
+later-turn placeholder then stays literal text; here it holds the image). Text-only conversations are allowed
+(upstream MindSpeed-MM rejects them).
 """
 from __future__ import annotations
 
@@ -136,7 +140,7 @@ def build_conversation(
         raise ValueError(f"tokens_per_tile must be positive, got {tokens_per_tile}")
 
     values = [t["value"] for t in turns]
-    if tiles_per_image and IMAGE_PLACEHOLDER not in values[0]:
+    if tiles_per_image and not any(IMAGE_PLACEHOLDER in v for v in values):  # placeholders stay where written
         values[0] = IMAGE_PLACEHOLDER + "\n" + values[0]
     n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for v in values)
     if n_placeholders != len(tiles_per_image):

@@ -3,10 +3,13 @@
 Sampling follows InternVL's ``get_frame_indices``: the video (or the ``clip`` of it) is cut into ``T`` equal
 intervals; ``rand`` takes one uniformly random frame in each, ``middle`` the middle one; a video shorter than
 ``T`` frames yields one frame per frame and is padded with its last frame, so every sample of a given ``T``
-has ``T`` frames. ``fps<r>`` takes frames at ``r`` frames per second (at the middle of each ``1/r`` span), at
-most ``num_frames`` of them. One deliberate difference: upstream's ``rand`` draws from ``range(start, end - 1)``
-and so never picks an interval's last frame (and falls back to a random permutation when an interval holds a
-single frame); here every frame of the interval is a candidate.
+has ``T`` frames. ``fps<r>`` takes frames at ``r`` frames per second (at the middle of each ``1/r`` span) and,
+as InternVL's training reader does (``read_frames_decord`` calls ``get_frame_indices`` without
+``max_num_frames``), is not capped by ``max_num_frame``: a 10 s clip with ``fps2`` gives 20 frames. A cap applies
+only when asked for (``num_frames`` not None; the dataset's halving of a too-long sample). Deliberate
+differences: upstream's ``rand`` draws from ``range(start, end - 1)`` and so never picks an interval's last
+frame (and falls back to a random permutation when an interval holds a single frame); here every frame of the
+interval is a candidate. A clip too short for the ``fps<r>`` grid gives its middle frame (upstream: none).
 
 Decoding uses decord when it imports and PyAV otherwise; both go through FFmpeg's decoders and give the same
 RGB frames (tested).
@@ -25,13 +28,16 @@ from mindspeed_mm.errors import UserError
 __all__ = ["frame_indices", "read_video_frames", "video_backend"]
 
 
-def frame_indices(num_frames: int, vlen: int, sampling: str = "rand", fps: float | None = None,
+def frame_indices(num_frames: int | None, vlen: int, sampling: str = "rand", fps: float | None = None,
                   rng: np.random.Generator | None = None) -> list[int]:
     """Indices (into a video of ``vlen`` frames) of the frames to use. ``fps`` (the video's frame rate) is
-    needed for ``fps<r>`` sampling; ``rng`` for ``rand`` (a fresh unseeded one if None)."""
+    needed for ``fps<r>`` sampling; ``rng`` for ``rand`` (a fresh unseeded one if None). ``num_frames`` is the
+    frame count for ``rand``/``middle``; for ``fps<r>`` it is a cap, None for none (InternVL's default)."""
     if vlen < 1:
         raise ValueError(f"a video needs at least one frame, got vlen={vlen}")
-    if num_frames < 1:
+    if num_frames is None and not sampling.startswith("fps"):
+        raise ValueError(f"{sampling!r} sampling needs num_frames")
+    if num_frames is not None and num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if sampling in ("rand", "middle"):
         n = min(num_frames, vlen)
@@ -49,7 +55,9 @@ def frame_indices(num_frames: int, vlen: int, sampling: str = "rand", fps: float
                              f"sampling={sampling!r}, fps={fps!r}")
         step = 1.0 / rate
         seconds = np.arange(step / 2, vlen / fps + step / 2, step)
-        idx = [int(i) for i in np.around(seconds * fps).astype(int) if i < vlen][:num_frames]
+        idx = [int(i) for i in np.around(seconds * fps).astype(int) if i < vlen]
+        if num_frames is not None:
+            idx = idx[:num_frames]  # the first ones, as get_frame_indices(max_num_frames=...) keeps them
         # A clip shorter than half a sampling step has no frame on the grid: take its middle frame.
         return idx or [(vlen - 1) // 2]
     raise ValueError(f"unknown sampling {sampling!r}: expected 'rand', 'middle' or 'fps<rate>'")
@@ -90,10 +98,11 @@ class _AVVideo:
         return np.stack([self._all[i] for i in idx])
 
 
-def read_video_frames(path: str | os.PathLike, num_frames: int, sampling: str = "rand",
+def read_video_frames(path: str | os.PathLike, num_frames: int | None, sampling: str = "rand",
                       clip: Sequence[float] | None = None, rng: np.random.Generator | None = None
                       ) -> list[Image.Image]:
-    """``num_frames`` RGB frames of the video at ``path`` (for ``fps<r>`` sampling: at most that many), taken
+    """``num_frames`` RGB frames of the video at ``path`` (for ``fps<r>`` sampling: at most that many, every
+    frame of the rate's grid when None), taken
     from the ``clip = [start, end]`` seconds if given. Errors name the file: FileNotFoundError if it does not
     exist, UserError (a ValueError) if it cannot be decoded or the clip is empty."""
     path = os.fspath(path)

@@ -3,8 +3,8 @@
 Every answer names the dominant colour of what was shown (one image, several images, or a video), so a few
 training steps visibly lower the loss. Images come in several aspect ratios (so tiling yields 1 to many tiles),
 as PNG and JPEG; videos are short libx264 mp4 files written with PyAV (skipped with a warning if PyAV is not
-installed). ``broken=True`` adds one record of each kind the dataset must skip: a missing image, a truncated
-PNG, a corrupt video, an over-long sample, a malformed conversation and a line that is not JSON.
+installed). ``broken=True`` adds one record of each kind the dataset must skip: a missing image, a file that
+is not an image, a corrupt video, an over-long sample, a malformed conversation and a line that is not JSON.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BROKEN_REASONS", "COLOURS", "write_tiny_dataset", "write_video"]
+__all__ = ["BROKEN_LOADED", "BROKEN_REASONS", "COLOURS", "write_tiny_dataset", "write_video"]
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -32,6 +32,8 @@ COLOURS = {
 _SHAPES = [(1.0, 1.0), (2.0, 1.0), (0.7, 1.6), (3.0, 1.0), (0.4, 0.3)]
 # What write_tiny_dataset(broken=True) adds, as the reasons the dataset reports them under.
 BROKEN_REASONS = {"missing_file": 1, "bad_image": 1, "bad_video": 1, "too_long": 1, "malformed": 2}
+# ... and what it is trained on despite a defect, as counted in the samples' "loaded" notes (a truncated PNG).
+BROKEN_LOADED = {"truncated_image": 1}
 
 
 def _picture(rgb, width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -117,6 +119,9 @@ def write_tiny_dataset(out_dir: str | os.PathLike, image_size: int, seed: int = 
         data = (out / "images/red_0.png").read_bytes()
         (out / "images/truncated.png").write_bytes(data[: len(data) // 2])
         records.append({"image": "images/truncated.png",
+                        "conversations": _turns("<image>\nWhat colour is this picture?", "It is red.")})
+        (out / "images/not_an_image.png").write_text("not an image\n")
+        records.append({"image": "images/not_an_image.png",
                         "conversations": _turns("<image>\nWhat colour is this picture?", "It is red.")})
         (out / "videos/corrupt.mp4").write_bytes(np.random.default_rng(seed).bytes(4096))
         records.append({"video": "videos/corrupt.mp4",

@@ -54,7 +54,11 @@ def iteration_line(record: dict[str, Any], train_iters: int, log_tps: bool = Fal
     skipped = f" skipped samples: {r['skipped_samples']:d}"
     if r.get("skipped_by_reason"):
         skipped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped_by_reason"].items())) + ")"
-    return "".join(parts + [skipped + " |"])
+    parts.append(skipped + " |")
+    if r.get("loaded_by_note"):  # samples trained on despite a defect (a truncated image), per image
+        parts.append(" loaded despite: " + ", ".join(f"{k}: {v}" for k, v in sorted(r["loaded_by_note"].items()))
+                     + " |")
+    return "".join(parts)
 
 
 # after Megatron's fields; none of these names may contain its field names (the scripts grep for them)

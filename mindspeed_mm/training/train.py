@@ -27,6 +27,7 @@ class RunState:
     consumed_train_samples: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)
     skipped_iterations: int = 0
+    loaded: Counter = dataclasses.field(default_factory=Counter)  # used samples' load notes (truncated images)
 
 
 def _is_last_stage_rank() -> bool:
@@ -132,7 +133,7 @@ def train(args, spec, data_spec) -> RunState:
     import torch
     from megatron.core import parallel_state
     from mindspeed_mm.checkpoint.mm_format import MMCheckpointMeta
-    from mindspeed_mm.data.dataset import SKIP_REASONS
+    from mindspeed_mm.data.dataset import LOAD_NOTES, SKIP_REASONS
     from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
     from mindspeed_mm.parallel.layout import plan_layout
@@ -232,6 +233,7 @@ def train(args, spec, data_spec) -> RunState:
         for mb in microbatches:
             state.skipped.update(mb.get("skipped") or {})
             window.update({("dataset", k): v for k, v in (mb.get("samples_by_dataset") or {}).items()})
+            state.loaded.update(mb.get("loaded") or {})
         window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
                       samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
                       padded_tokens=sum(mb["input_ids"].numel() for mb in microbatches),
@@ -245,9 +247,13 @@ def train(args, spec, data_spec) -> RunState:
             loss = _broadcast_from_last_stage(loss)
             tokens, samples, padded, flops, *skipped = _dp_sum(
                 [window["tokens"], window["samples"], window["padded_tokens"], window["flops"],
-                 *(state.skipped[r] for r in SKIP_REASONS), *(window[("dataset", n)] for n in names)])
-            skipped, by_dataset = skipped[:len(SKIP_REASONS)], skipped[len(SKIP_REASONS):]
+                 *(state.skipped[r] for r in SKIP_REASONS), *(state.loaded[r] for r in LOAD_NOTES),
+                 *(window[("dataset", n)] for n in names)])
+            skipped, loaded, by_dataset = (skipped[:len(SKIP_REASONS)],
+                                           skipped[len(SKIP_REASONS):len(SKIP_REASONS) + len(LOAD_NOTES)],
+                                           skipped[len(SKIP_REASONS) + len(LOAD_NOTES):])
             skipped_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
+            loaded_by_note = {r: int(n) for r, n in zip(LOAD_NOTES, loaded) if n}
             elapsed = window["time"]
             record = {
                 "iteration": state.iteration, "loss": loss, "lr": lr,
@@ -260,6 +266,7 @@ def train(args, spec, data_spec) -> RunState:
                 "skipped_iterations_in_interval": window["skipped_steps"],
                 "skipped_by_reason": skipped_by_reason,
                 "samples_by_dataset": {n: int(c) for n, c in zip(names, by_dataset)},  # since the last record
+                "loaded_by_note": loaded_by_note,
                 **memory_stats(),
             }
             if cuda:

@@ -286,7 +286,7 @@ def test_killed_save_leaves_the_previous_checkpoint(tiny, tmp_path):
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     """One epoch over a dataset with every kind of broken record: training never stops, every broken record is
     skipped (replaced by the next good one) and counted under its reason."""
-    from mindspeed_mm.testing.tiny_dataset import BROKEN_REASONS
+    from mindspeed_mm.testing.tiny_dataset import BROKEN_LOADED, BROKEN_REASONS
 
     run = prepare_tiny_run(tmp_path / "broken", preset="vit300m", seed=5, broken=True)
     n_records = len(run.data_jsonl.read_text().splitlines())
@@ -301,3 +301,5 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     for reason, n in BROKEN_REASONS.items():
         assert by_reason.get(reason, 0) >= n, (reason, by_reason)
     assert rec[-1]["skipped_samples"] == sum(by_reason.values())
+    for note, n in BROKEN_LOADED.items():  # a truncated image is trained on (as InternVL does) and counted
+        assert rec[-1]["loaded_by_note"].get(note, 0) >= n, rec[-1]["loaded_by_note"]

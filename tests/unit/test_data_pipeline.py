@@ -17,6 +17,7 @@ from mindspeed_mm.data.data_spec import DataSpecError, load_data_spec
 from mindspeed_mm.data.dataset import InternVLChatDataset
 from mindspeed_mm.data.sampler import ResumableBatchSampler, build_dataloader
 from mindspeed_mm.data.template import (
+    DEFAULT_SYSTEM_MESSAGE,
     IGNORE_INDEX,
     IMG_CONTEXT_TOKEN,
     build_conversation,
@@ -25,6 +26,7 @@ from mindspeed_mm.data.tiling import dynamic_tiles, load_image, to_pixel_values
 from mindspeed_mm.data.video import frame_indices, read_video_frames
 from mindspeed_mm.testing.tiny_checkpoint import build_tiny_tokenizer
 from mindspeed_mm.testing.tiny_dataset import (
+    BROKEN_LOADED,
     BROKEN_REASONS,
     write_tiny_dataset,
     write_video,
@@ -82,9 +84,14 @@ def test_example_specs_load():
         spec = load_data_spec(EXAMPLES / f"data_{name}.json")
         p = spec.dataset_param
         assert (p.image_size, p.tokens_per_tile, p.max_dynamic_patch, p.template_name) == (448, 256, 12, "internvl2_5")
-        assert p.norm_std == (0.229, 0.224, 0.225) and p.pad_to_square
+        assert p.norm_std == (0.229, 0.224, 0.225) and not p.pad_to_square  # InternVL3's pad2square false
+        assert not p.skip_truncated_images
         assert spec.dataloader_param.collate_param.pad_id == 151643
         assert spec.tokenizer_config.from_pretrained.endswith(f"InternVL3-{name}")
+        # the reference's copy (MindSpeed-MM's, byte for byte) keeps its Pad2Square step, and it is honoured
+        ref = json.loads((EXAMPLES / "reference" / f"data_{name}.json").read_text())
+        ref["dataset_param"]["basic_parameters"]["data_path"] = "data.jsonl"
+        assert load_data_spec(ref).dataset_param.pad_to_square
     assert load_data_spec(EXAMPLES / "data_tiny.json").dataset_param.tokens_per_tile == TPT
 
 
@@ -110,8 +117,8 @@ def _spec_error(tmp_path, mutate) -> str:
      "dataset_param.basic_parameters[1].repeat_time", "> 0"),
     (lambda r: r["dataset_param"]["basic_parameters"].pop("data_path"),
      "dataset_param.basic_parameters.data_path", "missing"),
-    (lambda r: r["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"][1]["param"].update(
-        size=[224, 224]), "dataset_param.preprocess_parameters.train_pipeline.image[1].param.size", "image_size"),
+    (lambda r: r["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"][0]["param"].update(
+        size=[224, 224]), "dataset_param.preprocess_parameters.train_pipeline.image[0].param.size", "image_size"),
     (lambda r: r["dataset_param"]["tokenizer_config"].update(hub_backend="modelscope"),
      "dataset_param.tokenizer_config.hub_backend", "hf"),
     (lambda r: r["dataloader_param"]["collate_param"].update(pad_id=None),
@@ -129,7 +136,7 @@ def test_spec_invalid_json_and_norm(tmp_path):
     with pytest.raises(DataSpecError, match=r"bad.json: invalid JSON at line 1 column 20"):
         load_data_spec(path)
     raw = json.loads((EXAMPLES / "data_8B.json").read_text())
-    raw["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"][3]["param"] = {
+    raw["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"][2]["param"] = {
         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     del raw["dataset_param"]["use_text_processer"]
     p = load_data_spec(raw).dataset_param
@@ -269,12 +276,19 @@ def test_video_sample(tokenizer, data):
     rng = np.random.default_rng([11, j])
     assert n == int(rng.integers(2, 5))
     frames = read_video_frames(Path(data).parent / recs[j]["video"], n, "rand", rng=rng)
-    def padded(frame):  # data_tiny.json's pipeline has Pad2Square: frames are padded with the mean colour
+    def resized(frame):  # InternVL's build_transform with pad2square false: a plain bicubic resize
+        return frame.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    assert frames[0].size == (64, 48)
+    assert torch.equal(s["pixel_values"], to_pixel_values([resized(f) for f in frames]))
+    def padded(frame):  # with a Pad2Square step (the reference's pipeline): padded with the mean colour
         square = Image.new("RGB", (64, 64), (123, 116, 103))
         square.paste(frame, (0, 8))
         return square.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    assert frames[0].size == (64, 48)
-    assert torch.equal(s["pixel_values"], to_pixel_values([padded(f) for f in frames]))
+    raw = _raw_spec(data)
+    raw["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"].insert(
+        0, {"trans_type": "Pad2Square", "param": {"mean": [0.485, 0.456, 0.406]}})
+    pad = InternVLChatDataset(load_data_spec(raw), tokenizer, 1024, tokens_per_tile=TPT, seed=11)[j]
+    assert torch.equal(pad["pixel_values"], to_pixel_values([padded(f) for f in frames]))
     text = tokenizer.decode(s["input_ids"])
     assert "".join(f"Frame-{i + 1}: <img>" + "<IMG_CONTEXT>" * TPT + "</img>\n" for i in range(n)) in text
     assert torch.equal(ds[j]["pixel_values"], s["pixel_values"])  # seeded per index: the same every time
@@ -304,11 +318,17 @@ def test_fixed_size_images(tokenizer, data):
     assert s["pixel_values"].shape[0] == 2
     image = load_image(Path(data).parent / recs[j]["image"][0])
     assert image.width != image.height
+    want = to_pixel_values([image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)])  # pad2square false
+    assert torch.equal(s["pixel_values"][:1], want)
+    raw = _raw_spec(data, dynamic_image_size=False)
+    raw["dataset_param"]["preprocess_parameters"]["train_pipeline"]["image"].insert(
+        0, {"trans_type": "Pad2Square", "param": {"mean": [0.485, 0.456, 0.406]}})
+    padded = InternVLChatDataset(load_data_spec(raw), tokenizer, 1024, tokens_per_tile=TPT)[j]
     side = max(image.size)
     square = Image.new("RGB", (side, side), (123, 116, 103))  # Pad2Square with the mean colour, centred
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     want = to_pixel_values([square.resize((SIZE, SIZE), Image.Resampling.BICUBIC)])
-    assert torch.equal(s["pixel_values"][:1], want)
+    assert torch.equal(padded["pixel_values"][:1], want)
 
 
 def test_text_only_sample(tokenizer, data):
@@ -374,18 +394,23 @@ def test_repeat_time_and_several_files(tokenizer, data):
 
 def test_broken_samples_are_skipped_and_counted(tokenizer, broken_data, caplog):
     ds = _dataset(tokenizer, broken_data)
-    totals, seen = {}, set()
+    totals, seen, loaded = {}, set(), {}
     with caplog.at_level(logging.WARNING, logger="mindspeed_mm.data.dataset"):
         for i in range(len(ds)):
             s = ds[i]
             _check_sample(s, tokenizer)
             for k, v in s["skipped"].items():
                 totals[k] = totals.get(k, 0) + v
+            for k, v in s["loaded"].items():
+                loaded[k] = loaded.get(k, 0) + v
     for record in caplog.records:
-        seen.add(record.getMessage().split("): ")[1].split(":")[0])
+        if record.getMessage().startswith("skipping sample"):
+            seen.add(record.getMessage().split("): ")[1].split(":")[0])
     assert set(totals) == set(BROKEN_REASONS) == seen
     assert all(totals[k] >= v for k, v in BROKEN_REASONS.items()), totals
-    assert "does_not_exist.png" in caplog.text and "truncated.png" in caplog.text and "corrupt.mp4" in caplog.text
+    assert set(loaded) == set(BROKEN_LOADED) and all(loaded[k] >= v for k, v in BROKEN_LOADED.items()), loaded
+    assert "does_not_exist.png" in caplog.text and "not_an_image.png" in caplog.text and "corrupt.mp4" in caplog.text
+    assert "truncated.png is truncated; training on it" in caplog.text
 
     loader = build_dataloader(ds, micro_batch_size=4, dp_rank=0, dp_size=1, seed=0, consumed_samples=0,
                               num_workers=0, pad_id=tokenizer.pad_token_id)
@@ -490,3 +515,128 @@ def test_tiny_dataset_is_deterministic(tmp_path):
     for p in sorted((tmp_path / "a" / "images").iterdir()):
         assert p.read_bytes() == (tmp_path / "b" / "images" / p.name).read_bytes()
     assert copy.deepcopy(_records(a)) == _records(b)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# InternVL's own preprocessing (its LazySupervisedDataset), its rules written out here
+# ------------------------------------------------------------------------------------------------------------
+
+def _internvl_fps_indices(vlen, input_fps, sample):
+    """InternVL's get_frame_indices for 'fps<r>' as read_frames_decord calls it (max_num_frames left at -1)."""
+    output_fps = float(sample[3:])
+    delta = 1 / output_fps
+    seconds = np.arange(delta / 2, vlen / input_fps + delta / 2, delta)
+    return [int(e) for e in np.around(seconds * input_fps).astype(int) if e < vlen]
+
+
+def test_fps_sampling_is_not_capped_by_max_num_frame(tokenizer, tmp_path):
+    pytest.importorskip("av")
+    want = _internvl_fps_indices(120, 12, "fps2")  # a 10 s clip at 12 fps
+    assert len(want) == 20 and want[:3] == [3, 9, 15]
+    assert frame_indices(None, 120, "fps2", fps=12) == want
+    assert frame_indices(12, 120, "fps2", fps=12) == want[:12]  # an explicit cap keeps the first ones
+    frames = [np.full((48, 64, 3), (i * 2, 255 - i * 2, 100), np.uint8) for i in range(120)]
+    write_video(tmp_path / "clip.mp4", frames, fps=12)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Colours."}]}) + "\n")
+    s = _dataset(tokenizer, tmp_path / "d.jsonl", seq_length=4096, sampling_method="fps2", max_num_frame=12)[0]
+    assert s["pixel_values"].shape[0] == 20 and s["num_image_tokens"] == 20 * TPT  # InternVL: 20, not 12
+    assert "Frame-20: <img>" in tokenizer.decode(s["input_ids"])
+
+
+def _skimage_photo(name):
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None:
+        pytest.skip("scikit-image not installed (pip install -e .[test])")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+def test_truncated_jpeg_is_trained_on_and_counted(tokenizer, tmp_path):
+    from PIL import ImageFile
+
+    data = _skimage_photo("rocket.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "text.jpg").write_text("not an image\n")
+    with pytest.raises(ValueError, match="cut.jpg"):
+        load_image(tmp_path / "cut.jpg")  # strictly, PIL refuses it
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # InternVL's internvl_chat_finetune.py sets this at import
+    try:
+        internvl = Image.open(tmp_path / "cut.jpg").convert("RGB")  # its load_image
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A rocket."}]
+    lines = [{"image": "cut.jpg", "conversations": turns}, {"image": "text.jpg", "conversations": turns},
+             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi."}]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    ds = _dataset(tokenizer, tmp_path / "d.jsonl")
+    s = ds[0]
+    assert s["loaded"] == {"truncated_image": 1} and s["skipped"] == {}
+    assert ImageFile.LOAD_TRUNCATED_IMAGES == before  # the switch is not left on
+    tiles = dynamic_tiles(internvl, SIZE, 1, 6, True)  # data_tiny.json: max_dynamic_patch 6, thumbnail
+    assert torch.equal(s["pixel_values"], to_pixel_values(tiles))
+    assert s["num_image_tokens"] == len(tiles) * TPT
+    assert collate_internvl([s, ds[2]], pad_id=0)["loaded"] == {"truncated_image": 1}
+    bad = ds[1]  # not an image at all: still skipped, and the next record used
+    assert bad["skipped"] == {"bad_image": 1} and bad["loaded"] == {} and bad["num_image_tokens"] == 0
+    strict = _dataset(tokenizer, tmp_path / "d.jsonl", skip_truncated_images=True)[0]
+    assert strict["skipped"] == {"truncated_image": 1, "bad_image": 1} and strict["num_image_tokens"] == 0
+
+
+def _internvl2_5_ids(tokenizer, conversations, num_image_token_list):
+    """InternVL's preprocess_internvl2_5 (no system turn in the record, a tokenizer without BOS): the first
+    len(list) <image> of the human turns, in order, become <img><IMG_CONTEXT>*n</img>; each turn is tokenised
+    alone; system and human turns are ignored, and each gpt turn's `<|im_start|>assistant\\n` and last token."""
+    k, batches, roles = 0, [f"<|im_start|>system\n{DEFAULT_SYSTEM_MESSAGE}<|im_end|>\n"], ["system"]
+    for turn in conversations:
+        value = turn["value"]
+        if turn["from"] == "human":
+            for _ in range(value.count("<image>")):
+                if k == len(num_image_token_list):
+                    break
+                value = value.replace("<image>", "<img>" + "<IMG_CONTEXT>" * num_image_token_list[k] + "</img>", 1)
+                k += 1
+            batches.append(f"<|im_start|>user\n{value}<|im_end|>\n")
+        else:
+            batches.append(f"<|im_start|>assistant\n{value}<|im_end|>\n")
+        roles.append(turn["from"])
+    assert k == len(num_image_token_list)
+    ignore_len = len(tokenizer("<|im_start|>assistant\n")["input_ids"])
+    ids, labels = [], []
+    for role, text in zip(roles, batches):
+        t = list(tokenizer(text)["input_ids"])
+        ids += t
+        labels += [IGNORE_INDEX] * len(t) if role != "gpt" else [IGNORE_INDEX] * ignore_len + t[ignore_len:-1] + [
+            IGNORE_INDEX]
+    return ids, labels
+
+
+def test_later_turn_placeholder_kept_where_written(tokenizer, tmp_path):
+    assert not getattr(tokenizer, "add_bos_token", False)
+    Image.new("RGB", (SIZE, SIZE), (200, 30, 30)).save(tmp_path / "red.png")  # square: one tile, no thumbnail
+    turns = [{"from": "human", "value": "Hello."}, {"from": "gpt", "value": "Hi."},
+             {"from": "human", "value": "<image>\nWhat colour is this?"}, {"from": "gpt", "value": "Red."}]
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"image": ["red.png"], "conversations": turns}) + "\n"  # InternVL: multi_modal_multi_image_get_item
+        + json.dumps({"image": "red.png", "conversations": turns}) + "\n"  # ours alike; see the note below
+        + json.dumps({"image": "red.png", "conversations": turns[:2]}) + "\n")  # no placeholder at all
+    ds = _dataset(tokenizer, tmp_path / "d.jsonl")
+    want_ids, want_labels = _internvl2_5_ids(tokenizer, turns, [TPT])
+    first_turns = sum(len(tokenizer(t)["input_ids"]) for t in (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_MESSAGE}<|im_end|>\n", "<|im_start|>user\nHello.<|im_end|>\n",
+        "<|im_start|>assistant\nHi.<|im_end|>\n", "<|im_start|>user\n<img>"))
+    ctx = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    for j in (0, 1):
+        s = ds[j]
+        assert s["skipped"] == {}, s["skipped"]  # was dropped as malformed: one placeholder too many
+        assert s["input_ids"].tolist() == want_ids and s["labels"].tolist() == want_labels
+        where = (s["input_ids"] == ctx).nonzero().flatten().tolist()
+        assert where == list(range(first_turns, first_turns + TPT))  # in the third turn, after "user\n<img>"
+    # InternVL's multi_modal_get_item (image as a string) would prefix "<image>\n" to the first turn and leave
+    # the later "<image>" as text; here the image stays where the record puts it (record 1, above).
+    s = ds[2]  # no placeholder anywhere: "<image>\n" prefixed to the first turn, as InternVL does
+    want_ids, want_labels = _internvl2_5_ids(tokenizer, [{"from": "human", "value": "<image>\nHello."},
+                                                         turns[1]], [TPT])
+    assert s["input_ids"].tolist() == want_ids and s["labels"].tolist() == want_labels

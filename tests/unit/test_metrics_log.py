@@ -42,6 +42,9 @@ def test_line_has_megatrons_layout():
     for field in ("tokens/s: 900.0", "samples/s: 6.48", "mem peak (GiB): 1.50"):
         assert f" {field} |" in line
     assert "tokens per sample" not in iteration_line(r, train_iters=5000)
+    r["loaded_by_note"] = {"truncated_image": 3}  # trained on despite the defect: after the skipped samples
+    assert iteration_line(r, train_iters=5000).endswith(
+        " skipped samples: 2 (too_long: 2) | loaded despite: truncated_image: 3 |")
 
 
 def test_reference_summary_reads_the_logger_output(tmp_path):
