@@ -88,8 +88,8 @@ def name_datasets(basics: Sequence[BasicParameters]) -> tuple[BasicParameters, .
     import dataclasses
 
     taken = [b.name for b in basics if b.name]
-    for b in basics:
-        if b.name and taken.count(b.name) > 1:
+    for k, b in enumerate(basics):
+        if b.name and b.name in [a.name for a in basics[:k]]:
             raise DataSpecError(f"{b.key}.name" if b.source is None else b.key, f"dataset name {b.name!r} is used "
                                 "twice", b.source)
     out, used = [], set(taken)
