@@ -316,3 +316,16 @@ def test_tiny_dataset_packed_with_workers_equals_serial(tmp_path):
     skipped = sum(v for s in a for mb in s for v in mb["skipped"].values())
     assert len(positions) == len(set(positions)) and skipped >= 1
     assert all(mb["input_ids"].shape[1] <= 400 for s in a for mb in s)
+
+
+def test_step_log_shows_packs():
+    from mindspeed_mm.training.metrics import iteration_line
+
+    r = {"iteration": 1, "consumed_samples": 4, "step_time_s": 0.5, "lr": 1e-3, "global_batch_size": 4,
+         "loss": 1.0, "loss_scale": 1.0, "grad_norm": 1.0, "skipped_iterations_in_interval": 0,
+         "skipped_samples": 1, "skipped_by_reason": {"over_max_packed_tokens": 1}, "samples_per_step": 9.0,
+         "tiles_per_step": 30.0, "packs_per_step": 4.0, "padding_fraction": 0.0125, "tile_imbalance": 0.05}
+    line = iteration_line(r, train_iters=10)
+    for part in ("samples per step: 9.0 |", "tiles per step: 30.0 |", "packs per step: 4.0 |",
+                 "padding fraction: 0.013 |", "DP tile imbalance: 0.050 |", "(over_max_packed_tokens: 1)"):
+        assert part in line, part
