@@ -12,7 +12,7 @@ import torch
 
 from mindspeed_mm.data.template import IGNORE_INDEX
 
-__all__ = ["collate_internvl"]
+__all__ = ["collate_internvl", "collate_packed"]
 
 
 def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
@@ -57,3 +57,48 @@ def collate_internvl(samples: Sequence[dict], pad_id: int) -> dict:
         "samples_by_dataset": dict(Counter(s["dataset"] for s in samples if "dataset" in s)),
         "loaded": dict(loaded),
     }
+
+
+def collate_packed(packs: Sequence[Sequence[dict]], pad_id: int, tiles_per_pack: int | None = None) -> dict:
+    """Packed micro-batch: row ``r`` is pack ``r``, its samples' tokens concatenated whole, right-padded to the
+    longest pack (``pad_id``, labels -100). :func:`collate_internvl`'s keys, plus ``sample_ids`` LongTensor
+    [b, S] (each token's sample within its row, 0..n-1, -1 on padding), ``num_packs`` (= b), ``num_samples``
+    (samples in the micro-batch), ``num_tiles`` (real tiles). Tiles in row-major (pack, then sample) order;
+    ``tiles_per_pack`` (InternVL's ``strict_mode``): each pack's tiles padded with zero tiles whose
+    ``image_flags`` are 0, after its own."""
+    if not packs or any(not p for p in packs):
+        raise ValueError("cannot collate an empty pack or micro-batch")
+    rows = []
+    for pack in packs:
+        row = {"input_ids": torch.cat([s["input_ids"] for s in pack]),
+               "labels": torch.cat([s["labels"] for s in pack]),
+               "num_image_tokens": sum(int(s["num_image_tokens"]) for s in pack)}
+        for s in pack:
+            if s["labels"].shape != s["input_ids"].shape:
+                raise ValueError(f"labels {tuple(s['labels'].shape)} vs input_ids {tuple(s['input_ids'].shape)}")
+        pix = [s["pixel_values"] for s in pack if s.get("pixel_values") is not None]
+        flags = [s["image_flags"] for s in pack if s.get("pixel_values") is not None]
+        real = sum(int(p.shape[0]) for p in pix)
+        if tiles_per_pack is not None and real < tiles_per_pack and pix:
+            pix.append(torch.zeros((tiles_per_pack - real, *pix[0].shape[1:]), dtype=pix[0].dtype))
+            flags.append(torch.zeros(tiles_per_pack - real, dtype=torch.long))
+        row["pixel_values"] = torch.cat(pix) if pix else None
+        row["image_flags"] = torch.cat(flags) if flags else None
+        skipped: Counter = Counter()
+        for s in pack:
+            skipped.update(s.get("skipped") or {})
+        row["skipped"] = dict(skipped)
+        rows.append(row)
+    batch = collate_internvl(rows, pad_id)
+    width = batch["input_ids"].shape[1]
+    sample_ids = torch.full((len(packs), width), -1, dtype=torch.long)
+    for r, pack in enumerate(packs):
+        start = 0
+        for k, s in enumerate(pack):
+            n = int(s["input_ids"].numel())
+            sample_ids[r, start:start + n] = k
+            start += n
+    flags = batch["image_flags"]
+    batch.update(sample_ids=sample_ids, num_packs=len(packs), num_samples=sum(len(p) for p in packs),
+                 num_tiles=int(flags.sum()) if flags is not None else 0)
+    return batch

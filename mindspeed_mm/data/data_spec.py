@@ -47,6 +47,8 @@ __all__ = [
     "DataSpecError",
     "DataloaderParam",
     "DatasetParam",
+    "PACKING_ALGORITHMS",
+    "PackingParam",
     "TokenizerConfig",
     "data_spec_from_dict",
     "load_data_spec",
@@ -78,6 +80,48 @@ class BasicParameters:
     source: str | None = field(default=None, compare=False)
 
 
+# ---- packing (InternVL's PackedDataset fields; data/packing.py runs them) ------------------------------------
+
+PACKING_ALGORITHMS = ("greedy", "best_fit")  # "greedy": InternVL's buffer algorithm; "best_fit": ours (tighter)
+
+
+@dataclass(frozen=True)
+class PackingParam:
+    """``use_packed_ds``: pack whole samples into rows of at most ``max_packed_tokens`` tokens and
+    ``num_images_expected`` tiles (InternVL's names and defaults); ``max_buffer_size``: open packs kept before
+    the oldest-fullest is emitted; ``strict_mode``: pad each pack's tiles to ``num_images_expected`` with zero
+    tiles whose ``image_flags`` are 0; ``replacement``: packs continue across epoch boundaries (false: each
+    epoch's buffer is flushed at its end, as InternVL's loader does when its datasets run out);
+    ``allow_overflow``: a sample over either limit becomes a pack of its own (false: dropped and counted);
+    ``packing_algorithm``: one of :data:`PACKING_ALGORITHMS` (ours, not InternVL's)."""
+
+    use_packed_ds: bool = False
+    max_packed_tokens: int = 8192
+    num_images_expected: int = 40
+    max_buffer_size: int = 20
+    strict_mode: bool = True
+    replacement: bool = False
+    allow_overflow: bool = False
+    packing_algorithm: str = "best_fit"
+
+
+def _packing_param(s: Section) -> PackingParam:
+    d = PackingParam()
+    out = PackingParam(
+        use_packed_ds=s.get("use_packed_ds", bool, d.use_packed_ds),
+        max_packed_tokens=s.get("max_packed_tokens", int, d.max_packed_tokens, minimum=1),
+        num_images_expected=s.get("num_images_expected", int, d.num_images_expected, minimum=0),
+        max_buffer_size=s.get("max_buffer_size", int, d.max_buffer_size, minimum=1),
+        strict_mode=s.get("strict_mode", bool, d.strict_mode),
+        replacement=s.get("replacement", bool, d.replacement),
+        allow_overflow=s.get("allow_overflow", bool, d.allow_overflow),
+        packing_algorithm=s.get("packing_algorithm", str, d.packing_algorithm, choices=PACKING_ALGORITHMS),
+    )
+    return out
+
+# ---- end of packing ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class DatasetParam:
     basic_parameters: tuple[BasicParameters, ...]
@@ -104,6 +148,7 @@ class DatasetParam:
     # A truncated image file is trained on as InternVL does (PIL's LOAD_TRUNCATED_IMAGES) and counted in the
     # log; true skips its sample instead (reason truncated_image).
     skip_truncated_images: bool = False
+    packing: PackingParam = PackingParam()
 
     @property
     def tokens_per_tile(self) -> int:
@@ -262,8 +307,7 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
     kwargs["group_by_length"] = s.get("group_by_length", bool, False)
     kwargs["meta_path"] = meta_path
     s.get("use_text_processer", bool, False)
-    if s.get("use_packed_ds", bool, False):
-        raise DataSpecError(s.key("use_packed_ds"), "packing is not implemented; set it to false")
+    kwargs["packing"] = _packing_param(s)
     s.done()
 
     if image_size % kwargs["patch_size"]:

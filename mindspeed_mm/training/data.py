@@ -1,9 +1,10 @@
-"""This data-parallel rank's stream of micro-batches, from the data JSON, resumed at `consumed_samples`."""
+"""This data-parallel rank's stream of micro-batches, from the data JSON, resumed at `consumed_samples` (or,
+packed, at the checkpoint's data state)."""
 from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-__all__ = ["build_train_iterator", "dataset_names"]
+__all__ = ["build_train_iterator", "dataset_names", "data_state"]
 
 
 def dataset_names(data_spec) -> list[str]:
@@ -13,10 +14,13 @@ def dataset_names(data_spec) -> list[str]:
 
 
 def build_train_iterator(data_spec, tokenizer, spec, args, dp_rank: int, dp: int, consumed_samples: int,
-                         log: Optional[Callable[[str], None]] = None) -> Iterator[dict]:
+                         log: Optional[Callable[[str], None]] = None, num_micro: int = 1,
+                         state: Optional[dict] = None) -> Iterator[dict]:
     """Every model-parallel rank of a DP rank reads the same micro-batches (each pipeline stage needs the
     token ids; TP ranks need identical inputs), so each builds the same loader. ``log``: the start-up lines
-    (each dataset's sample count after ``repeat_time``)."""
+    (each dataset's sample count after ``repeat_time``). With `use_packed_ds` the micro-batch size counts packs
+    and every rank runs the same packer (`data.packing`): `state` is the saved packer state (None: the stream's
+    start, unless `consumed_samples` says the run was not packed)."""
     from mindspeed_mm.data.dataset import InternVLChatDataset
     from mindspeed_mm.data.mixture import length_grouped_order
     from mindspeed_mm.data.sampler import build_dataloader
@@ -24,9 +28,10 @@ def build_train_iterator(data_spec, tokenizer, spec, args, dp_rank: int, dp: int
     dataset = InternVLChatDataset(data_spec, tokenizer, seq_length=args.seq_length,
                                   tokens_per_tile=spec.tokens_per_tile, seed=args.seed)
     param, loader_param = data_spec.dataset_param, data_spec.dataloader_param
+    packing = param.packing
     lines = dataset.records.describe()
     order = None
-    if param.group_by_length and not getattr(param, "use_packed_ds", False):
+    if param.group_by_length and not packing.use_packed_ds:
         if loader_param.shuffle:
             gbs = args.global_batch_size or args.micro_batch_size * dp
             order = length_grouped_order(dataset.records.lengths(param, dataset.tokens_per_tile), gbs,
@@ -37,8 +42,24 @@ def build_train_iterator(data_spec, tokenizer, spec, args, dp_rank: int, dp: int
             lines.append("group_by_length: ignored, shuffle is false (the order is the file order)")
     for line in lines if log else ():
         log(line)
+    if packing.use_packed_ds:
+        from mindspeed_mm.data.packing import PackedLoader
+
+        if state is None and consumed_samples:
+            raise ValueError(f"resuming a packed run at {consumed_samples} consumed packs needs the checkpoint's "
+                             "data state (saved by a packed run); this checkpoint has none")
+        return PackedLoader(dataset, packing, micro_batch_size=args.micro_batch_size, num_micro=num_micro,
+                            dp_rank=dp_rank, dp_size=dp, seed=args.seed, pad_id=loader_param.collate_param.pad_id,
+                            shuffle=loader_param.shuffle, num_workers=args.num_workers, state=state)
     loader = build_dataloader(dataset, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
                               seed=args.seed, consumed_samples=consumed_samples, num_workers=args.num_workers,
                               pad_id=loader_param.collate_param.pad_id, shuffle=loader_param.shuffle,
                               drop_last=loader_param.drop_last, order=order)
     return iter(loader)
+
+
+def data_state(batches) -> Optional[dict]:
+    """What a checkpoint saves of the data iterator: the packer's state, or None (unpacked: the sampler resumes
+    from `consumed_train_samples` alone)."""
+    get = getattr(batches, "state_dict", None)
+    return get() if get is not None else None

@@ -63,6 +63,9 @@ def iteration_line(record: dict[str, Any], train_iters: int, log_tps: bool = Fal
 
 # after Megatron's fields; none of these names may contain its field names (the scripts grep for them)
 _EXTRA = [("tokens_per_s", " tokens/s: {:.1f} |"), ("samples_per_s", " samples/s: {:.2f} |"),
+          ("samples_per_step", " samples per step: {:.1f} |"), ("tiles_per_step", " tiles per step: {:.1f} |"),
+          ("packs_per_step", " packs per step: {:.1f} |"), ("padding_fraction", " padding fraction: {:.3f} |"),
+          ("tile_imbalance", " DP tile imbalance: {:.3f} |"),
           ("tflops_per_gpu", " throughput per GPU (TFLOP/s/GPU): {:.1f} |"), ("mfu", " MFU: {:.1%} |"),
           ("mem_peak_gib", " mem peak (GiB): {:.2f} |"), ("skipped_iterations", " skipped iterations in total: {:d} |")]
 

@@ -61,6 +61,14 @@ def _dp_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _real_tiles(mb) -> int:
+    """Tiles the ViT runs on (InternVL's strict_mode pads packs with flagged-off tiles)."""
+    if mb.get("num_tiles") is not None:
+        return int(mb["num_tiles"])
+    pv = mb.get("pixel_values")
+    return int(pv.shape[0]) if pv is not None else 0
+
+
 def _peak_tflops(args) -> Optional[float]:
     import torch
 
@@ -134,12 +142,13 @@ def train(args, spec, data_spec) -> RunState:
     from megatron.core import parallel_state
     from mindspeed_mm.checkpoint.mm_format import MMCheckpointMeta
     from mindspeed_mm.data.dataset import LOAD_NOTES, SKIP_REASONS
+    from mindspeed_mm.data.packing import PACK_SKIP_REASONS
     from mindspeed_mm.data.tokenizer import load_tokenizer
     from mindspeed_mm.distributed import init_distributed, initialize_model_parallel
     from mindspeed_mm.parallel.layout import plan_layout
     from mindspeed_mm.training.arguments import ArgumentError, device_warnings
     from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
-    from mindspeed_mm.training.data import build_train_iterator, dataset_names
+    from mindspeed_mm.training.data import build_train_iterator, data_state, dataset_names
     from mindspeed_mm.training.flops import step_flops
     from mindspeed_mm.training.loss import LossMode, reduce_reported
     from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
@@ -166,10 +175,12 @@ def train(args, spec, data_spec) -> RunState:
         raise ArgumentError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
                             f"{args.micro_batch_size} x data-parallel size {dp}")
     num_micro = gbs // (args.micro_batch_size * dp)
+    packed = data_spec.dataset_param.packing.use_packed_ds  # then the batch sizes count packs
     loss_mode = LossMode.from_flags(args.calculate_per_sample_loss, args.calculate_per_token_loss)
     logger.info(f"layout: world {world} = TP{tp} x PP{pp} x CP{cp} x DP{dp}"
                 f"{f' (VPP {parallel.vpp})' if parallel.vpp else ''}{' +SP' if args.sequence_parallel else ''}; "
-                f"global batch {gbs} = {args.micro_batch_size} x {num_micro} micro-batches x DP{dp}; "
+                f"global batch {gbs}{' packs' if packed else ''} = {args.micro_batch_size} x {num_micro} "
+                f"micro-batches x DP{dp}; "
                 f"loss {loss_mode.value}")
 
     tok_dir = data_spec.tokenizer_config.from_pretrained
@@ -182,12 +193,14 @@ def train(args, spec, data_spec) -> RunState:
     model = wrap_ddp(chunks, args.use_distributed_optimizer, loss_mode)
     optimizer, scheduler = build_optimizer(args, model)
     state = RunState()
+    loaded_data_state = None
     meta = MMCheckpointMeta.from_plan(plan, spec, source_format="native", source_hf_dir=str(Path(tok_dir).absolute()),
                                       hf_config={})
     if args.load:
         loaded = load_checkpoint(args.load, model, plan, optimizer, scheduler, load_optim=not args.no_load_optim,
                                  load_rng=not args.no_load_rng, finetune=args.finetune, log=logger.info)
         state.iteration, state.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
+        loaded_data_state = loaded.data_state
         meta = MMCheckpointMeta.from_plan(plan, spec, source_format=loaded.meta.source_format,
                                           source_hf_dir=loaded.meta.source_hf_dir or meta.source_hf_dir,
                                           hf_config=loaded.meta.hf_config)
@@ -203,13 +216,13 @@ def train(args, spec, data_spec) -> RunState:
         logger.info("no --load: training from megatron's random initialisation")
 
     batches = build_train_iterator(data_spec, tokenizer, spec, args, dp_rank, dp, state.consumed_train_samples,
-                                   log=logger.info)
+                                   log=logger.info, num_micro=num_micro, state=loaded_data_state)
     names = dataset_names(data_spec)
 
     def save():
         save_checkpoint(args.save, state.iteration, model, plan, meta, optimizer, scheduler,
                         state.consumed_train_samples, args.to_dict(), save_optim=not args.no_save_optim,
-                        save_rng=not args.no_save_rng, log=logger.info)
+                        save_rng=not args.no_save_rng, log=logger.info, data_state=data_state(batches))
 
     peak = _peak_tflops(args)
     import psutil
@@ -235,24 +248,29 @@ def train(args, spec, data_spec) -> RunState:
             window.update({("dataset", k): v for k, v in (mb.get("samples_by_dataset") or {}).items()})
             state.loaded.update(mb.get("loaded") or {})
         window.update(tokens=sum(int(mb["num_tokens"]) for mb in microbatches),
-                      samples=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
+                      samples=sum(int(mb["num_samples"]) for mb in microbatches),
+                      rows=sum(int(mb["input_ids"].shape[0]) for mb in microbatches),
+                      tiles=sum(_real_tiles(mb) for mb in microbatches),
                       padded_tokens=sum(mb["input_ids"].numel() for mb in microbatches),
                       skipped_steps=int(grad_norm is None), time=time.perf_counter() - t0, steps=1)
         if cuda:
             seq_lens = [int(mb["input_ids"].shape[1]) for mb in microbatches for _ in range(mb["input_ids"].shape[0])]
             tiles = sum(int(mb["pixel_values"].shape[0]) for mb in microbatches if mb.get("pixel_values") is not None)
             window.update(flops=step_flops(spec, tiles, seq_lens).total)
+        if packed:  # the same on every rank: the step's packs were balanced over DP by all ranks alike
+            imbalance = max(window.get("tile_imbalance_max", 0.0), float(microbatches[0]["dp_tile_imbalance"]))
+            window["tile_imbalance_max"] = imbalance
         loss = reduce_reported(reports) if _is_last_stage_rank() else float("nan")
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             loss = _broadcast_from_last_stage(loss)
-            tokens, samples, padded, flops, *skipped = _dp_sum(
-                [window["tokens"], window["samples"], window["padded_tokens"], window["flops"],
-                 *(state.skipped[r] for r in SKIP_REASONS), *(state.loaded[r] for r in LOAD_NOTES),
+            reasons = SKIP_REASONS + PACK_SKIP_REASONS
+            tokens, samples, rows, tiles, padded, flops, *rest = _dp_sum(
+                [window["tokens"], window["samples"], window["rows"], window["tiles"], window["padded_tokens"],
+                 window["flops"], *(state.skipped[r] for r in reasons), *(state.loaded[r] for r in LOAD_NOTES),
                  *(window[("dataset", n)] for n in names)])
-            skipped, loaded, by_dataset = (skipped[:len(SKIP_REASONS)],
-                                           skipped[len(SKIP_REASONS):len(SKIP_REASONS) + len(LOAD_NOTES)],
-                                           skipped[len(SKIP_REASONS) + len(LOAD_NOTES):])
-            skipped_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n}
+            skipped, loaded, by_dataset = (rest[:len(reasons)], rest[len(reasons):len(reasons) + len(LOAD_NOTES)],
+                                           rest[len(reasons) + len(LOAD_NOTES):])
+            skipped_by_reason = {r: int(n) for r, n in zip(reasons, skipped) if n}
             loaded_by_note = {r: int(n) for r, n in zip(LOAD_NOTES, loaded) if n}
             elapsed = window["time"]
             record = {
@@ -260,7 +278,9 @@ def train(args, spec, data_spec) -> RunState:
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
                 "step_time_s": elapsed / window["steps"], "consumed_samples": state.consumed_train_samples,
-                "global_batch_size": gbs, "tokens_per_sample": padded / samples,
+                "global_batch_size": gbs, "tokens_per_sample": padded / rows,
+                "samples_per_step": samples / window["steps"], "tiles_per_step": tiles / window["steps"],
+                "padding_fraction": 1.0 - tokens / padded if padded else 0.0,
                 "loss_scale": float(optimizer.get_loss_scale()),
                 "skipped_samples": sum(skipped_by_reason.values()), "skipped_iterations": state.skipped_iterations,
                 "skipped_iterations_in_interval": window["skipped_steps"],
@@ -269,6 +289,9 @@ def train(args, spec, data_spec) -> RunState:
                 "loaded_by_note": loaded_by_note,
                 **memory_stats(),
             }
+            if packed:
+                record["packs_per_step"] = rows / window["steps"]
+                record["tile_imbalance"] = window["tile_imbalance_max"]  # the interval's worst step
             if cuda:
                 # every model-parallel rank saw the same micro-batches: count each DP rank's work once
                 tflops = flops / elapsed / 1e12 / (world // dp)
