@@ -33,7 +33,8 @@ from torch import Tensor
 
 from mindspeed_mm.models.internvl.model import mean_loss, shift_labels
 
-__all__ = ["LossMode", "loss_func", "reduce_reported", "sample_target_counts", "square_weights"]
+__all__ = ["LossMode", "local_share", "loss_func", "reduce_reported", "sample_segments", "sample_target_counts",
+           "square_weights"]
 
 REPORT_KEY = "lm loss"
 # InternVL's --loss_reduction values
@@ -82,7 +83,7 @@ def _dp_mean(t: Tensor) -> Tensor:
     return t
 
 
-def _segments(labels: Tensor, sample_ids: Tensor | None) -> tuple[Tensor, Tensor, int]:
+def sample_segments(labels: Tensor, sample_ids: Tensor | None) -> tuple[Tensor, Tensor, int]:
     """(target mask [b, s] float, sample index [b, s] of each position's target, number of samples): rows are the
     samples of an unpacked micro-batch, runs of `sample_ids` those of a packed one."""
     mask = shift_labels(labels, sample_ids).loss_mask
@@ -96,19 +97,19 @@ def _segments(labels: Tensor, sample_ids: Tensor | None) -> tuple[Tensor, Tensor
 
 def sample_target_counts(labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     """Each sample's target-token count (packed: in row-major order, every row numbered to its longest pack)."""
-    mask, seg, n = _segments(labels, sample_ids)
+    mask, seg, n = sample_segments(labels, sample_ids)
     return torch.zeros(n, device=labels.device).index_add_(0, seg.reshape(-1), mask.reshape(-1))
 
 
 def square_weights(labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     """InternVL's square weights [b, s]: 1/sqrt(n) on each target of a sample with n targets, 0 elsewhere."""
-    mask, seg, n = _segments(labels, sample_ids)
+    mask, seg, n = sample_segments(labels, sample_ids)
     counts = torch.zeros(n, device=labels.device).index_add_(0, seg.reshape(-1), mask.reshape(-1))
     w = torch.where(counts > 0, counts.clamp(min=1).rsqrt(), torch.zeros_like(counts))
     return w[seg] * mask
 
 
-def _local(t: Tensor, per_token_loss: Tensor) -> Tensor:
+def local_share(t: Tensor, per_token_loss: Tensor) -> Tensor:
     """This CP rank's share of a [b, s] tensor over the unpadded sequence (padded as the model pads, then the
     zigzag split), the positions of `per_token_loss`."""
     cp = parallel_state.get_context_parallel_world_size()
@@ -138,11 +139,11 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor, sample_ids
         denominator = weights.sum()
         if all_gather:
             denominator = _dp_mean(denominator)
-        loss = (per_token_loss * _local(weights, per_token_loss)).sum() / denominator.clamp(min=1e-12)
+        loss = (per_token_loss * local_share(weights, per_token_loss)).sum() / denominator.clamp(min=1e-12)
     elif mode is LossMode.PER_SAMPLE and sample_ids is not None:
-        mask, seg, n = _segments(labels, sample_ids)
+        mask, seg, n = sample_segments(labels, sample_ids)
         counts = torch.zeros(n, device=labels.device).index_add_(0, seg.reshape(-1), mask.reshape(-1))
-        local_seg = _local(seg, per_token_loss).reshape(-1)
+        local_seg = local_share(seg, per_token_loss).reshape(-1)
         sums = torch.zeros(n, device=per_token_loss.device, dtype=per_token_loss.dtype).index_add(
             0, local_seg, per_token_loss.reshape(-1))
         has_target = counts > 0
@@ -169,7 +170,7 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor, sample_ids
 
 def _local_target_count(labels: Tensor, per_token_loss: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     """Target tokens in this CP rank's share of the sequence (the zigzag split of the shifted loss mask)."""
-    return _local(shift_labels(labels, sample_ids).loss_mask, per_token_loss).sum()
+    return local_share(shift_labels(labels, sample_ids).loss_mask, per_token_loss).sum()
 
 
 def reduce_reported(reported: list[Tensor]) -> float:

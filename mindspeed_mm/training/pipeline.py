@@ -114,11 +114,13 @@ def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
 
 def forward_backward(model: list, microbatches: list[dict], forward_only: bool = False,
                      per_sample_loss: bool = False, loss_mode: LossMode | None = None,
-                     all_gather: bool = False) -> list[Tensor]:
+                     all_gather: bool = False, step=None, full_reports: bool = False) -> list:
     """Run megatron's schedule (no pipelining, 1F1B or interleaved, by the layout) over `microbatches`;
     returns the micro-batch loss reports `[numerator, denominator]` on the last pipeline stage, [] elsewhere
     (see training/loss.py). Per-token loss is the mode `wrap_ddp` fixed; per-sample (or `loss_mode`, e.g.
-    square) is asked for here, with InternVL's `loss_reduction_all_gather` as `all_gather`."""
+    square) is asked for here, with InternVL's `loss_reduction_all_gather` as `all_gather`. `step` replaces
+    `forward_step` (same arguments) and `full_reports` returns the loss functions' whole report dicts: the tests
+    report more through them."""
     per_token = model[0].config.calculate_per_token_loss
     if loss_mode is not None and (loss_mode is LossMode.PER_TOKEN) != per_token:
         raise ValueError(f"loss mode {loss_mode.value} but the model was wrapped for "
@@ -131,7 +133,7 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
     iterators = [iter(microbatches) for _ in model]
     first = microbatches[0]["input_ids"]
     losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, mode, all_gather=all_gather),
+        forward_step_func=partial(step or forward_step, mode, all_gather=all_gather),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
@@ -139,7 +141,7 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
-    return [x[REPORT_KEY] for x in losses]
+    return losses if full_reports else [x[REPORT_KEY] for x in losses]
 
 
 def microbatch_losses(reports: list[Tensor]) -> list[float]:
