@@ -511,7 +511,7 @@ class ContextParallelAttention(MegatronModule):
         sample_ids = None
         if attention_mask is not None:
             if attention_mask.dtype.is_floating_point or attention_mask.dtype == torch.bool:
-                raise ValueError("ContextParallelAttention takes no boolean attention mask: it is causal over "
+                raise ValueError("ContextParallelAttention takes no attention mask (a boolean one): it is causal over "
                                  "global positions (right padding is excluded by the loss mask); an integer "
                                  "attention_mask is the sample ids of packed sequences")
             sample_ids = attention_mask
