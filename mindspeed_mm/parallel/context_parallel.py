@@ -20,7 +20,14 @@ Layout contract (the caller's, as in Megatron-LM): the sequence is padded to a m
 ``2cp - 1 - r`` (``zigzag_split``; the same as megatron's ``get_batch_on_this_cp_rank`` and RoPE's
 ``get_pos_emb_on_this_cp_rank``). Padding goes on the right and is excluded by the loss mask; the causal
 mask is built from the global token positions (``zigzag_positions``), so right padding never leaks into
-real tokens. No attention mask tensor, bias, dropout or packed sequences.
+real tokens. No bias or dropout.
+
+Packed micro-batches (several samples per row, InternVLModel's `sample_ids`): the attention mask is the integer
+sample ids ``[b, S]`` of the full padded sequence (not split), passed as ``attention_mask``. A query then sees
+the keys of its own sample up to itself: the ring builds the mask of each (query chunk, key chunk) block from
+the ids at the block's global positions (a block row may see no key of a block; its partial result is empty and
+the merge ignores it: every row sees itself in the rank's own block, step 0), and Ulysses the mask of the whole
+sequence it holds for its heads.
 
 Communication works on gloo (CPU) and nccl unchanged. gloo pairs the messages between two ranks in
 posting order (at cp = 2 the previous and the next rank are the same peer), so every rank posts its
@@ -145,6 +152,15 @@ def _causal_mask(q_pos: Tensor, k_pos: Tensor, device) -> Tensor:
     return q_pos.to(device).unsqueeze(1) >= k_pos.to(device).unsqueeze(0)
 
 
+def _packed_mask(sample_ids: Tensor, q_pos: Tensor, k_pos: Tensor, causal: Optional[Tensor]) -> Tensor:
+    """[b, 1, 1, nq, nk] bool: the query and the key in the same sample (and ``causal`` where given)."""
+    ids = sample_ids
+    same = ids[:, q_pos.to(ids.device)].unsqueeze(2) == ids[:, k_pos.to(ids.device)].unsqueeze(1)
+    if causal is not None:
+        same = same & causal
+    return same[:, None, None]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Blockwise attention math (fp32). Queries are kept as [b, ng, rep, s, d] so GQA needs no K/V repeat:
 # query head h = g * rep + i uses K/V group g, as megatron's repeat_interleave does.
@@ -160,15 +176,19 @@ def _scores(q: Tensor, k: Tensor, scale: float, mask: Optional[Tensor]) -> Tenso
     return s
 
 
-def _block_forward(q, k, v, scale, mask):
+def _block_forward(q, k, v, scale, mask, empty_rows: bool = False):
     """Softmax-normalized block output [b, ng, rep, nq, d] and its log-sum-exp [b, ng, rep, nq].
-    Every row must see at least one key (the planner guarantees it)."""
+    Every row must see at least one key (the planner guarantees it), unless ``empty_rows`` (packed samples): a
+    row that sees no key gets output 0 and log-sum-exp -inf, which the merge ignores."""
     s = _scores(q, k, scale, mask)
     m = s.amax(dim=-1, keepdim=True)
+    if empty_rows:
+        m = m.masked_fill(torch.isinf(m), 0.0)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     b, ng, rep, nq, nk = p.shape
-    o = torch.matmul(p.view(b, ng, rep * nq, nk), v).view(b, ng, rep, nq, -1) / denom
+    o = torch.matmul(p.view(b, ng, rep * nq, nk), v).view(b, ng, rep, nq, -1)
+    o = o / denom.clamp(min=torch.finfo(denom.dtype).tiny) if empty_rows else o / denom
     return o, (m + torch.log(denom)).squeeze(-1)
 
 
@@ -276,7 +296,7 @@ class _RingAttention(torch.autograd.Function):
     """Causal ring attention over zigzag-laid-out sequences. q [s, b, np, d]; k, v [s, b, ng, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, group):
+    def forward(ctx, q, k, v, scale, group, sample_ids=None):
         ring = _Ring(group)
         s_local, ng = q.size(0), k.size(2)
         seq_len = s_local * ring.size
@@ -293,15 +313,18 @@ class _RingAttention(torch.autograd.Function):
             if plan is not None:
                 rows, cols, needs_mask, q_pos, k_pos = plan
                 mask = _causal_mask(q_pos, k_pos, q.device) if needs_mask else None
+                if sample_ids is not None:
+                    mask = _packed_mask(sample_ids, q_pos, k_pos, mask)
                 kb, vb = (_take(kv[i], 2, cols).float() for i in (0, 1))
-                o_blk, lse_blk = _block_forward(_take(qh, 3, rows), kb, vb, scale, mask)
+                o_blk, lse_blk = _block_forward(_take(qh, 3, rows), kb, vb, scale, mask,
+                                                empty_rows=sample_ids is not None)
                 _merge(out, lse, rows, o_blk, lse_blk)
             if works is not None:
                 _wait(works)
                 kv = next_kv
         result = _from_heads(out).to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)
-        ctx.scale, ctx.group = scale, group
+        ctx.scale, ctx.group, ctx.sample_ids = scale, group, sample_ids
         return result
 
     @staticmethod
@@ -323,6 +346,8 @@ class _RingAttention(torch.autograd.Function):
             if plan is not None:
                 rows, cols, needs_mask, q_pos, k_pos = plan
                 mask = _causal_mask(q_pos, k_pos, q.device) if needs_mask else None
+                if ctx.sample_ids is not None:
+                    mask = _packed_mask(ctx.sample_ids, q_pos, k_pos, mask)
                 kb, vb = (_take(kv[i], 2, cols).float() for i in (0, 1))
                 dq_b, dk_b, dv_b = _block_backward(
                     _take(qh, 3, rows), kb, vb, _take(doh, 3, rows), _take(lse, 3, rows),
@@ -340,39 +365,49 @@ class _RingAttention(torch.autograd.Function):
                     kv = next_kv
         dk = dkv[0].permute(2, 0, 1, 3).to(k.dtype)
         dv = dkv[1].permute(2, 0, 1, 3).to(v.dtype)
-        return _from_heads(dq).to(q.dtype), dk, dv, None, None
+        return _from_heads(dq).to(q.dtype), dk, dv, None, None, None
 
 
-def ring_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_scale: float) -> Tensor:
+def ring_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_scale: float,
+                   sample_ids: Optional[Tensor] = None) -> Tensor:
     """Causal ring attention. query [s, b, np, d], key/value [s, b, ng, d] (zigzag-local parts of a
-    sequence of length ``s * cp``) -> [s, b, np, d]."""
+    sequence of length ``s * cp``) -> [s, b, np, d]. ``sample_ids`` [b, s * cp] (packed samples, the full
+    sequence): attention stays inside each sample."""
     _check_gqa(query, key, value)
-    return _RingAttention.apply(query, key, value, softmax_scale, group)
+    _check_sample_ids(sample_ids, query, dist.get_world_size(group))
+    return _RingAttention.apply(query, key, value, softmax_scale, group, sample_ids)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Ulysses (all-to-all) attention
 # ---------------------------------------------------------------------------------------------------
 
-def _full_causal_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float) -> Tensor:
+def _full_causal_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float,
+                           sample_ids: Optional[Tensor] = None) -> Tensor:
     """Differentiable attention of q [s, b, np, d] to k/v [s, b, ng, d], a query seeing the keys
-    whose global position is <= its own; fp32 softmax. Returns [s, b, np, d] in q's dtype."""
+    whose global position is <= its own (and, with ``sample_ids``, of its own sample); fp32 softmax.
+    Returns [s, b, np, d] in q's dtype."""
     ng = k.size(2)
     qh = _to_heads(q, ng)
     kh, vh = (t.float().permute(1, 2, 0, 3) for t in (k, v))
-    s = _scores(qh, kh, scale, _causal_mask(positions, positions, q.device))
+    mask = _causal_mask(positions, positions, q.device)
+    if sample_ids is not None:
+        mask = _packed_mask(sample_ids, positions, positions, mask)
+    s = _scores(qh, kh, scale, mask)
     p = torch.softmax(s, dim=-1)
     b, ng, rep, nq, nk = p.shape
     o = torch.matmul(p.view(b, ng, rep * nq, nk), vh).view(b, ng, rep, nq, -1)
     return _from_heads(o).to(q.dtype)
 
 
-def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_scale: float) -> Tensor:
+def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_scale: float,
+                      sample_ids: Optional[Tensor] = None) -> Tensor:
     """Causal Ulysses attention. query [s, b, np, d], key/value [s, b, ng, d] (zigzag-local parts of
     a sequence of length ``s * cp``) -> [s, b, np, d]. np must be divisible by cp; ng too, or ng must
     divide cp (the K/V groups are then repeated up to cp)."""
     _check_gqa(query, key, value)
     cp = dist.get_world_size(group)
+    _check_sample_ids(sample_ids, query, cp)
     np_, ng = query.size(2), key.size(2)
     if np_ % cp:
         raise ValueError(f"ulysses_cp_algo: {np_} query heads (per TP rank) are not divisible by cp={cp}")
@@ -386,8 +421,14 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_
     # [s/cp, b, h, d] -> [s, b, h/cp, d]; the sequence comes back as rank 0's chunks, rank 1's, ...
     q, k, v = (_AllToAll.apply(t, group, 2, 0) for t in (query, key, value))
     positions = torch.cat([zigzag_positions(s_local * cp, cp, j) for j in range(cp)])
-    out = _full_causal_attention(q, k, v, positions, softmax_scale)
+    out = _full_causal_attention(q, k, v, positions, softmax_scale, sample_ids)
     return _AllToAll.apply(out, group, 0, 2)
+
+
+def _check_sample_ids(sample_ids: Optional[Tensor], query: Tensor, cp: int) -> None:
+    if sample_ids is not None and tuple(sample_ids.shape) != (query.size(1), query.size(0) * cp):
+        raise ValueError(f"sample ids {tuple(sample_ids.shape)} do not cover the full sequence "
+                         f"[b={query.size(1)}, s={query.size(0) * cp}]")
 
 
 def _check_gqa(query: Tensor, key: Tensor, value: Tensor) -> None:
@@ -467,9 +508,13 @@ class ContextParallelAttention(MegatronModule):
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params=None) -> Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] (this rank's zigzag part) -> [sq, b, np*hn]."""
+        sample_ids = None
         if attention_mask is not None:
-            raise ValueError("ContextParallelAttention takes no attention mask: it is causal over global "
-                             "positions; right padding is excluded by the loss mask")
+            if attention_mask.dtype.is_floating_point or attention_mask.dtype == torch.bool:
+                raise ValueError("ContextParallelAttention takes no attention mask (a boolean one): it is causal over "
+                                 "global positions (right padding is excluded by the loss mask); an integer "
+                                 "attention_mask is the sample ids of packed sequences")
+            sample_ids = attention_mask
         if attention_bias is not None:
             raise NotImplementedError("ContextParallelAttention: attention_bias")
         if packed_seq_params is not None:
@@ -478,5 +523,5 @@ class ContextParallelAttention(MegatronModule):
         if mask_type != AttnMaskType.causal:
             raise NotImplementedError(f"ContextParallelAttention is causal only, got {mask_type}")
         fn = ring_attention if self.cp_algo == RING_ALGO else ulysses_attention
-        out = fn(query, key, value, self.cp_group, self.softmax_scale)
+        out = fn(query, key, value, self.cp_group, self.softmax_scale, sample_ids)
         return out.reshape(out.size(0), out.size(1), -1)

@@ -96,6 +96,12 @@ class TrainArgs:
     calculate_per_sample_loss: bool = _f(False, "each sample's token mean, then the mean over samples")
     calculate_per_token_loss: bool = _f(False, "sum over the global batch's target tokens / their count "
                                                "(independent of how the batch is split into micro-batches)")
+    loss_reduction: Optional[str] = _f(None, "InternVL's loss_reduction: token (the default, or per token with "
+                                             "--calculate-per-token-loss), sample (= --calculate-per-sample-loss) or "
+                                             "square (each target weighted by 1/sqrt of its sample's target count)",
+                                       choices=("token", "sample", "square"))
+    loss_reduction_all_gather: bool = _f(False, "InternVL's loss_reduction_all_gather: each micro-batch's denominator "
+                                                "(targets, samples or weights' sum) averaged over data-parallel ranks")
     # ---- recompute (the JSON's per-module settings win; these fill modules that set none)
     recompute_granularity: Optional[str] = _f(None, "full or selective, for modules whose JSON sets none",
                                               choices=("full", "selective"))
@@ -153,6 +159,14 @@ class TrainArgs:
             raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
         if self.calculate_per_sample_loss and self.calculate_per_token_loss:
             raise ArgumentError("--calculate-per-sample-loss and --calculate-per-token-loss are mutually exclusive")
+        clash = {"sample": self.calculate_per_token_loss, "square": self.calculate_per_token_loss
+                 or self.calculate_per_sample_loss, "token": self.calculate_per_sample_loss}
+        if self.loss_reduction and clash[self.loss_reduction]:
+            other = "--calculate-per-token-loss" if self.calculate_per_token_loss else "--calculate-per-sample-loss"
+            raise ArgumentError(f"--loss-reduction {self.loss_reduction} and {other} are mutually exclusive")
+        if self.loss_reduction_all_gather and self.calculate_per_token_loss:
+            raise ArgumentError("--loss-reduction-all-gather has no meaning with --calculate-per-token-loss (already "
+                                "one count over the global batch)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         for name in ("micro_batch_size", "log_interval", "tensor_model_parallel_size",

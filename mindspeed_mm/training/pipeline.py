@@ -88,12 +88,15 @@ def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = Fals
     return wrapped
 
 
-def forward_step(mode: LossMode, data_iterator, model):
+def forward_step(mode: LossMode, data_iterator, model, all_gather: bool = False):
+    """One micro-batch through this stage's chunk. Every stage reads the whole micro-batch, a packed one's
+    `sample_ids` included (each LLM stage builds its attention mask and RoPE positions from them)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
+    sample_ids = batch.get("sample_ids")
     output = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                   image_flags=batch.get("image_flags"))
-    return output, partial(loss_func, mode, batch["labels"])
+                   image_flags=batch.get("image_flags"), sample_ids=sample_ids)
+    return output, partial(loss_func, mode, batch["labels"], sample_ids=sample_ids, all_gather=all_gather)
 
 
 def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
@@ -110,19 +113,27 @@ def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
 
 
 def forward_backward(model: list, microbatches: list[dict], forward_only: bool = False,
-                     per_sample_loss: bool = False) -> list[Tensor]:
+                     per_sample_loss: bool = False, loss_mode: LossMode | None = None,
+                     all_gather: bool = False, step=None, full_reports: bool = False) -> list:
     """Run megatron's schedule (no pipelining, 1F1B or interleaved, by the layout) over `microbatches`;
     returns the micro-batch loss reports `[numerator, denominator]` on the last pipeline stage, [] elsewhere
-    (see training/loss.py). Per-token loss is the mode `wrap_ddp` fixed; per-sample is asked for here."""
+    (see training/loss.py). Per-token loss is the mode `wrap_ddp` fixed; per-sample (or `loss_mode`, e.g.
+    square) is asked for here, with InternVL's `loss_reduction_all_gather` as `all_gather`. `step` replaces
+    `forward_step` (same arguments) and `full_reports` returns the loss functions' whole report dicts: the tests
+    report more through them."""
     per_token = model[0].config.calculate_per_token_loss
-    mode = LossMode.PER_TOKEN if per_token else LossMode.PER_SAMPLE if per_sample_loss else LossMode.DEFAULT
+    if loss_mode is not None and (loss_mode is LossMode.PER_TOKEN) != per_token:
+        raise ValueError(f"loss mode {loss_mode.value} but the model was wrapped for "
+                         f"{'per-token' if per_token else 'another'} loss (wrap_ddp)")
+    mode = LossMode.PER_TOKEN if per_token else loss_mode or (
+        LossMode.PER_SAMPLE if per_sample_loss else LossMode.DEFAULT)
     _check_not_all_warmup(len(model), len(microbatches))
     for m in model:
         m.zero_grad_buffer() if hasattr(m, "zero_grad_buffer") else m.zero_grad()
     iterators = [iter(microbatches) for _ in model]
     first = microbatches[0]["input_ids"]
     losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, mode),
+        forward_step_func=partial(step or forward_step, mode, all_gather=all_gather),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
@@ -130,22 +141,23 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
-    return [x[REPORT_KEY] for x in losses]
+    return losses if full_reports else [x[REPORT_KEY] for x in losses]
 
 
 def microbatch_losses(reports: list[Tensor]) -> list[float]:
     return [float(r[0] / r[1]) for r in reports]
 
 
-def train_step(model: list, optimizer, microbatches: list[dict], per_sample_loss: bool = False
-               ) -> tuple[list[Tensor], float | None]:
+def train_step(model: list, optimizer, microbatches: list[dict], per_sample_loss: bool = False,
+               loss_mode: LossMode | None = None, all_gather: bool = False) -> tuple[list[Tensor], float | None]:
     """One optimizer step over `microbatches`: the micro-batch loss reports (last stage) and the grad norm.
 
     The optimizer's own zero_grad matters as much as the DDP buffer's: megatron's optimizers point
     `param.grad` at the gradient buffer, and a stale `param.grad` makes the next backward add the new
     gradient to the buffer twice."""
     optimizer.zero_grad()
-    losses = forward_backward(model, microbatches, per_sample_loss=per_sample_loss)
+    losses = forward_backward(model, microbatches, per_sample_loss=per_sample_loss, loss_mode=loss_mode,
+                              all_gather=all_gather)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         # fp16 with a dynamic loss scale skips a step on overflow and lowers the scale: expected, reported

@@ -176,7 +176,8 @@ def train(args, spec, data_spec) -> RunState:
                             f"{args.micro_batch_size} x data-parallel size {dp}")
     num_micro = gbs // (args.micro_batch_size * dp)
     packed = data_spec.dataset_param.packing.use_packed_ds  # then the batch sizes count packs
-    loss_mode = LossMode.from_flags(args.calculate_per_sample_loss, args.calculate_per_token_loss)
+    loss_mode = LossMode.from_flags(args.calculate_per_sample_loss, args.calculate_per_token_loss,
+                                    args.loss_reduction)
     logger.info(f"layout: world {world} = TP{tp} x PP{pp} x CP{cp} x DP{dp}"
                 f"{f' (VPP {parallel.vpp})' if parallel.vpp else ''}{' +SP' if args.sequence_parallel else ''}; "
                 f"global batch {gbs}{' packs' if packed else ''} = {args.micro_batch_size} x {num_micro} "
@@ -235,8 +236,8 @@ def train(args, spec, data_spec) -> RunState:
         t0 = time.perf_counter()
         microbatches = [next(batches) for _ in range(num_micro)]
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step applies
-        reports, grad_norm = train_step(model, optimizer, microbatches,
-                                        per_sample_loss=loss_mode is LossMode.PER_SAMPLE)
+        reports, grad_norm = train_step(model, optimizer, microbatches, loss_mode=loss_mode,
+                                        all_gather=args.loss_reduction_all_gather)
         trainable.after_step(optimizer, stepped=grad_norm is not None)
         scheduler.step(increment=1)
         state.iteration += 1

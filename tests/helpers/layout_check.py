@@ -22,9 +22,11 @@ from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.parallel.layout import plan_layout
 from mindspeed_mm.models.internvl.sharding import full_state_dict
-from tests.helpers.batches import make_microbatches
+from tests.helpers.batches import make_microbatches, make_packed_microbatches
 from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights, load_full_weights
-from mindspeed_mm.training.pipeline import forward_backward, microbatch_losses, local_tensors, train_step, wrap_ddp
+from mindspeed_mm.training.loss import LossMode, local_share, sample_segments
+from mindspeed_mm.training.pipeline import (forward_backward, forward_step, local_tensors, microbatch_losses,
+                                            train_step, wrap_ddp)
 
 
 @dataclass
@@ -47,6 +49,10 @@ class LayoutArgs:
     lora: str | None = None
     unfreeze_last_layers: int = 0  # with lora: the ViT's last layers trainable
     recompute: bool = False  # full recompute of every layer of both modules (through the spec)
+    # packed micro-batches (batches.make_packed_microbatches): "pack" runs `microbatches` packs per DP rank in
+    # per-sample mode and reports every sample's loss; "alone" runs each of their samples as a micro-batch of its
+    # own (default mode: the sample's loss); both give the gradient of the mean of the samples' losses
+    packed: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -115,9 +121,20 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
     model = wrap_ddp(chunks, args.distributed_optimizer)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     microbatches = make_microbatches(spec, args.microbatches * dp, seed=args.seed)[dp_rank::dp]
+    if args.packed == "pack":
+        microbatches = make_packed_microbatches(spec, args.microbatches * dp, seed=args.seed)[0][dp_rank::dp]
+    elif args.packed == "alone":
+        assert dp == 1, "the samples alone are the one-rank reference"
+        microbatches = make_packed_microbatches(spec, args.microbatches, seed=args.seed)[1]
 
     losses = []
-    if args.adam_steps == 0:
+    if args.packed == "pack":
+        assert args.adam_steps == 0
+        reports = forward_backward(model, microbatches, loss_mode=LossMode.PER_SAMPLE, step=per_sample_step,
+                                   full_reports=True)
+        losses.append([float(x) for r in reports for x in r["per_sample"]])
+        what = "grad"
+    elif args.adam_steps == 0:
         losses.append(microbatch_losses(forward_backward(model, microbatches)))
         what = "grad"
     else:
@@ -140,6 +157,25 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
     if args.lora:
         out.update(_lora_facts(model, spec, loaded, out["tensors"], optimizer if args.adam_steps else None))
     return out
+
+
+def per_sample_step(mode, data_iterator, model, all_gather: bool = False):
+    """`pipeline.forward_step`, its loss function reporting as well each sample's loss (`per_sample`: its mean
+    over its target tokens, the CP ranks' shares summed)."""
+    output, loss_fn = forward_step(mode, data_iterator, model, all_gather)
+    labels, sample_ids = loss_fn.args[1], loss_fn.keywords["sample_ids"]
+
+    def loss(per_token_loss):
+        *out, report = loss_fn(per_token_loss)
+        mask, seg, n = sample_segments(labels, sample_ids)
+        sums = torch.zeros(n, dtype=per_token_loss.dtype, device=per_token_loss.device).index_add(
+            0, local_share(seg, per_token_loss).reshape(-1), per_token_loss.detach().reshape(-1))
+        if parallel_state.get_context_parallel_world_size() > 1:
+            torch.distributed.all_reduce(sums, group=parallel_state.get_context_parallel_group())
+        counts = torch.zeros(n, device=mask.device).index_add_(0, seg.reshape(-1), mask.reshape(-1))
+        return (*out, dict(report, per_sample=(sums / counts.clamp(min=1))[counts > 0]))
+
+    return output, loss
 
 
 def _lora_facts(model, spec, loaded, after, optimizer) -> dict:

@@ -72,22 +72,53 @@ class ShiftedLabels:
     loss_mask: Tensor  # [b, s] float: 1 where the next token is a target
 
 
-def shift_labels(labels: Tensor) -> ShiftedLabels:
-    """Position t predicts labels[t+1]; the last position and ignored labels carry no loss."""
+def shift_labels(labels: Tensor, sample_ids: Tensor | None = None) -> ShiftedLabels:
+    """Position t predicts labels[t+1]; the last position and ignored labels carry no loss. In a pack
+    (`sample_ids` [b, s], -1 on padding) the last token of a sample predicts nothing either: the next token is
+    another sample's."""
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     mask = targets != IGNORE_INDEX
+    if sample_ids is not None:
+        sample_ids = sample_ids.to(labels.device)
+        same = torch.zeros_like(mask)
+        same[:, :-1] = (sample_ids[:, 1:] == sample_ids[:, :-1]) & (sample_ids[:, :-1] >= 0)
+        mask = mask & same
     return ShiftedLabels(torch.where(mask, targets, torch.zeros_like(targets)), mask.float())
 
 
-def num_target_tokens(labels: Tensor) -> Tensor:
-    return shift_labels(labels).loss_mask.sum()
+def num_target_tokens(labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+    return shift_labels(labels, sample_ids).loss_mask.sum()
 
 
-def mean_loss(per_token_loss: Tensor, labels: Tensor) -> Tensor:
+def mean_loss(per_token_loss: Tensor, labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     """Mean over the target tokens of `labels` (the whole micro-batch, before any CP split), as
     transformers' causal-LM loss computes it. Under CP each rank's share sums to the mean."""
-    return per_token_loss.sum() / num_target_tokens(labels).clamp(min=1)
+    return per_token_loss.sum() / num_target_tokens(labels, sample_ids).clamp(min=1)
+
+
+class PackError(ValueError):
+    """`sample_ids` that do not describe a pack: samples must be contiguous runs, numbered from 0, padding last."""
+
+
+def pack_positions(sample_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(position within its sample, its sample's token count) of every token of a packed micro-batch, [b, s] each.
+    Padding (-1) counts as one more run at the end (its positions are never seen by a real token)."""
+    b, s = sample_ids.shape
+    start = torch.ones_like(sample_ids, dtype=torch.bool)
+    start[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+    # samples are contiguous and in order: 0, 1, ..., n-1, then padding
+    nxt = sample_ids[:, 1:][start[:, 1:]]
+    prev = sample_ids[:, :-1][start[:, 1:]]
+    if bool(((sample_ids[:, 0] != 0) & (sample_ids[:, 0] != -1)).any()) or bool(
+            ((nxt != prev + 1) & (nxt != -1)).any() or (prev == -1).any()):
+        raise PackError("sample_ids must number each row's samples 0, 1, ... in contiguous runs, padding (-1) last")
+    idx = torch.arange(s, device=sample_ids.device).expand(b, s)
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    run = start.long().cumsum(dim=1) - 1  # run index within the row
+    counts = torch.zeros(b, s, dtype=torch.long, device=sample_ids.device).scatter_add_(
+        1, run, torch.ones_like(run))
+    return idx - first, counts.gather(1, run)
 
 
 def single_stage_plan(spec: InternVLSpec, parallel: ParallelSizes) -> LayoutPlan:
@@ -200,6 +231,11 @@ class InternVLModel(MegatronModule):
             labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
         return input_ids, labels
 
+    def pad_sample_ids(self, sample_ids: Tensor) -> Tensor:
+        """`sample_ids` padded as `pad_batch` pads the ids: -1, padding."""
+        pad = (-sample_ids.shape[1]) % self._pad_multiple()
+        return torch.nn.functional.pad(sample_ids, (0, pad), value=-1) if pad else sample_ids
+
     def splice(self, input_ids: Tensor, features: Tensor | None, dummy: bool) -> Tensor:
         """Token embeddings with image features written over the <IMG_CONTEXT> positions: [s, b, h]."""
         embeds = self.text_decoder.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
@@ -239,8 +275,8 @@ class InternVLModel(MegatronModule):
         from mindspeed_mm.parallel.context_parallel import zigzag_split
         return zigzag_split(t, self.parallel.cp, parallel_state.get_context_parallel_rank(), seq_dim)
 
-    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        shifted = shift_labels(labels)
+    def _loss(self, logits: Tensor, labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        shifted = shift_labels(labels, sample_ids)
         targets = self._cp_split(shifted.targets, 1)
         mask = self._cp_split(shifted.loss_mask, 1)
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
@@ -258,13 +294,23 @@ class InternVLModel(MegatronModule):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, labels: Tensor | None = None,
-                image_flags: Tensor | None = None) -> Tensor:
+                image_flags: Tensor | None = None, sample_ids: Tensor | None = None) -> Tensor:
         """On the last stage: logits [b, s_local, vocab/tp] without labels, or with labels the masked
         per-token loss [b, s_local] (0 where no target; `mean_loss(out, labels)` is the micro-batch mean).
-        `s_local` is the padded sequence split over CP. Earlier stages return the boundary tensor."""
+        `s_local` is the padded sequence split over CP. Earlier stages return the boundary tensor.
+
+        `sample_ids` [b, s] (a packed micro-batch: each row whole samples back to back, -1 on padding): attention
+        stays inside each sample (block-diagonal causal) and RoPE restarts at 0 per sample; the last token of a
+        sample has no target. The sample ids reach core attention as its `attention_mask` (an integer tensor over
+        the full padded sequence; `SDPAttention` and `ContextParallelAttention` build each block's mask from it).
+        Without them the micro-batch runs exactly as before."""
         stage = self.stage
         seq_len = input_ids.shape[1]
         input_ids, labels = self.pad_batch(input_ids, labels)
+        attention_mask = packed_rope = None
+        if sample_ids is not None:
+            sample_ids = self.pad_sample_ids(sample_ids.to(input_ids.device))
+            attention_mask, packed_rope = sample_ids, pack_positions(sample_ids)
         features, dummy = None, pixel_values is None or pixel_values.shape[0] == 0
         if self.image_encoder is not None:
             tiles, dummy = self._vision_input(pixel_values, image_flags)
@@ -280,12 +326,12 @@ class InternVLModel(MegatronModule):
             if self.parallel.sp:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
             decoder_input = input_for_full_recompute(decoder_input, self.text_decoder.decoder)
-        out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=None,
-                                decoder_input=decoder_input, rope_seq_len=seq_len)
+        out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=attention_mask,
+                                decoder_input=decoder_input, rope_seq_len=seq_len, packed_rope=packed_rope)
         if not stage.has_llm_head:
             return out
         logits = self._mask_padded_vocab(out)
-        return logits if labels is None else self._loss(logits, labels)
+        return logits if labels is None else self._loss(logits, labels, sample_ids)
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, Tensor]) -> None:

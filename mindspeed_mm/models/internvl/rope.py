@@ -12,6 +12,12 @@ transformers' module also keeps the frequencies of the longest sequence it has s
 sequence still longer than ``max_position_embeddings`` (until one at most that long resets it). Here each
 forward's frequencies follow its own length: the two agree for one forward on a fresh model and for
 generation, where the length only grows.
+
+Packed sequences (`LLMDecoder.forward(..., packed_rope=(positions, lengths))`): positions restart at 0 in every
+sample of a pack, so each token's rotation is the table's row at its position within its sample (megatron's table
+gathered per token: [s, b, 1, d] instead of [s, 1, 1, d], which megatron's bshd RoPE broadcasts alike). Dynamic
+NTK then follows each sample's own length (its token count), as if the sample ran alone: a pack of samples gives
+each of them the rotations it would get unpacked and by itself.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from mindspeed_mm.config.model_spec import RopeScaling
 
-__all__ = ["DynamicNTKRotaryEmbedding", "LLMDecoder", "dynamic_ntk_inv_freq"]
+__all__ = ["DynamicNTKRotaryEmbedding", "LLMDecoder", "dynamic_ntk_inv_freq", "packed_rotary_emb"]
 
 # megatron's forward is lru-cached on its arguments alone; the scaled frequencies depend on the length too
 _ROPE_FORWARD = RotaryEmbedding.forward.__wrapped__
@@ -68,6 +74,29 @@ class DynamicNTKRotaryEmbedding(RotaryEmbedding):
         return _ROPE_FORWARD(self, max_seq_len, offset, packed_seq, cp_group)
 
 
+def packed_rotary_emb(rope: RotaryEmbedding, positions: Tensor, lengths: Tensor) -> Tensor:
+    """megatron's rotary table [s, b, 1, d] for tokens at `positions` [b, s] within samples of `lengths` [b, s]
+    tokens (the full sequence, before any CP split): row `positions[j, t]` of the table that sample would get alone.
+    With dynamic NTK, each sample longer than ``max_position_embeddings`` gets the frequencies of its own length."""
+    n = int(positions.max()) + 1
+    if not isinstance(rope, DynamicNTKRotaryEmbedding):
+        table = rope.get_emb(n)[:, 0, 0, :]
+        return table[positions.to(table.device)].transpose(0, 1).unsqueeze(2)
+    saved = rope.ntk_seq_len
+    ntk = torch.where(lengths > rope.max_position_embeddings, lengths, torch.zeros_like(lengths))
+    out = None
+    try:
+        for length in sorted(set(ntk.flatten().tolist())):
+            rope.set_seq_len(length)  # 0: plain RoPE
+            table = rope.get_emb(n)[:, 0, 0, :]
+            rows = table[positions.to(table.device)]  # [b, s, d]
+            pick = (ntk == length).to(table.device).unsqueeze(-1)
+            out = rows if out is None else torch.where(pick, rows, out)
+    finally:
+        rope.set_seq_len(saved or 0)
+    return out.transpose(0, 1).unsqueeze(2)
+
+
 class LLMDecoder(GPTModel):
     """megatron's GPTModel with the spec's `rope_scaling` applied; without one it is GPTModel unchanged."""
 
@@ -97,10 +126,26 @@ class LLMDecoder(GPTModel):
         (`training.pipeline.wrap_ddp`, for megatron's random initialisation)."""
         return False
 
-    def forward(self, input_ids: Tensor, *args, rope_seq_len: Optional[int] = None, **kwargs):
+    def forward(self, input_ids: Tensor, *args, rope_seq_len: Optional[int] = None,
+                packed_rope: Optional[tuple[Tensor, Tensor]] = None, **kwargs):
         """`rope_seq_len`: the micro-batch's length before the model padded it for CP/SP (default: the ids'
-        length, plus the cached tokens when an inference context is given)."""
+        length, plus the cached tokens when an inference context is given). `packed_rope`: (positions, lengths)
+        [b, s] of every token of a packed micro-batch (full padded sequence, before the CP split): RoPE restarts
+        per sample (`packed_rotary_emb`)."""
         rope = getattr(self, "rotary_pos_emb", None)
+        if packed_rope is not None and rope is not None:
+            emb = packed_rotary_emb(rope, *packed_rope)
+            cp = self.config.context_parallel_size
+            if cp > 1:
+                from megatron.core import parallel_state
+
+                from mindspeed_mm.parallel.context_parallel import zigzag_split
+                emb = zigzag_split(emb, cp, parallel_state.get_context_parallel_rank(), 0)
+            self._packed_rotary_emb = emb
+            try:
+                return super().forward(input_ids, *args, **kwargs)
+            finally:
+                self._packed_rotary_emb = None
         if isinstance(rope, DynamicNTKRotaryEmbedding):
             if rope_seq_len is None:
                 context = kwargs.get("inference_context")
@@ -109,3 +154,10 @@ class LLMDecoder(GPTModel):
                 # GPTModel keeps the generation cos/sin tables per maximum length, not per frequencies
                 self.rotary_pos_emb_cache.clear()
         return super().forward(input_ids, *args, **kwargs)
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        emb = getattr(self, "_packed_rotary_emb", None)
+        if emb is None:
+            return out
+        return (out[0], emb, *out[2:])

@@ -6,7 +6,9 @@ CUDA (what `--use-flash-attn` asks for, without TransformerEngine), its fused fl
 own version materialises the [b, heads, s, s] scores in a baddbmm and a separate softmax, which on CPU made our
 training step slower than transformers' (whose attention is SDPA as well).
 
-Masks follow megatron's convention (True = masked). Causal attention with fewer queries than keys (decoding
+Masks follow megatron's convention (True = masked). An integer `attention_mask` [b, s] is the sample ids of a packed
+micro-batch (`InternVLModel.forward`): a query sees the keys of its own sample up to itself (block-diagonal
+causal; padding, -1, sees only padding), a mask built here from the ids. Causal attention with fewer queries than keys (decoding
 against a KV cache) is aligned to the last key, as the queries are the newest positions.
 """
 from __future__ import annotations
@@ -20,7 +22,17 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-__all__ = ["SDPAttention"]
+__all__ = ["SDPAttention", "packed_causal_mask"]
+
+
+def packed_causal_mask(sample_ids: Tensor, sq: int, sk: int) -> Tensor:
+    """[b, 1, sq, sk] bool, True where a query may attend to a key: the same sample and not after it. `sample_ids`
+    [b, sk] covers the keys; the queries are the last sq of them."""
+    if sample_ids.dim() != 2 or sample_ids.shape[1] != sk:
+        raise ValueError(f"sample ids {tuple(sample_ids.shape)} do not cover the {sk} keys")
+    same = sample_ids[:, sk - sq:, None] == sample_ids[:, None, :]
+    causal = torch.ones(sq, sk, dtype=torch.bool, device=sample_ids.device).tril(diagonal=sk - sq)
+    return (same & causal).unsqueeze(1)
 
 
 class SDPAttention(MegatronModule):
@@ -48,7 +60,9 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         allowed = None
         causal = False
-        if attention_mask is not None:
+        if attention_mask is not None and not attention_mask.dtype.is_floating_point and attention_mask.dtype != torch.bool:
+            allowed = packed_causal_mask(attention_mask.to(q.device), sq, sk)
+        elif attention_mask is not None:
             allowed = ~attention_mask.to(torch.bool)
         elif mask_type == AttnMaskType.causal:
             if sq == sk:
