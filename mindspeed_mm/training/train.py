@@ -61,6 +61,16 @@ def _dp_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _attended_lengths(mb) -> list[int]:
+    """The lengths attention runs over: each padded row, or in a pack each sample (attention stays inside it)."""
+    import torch
+
+    ids = mb.get("sample_ids")
+    if ids is None:
+        return [int(mb["input_ids"].shape[1])] * int(mb["input_ids"].shape[0])
+    return [int(n) for row in ids for n in torch.bincount(row[row >= 0]).tolist() if n]
+
+
 def _real_tiles(mb) -> int:
     """Tiles the ViT runs on (InternVL's strict_mode pads packs with flagged-off tiles)."""
     if mb.get("num_tiles") is not None:
@@ -255,7 +265,7 @@ def train(args, spec, data_spec) -> RunState:
                       padded_tokens=sum(mb["input_ids"].numel() for mb in microbatches),
                       skipped_steps=int(grad_norm is None), time=time.perf_counter() - t0, steps=1)
         if cuda:
-            seq_lens = [int(mb["input_ids"].shape[1]) for mb in microbatches for _ in range(mb["input_ids"].shape[0])]
+            seq_lens = [n for mb in microbatches for n in _attended_lengths(mb)]
             tiles = sum(int(mb["pixel_values"].shape[0]) for mb in microbatches if mb.get("pixel_values") is not None)
             window.update(flops=step_flops(spec, tiles, seq_lens).total)
         if packed:  # the same on every rank: the step's packs were balanced over DP by all ranks alike

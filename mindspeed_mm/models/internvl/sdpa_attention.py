@@ -8,7 +8,8 @@ training step slower than transformers' (whose attention is SDPA as well).
 
 Masks follow megatron's convention (True = masked). An integer `attention_mask` [b, s] is the sample ids of a packed
 micro-batch (`InternVLModel.forward`): a query sees the keys of its own sample up to itself (block-diagonal
-causal; padding, -1, sees only padding), a mask built here from the ids. Causal attention with fewer queries than keys (decoding
+causal; padding, -1, sees only padding), computed as one causal call per sample (with fewer queries than keys:
+a mask built from the ids). Causal attention with fewer queries than keys (decoding
 against a KV cache) is aligned to the last key, as the queries are the newest positions.
 """
 from __future__ import annotations
@@ -61,6 +62,8 @@ class SDPAttention(MegatronModule):
         allowed = None
         causal = False
         if attention_mask is not None and not attention_mask.dtype.is_floating_point and attention_mask.dtype != torch.bool:
+            if sq == sk:
+                return self._per_sample(q, k, v, attention_mask)
             allowed = packed_causal_mask(attention_mask.to(q.device), sq, sk)
         elif attention_mask is not None:
             allowed = ~attention_mask.to(torch.bool)
@@ -72,3 +75,19 @@ class SDPAttention(MegatronModule):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal, scale=self.softmax_scale,
                                              enable_gqa=k.shape[1] != heads)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def _per_sample(self, q: Tensor, k: Tensor, v: Tensor, sample_ids: Tensor) -> Tensor:
+        """A pack's attention as one causal SDPA call per sample (and one for its padding, which sees only
+        itself): the same as the block-diagonal mask, at the cost of the samples' own squares, and through the
+        fused causal kernel (an explicit mask would take SDPA's unfused path over the whole pack)."""
+        b, heads, s, d = q.shape
+        gqa = k.shape[1] != heads
+        rows = []
+        for r in range(b):
+            ids = sample_ids[r]
+            cuts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), s]
+            rows.append(torch.cat([F.scaled_dot_product_attention(
+                q[r:r + 1, :, a:e], k[r:r + 1, :, a:e], v[r:r + 1, :, a:e], is_causal=True, scale=self.softmax_scale,
+                enable_gqa=gqa) for a, e in zip(cuts[:-1], cuts[1:])], dim=2))
+        out = torch.cat(rows) if b > 1 else rows[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
