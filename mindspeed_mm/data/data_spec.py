@@ -66,7 +66,7 @@ class BasicParameters:
     """One dataset of the mixture: an annotation file. It gives ``floor(repeat_time x records)`` samples
     (see :mod:`mindspeed_mm.data.mixture`). ``data_folder`` null: paths are relative to the file's folder.
     ``max_dynamic_patch`` null: the ``dataset_param`` one. ``data_augment``: InternVL's random JPEG
-    re-compression of tiles, accepted and not applied (said once in the log). ``length``: the meta JSON's record
+    re-compression of each tile (quality 75..100, seeded per sample). ``length``: the meta JSON's record
     count, informational (a mismatch is logged). ``key``/``source``: where it was written, for messages."""
 
     data_path: str

@@ -130,6 +130,19 @@ def _pad_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     return out
 
 
+JPEG_QUALITIES = (75, 100)  # InternVL's data_augment: qualities 75..100 inclusive
+
+
+def jpeg_degrade(image: Image.Image, quality: int) -> Image.Image:
+    """The image as it comes back from a JPEG of this quality (InternVL's `simulate_jpeg_degradation`)."""
+    import io
+
+    with io.BytesIO() as buf:
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        return Image.open(buf).convert("RGB")
+
+
 class InternVLChatDataset(torch.utils.data.Dataset):
     """Samples of the annotation files in ``spec`` (a :class:`DataSpec` or its ``dataset_param``).
 
@@ -195,6 +208,9 @@ class InternVLChatDataset(torch.utils.data.Dataset):
     def build(self, j: int) -> dict:
         """Record ``j`` as a sample, or ``_Skip``."""
         record, folder, _ = self.records[j]
+        # InternVL's data_augment: each tile (and frame) re-encoded as JPEG at a quality drawn from 75..100, here
+        # drawn per sample from the seed and the sample's index, so any number of workers gives the same pixels
+        self._augment = (np.random.default_rng([self.seed, j]) if self.records.basic(j).data_augment else None)
         if not isinstance(record, dict) or "_unparsable" in record:
             raise _Skip("malformed", f"not a JSON object: {record.get('_unparsable') if isinstance(record, dict) else record!r}")
         conversations = record.get("conversations")
@@ -220,6 +236,9 @@ class InternVLChatDataset(torch.utils.data.Dataset):
             raise _Skip("malformed", str(e)) from None
 
     def _pixels(self, tiles: list[Image.Image]) -> torch.Tensor:
+        if getattr(self, "_augment", None) is not None:
+            tiles = [jpeg_degrade(t, int(self._augment.integers(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1)))
+                     for t in tiles]
         return to_pixel_values(tiles, self.param.norm_mean, self.param.norm_std)
 
     def _result(self, ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor) -> dict:

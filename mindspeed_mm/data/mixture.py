@@ -181,7 +181,7 @@ class Mixture(Sequence):
         for b, n, kept in zip(self.basics, self.sizes, self.counts):
             out.append(f"dataset {b.name}: {kept} samples (floor({b.repeat_time:g} x {n} records) of "
                        f"{b.data_path}){'' if b.max_dynamic_patch is None else f'; max_dynamic_patch {b.max_dynamic_patch}'}"
-                       f"{'; data_augment true: InternVL JPEG re-compression is not applied' if b.data_augment else ''}")
+                       f"{'; data_augment: tiles re-encoded as JPEG at a random quality 75-100' if b.data_augment else ''}")
             if b.length is not None and b.length != n:
                 out.append(f"warning: dataset {b.name}: the meta JSON's length {b.length} != {n} records in "
                            f"{b.data_path}")

@@ -182,6 +182,31 @@ def test_max_dynamic_patch_per_dataset(tokenizer, tmp_path):
     assert tiles and all(a == 1 for a, _ in tiles) and any(b > 1 for _, b in tiles)
 
 
+def test_data_augment_reencodes_each_tile_as_jpeg_at_a_quality_from_75_to_100(tokenizer, tmp_path):
+    """InternVL's data_augment: every tile re-encoded as JPEG (quality 75..100); seeded by the sample, so a second
+    dataset (another worker) gives the same pixels."""
+    from mindspeed_mm.data.dataset import jpeg_degrade
+    from mindspeed_mm.data.tiling import to_pixel_values
+
+    data = write_tiny_dataset(tmp_path / "data", image_size=56, seed=0)
+    recs = [json.loads(x) for x in data.read_text().splitlines()]
+    i = next(k for k, r in enumerate(recs) if isinstance(r.get("image"), str))
+    entry = {"data_path": str(data), "data_folder": str(data.parent), "name": "aug", "data_augment": True}
+    plain = _dataset(tokenizer, _raw(basic_parameters=[{**entry, "data_augment": False}]))[i]["pixel_values"]
+    ds = _dataset(tokenizer, _raw(basic_parameters=[entry]))
+    aug = ds[i]["pixel_values"]
+    assert torch.equal(aug, _dataset(tokenizer, _raw(basic_parameters=[entry]))[i]["pixel_values"])
+    assert aug.shape == plain.shape and not torch.equal(aug, plain)
+    # each tile is one of the 26 re-encodings of the plain tile
+    mean, std = ds.param.norm_mean, ds.param.norm_std
+    tile = torch.tensor(std).view(3, 1, 1) * plain[0] + torch.tensor(mean).view(3, 1, 1)
+    from PIL import Image
+    img = Image.fromarray((tile.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    options = [to_pixel_values([jpeg_degrade(img, q)], mean, std)[0] for q in range(75, 101)]
+    best = min((aug[0] - o).abs().max().item() for o in options)
+    assert best < 0.05, best  # the tile went through one of them (up to the 8-bit round trip of this check)
+
+
 # ---------------------------------------------------------------------------------------------- group_by_length
 
 def test_group_by_length_order_is_internvl_rule():
