@@ -130,7 +130,7 @@ def test_meta_json_read(tokenizer, files, tmp_path):
     ds = InternVLChatDataset(spec, tokenizer, 1024, tokens_per_tile=TPT)
     assert len(ds) == 10 + 3 and ds[12]["dataset"] == "long_set"
     lines = ds.records.describe()
-    assert "data_augment true" in lines[1] and "length 8 != 7 records" in lines[2]
+    assert "data_augment: tiles re-encoded as JPEG" in lines[1] and "length 8 != 7 records" in lines[2]
 
 
 @pytest.mark.parametrize("entry, key, words", [
