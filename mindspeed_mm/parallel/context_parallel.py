@@ -27,7 +27,10 @@ sample ids ``[b, S]`` of the full padded sequence (not split), passed as ``atten
 the keys of its own sample up to itself: the ring builds the mask of each (query chunk, key chunk) block from
 the ids at the block's global positions (a block row may see no key of a block; its partial result is empty and
 the merge ignores it: every row sees itself in the rank's own block, step 0), and Ulysses the mask of the whole
-sequence it holds for its heads.
+sequence it holds for its heads. InternVLModel splits a pack sample by sample instead (``PackedLayout``: each
+sample padded to a multiple of ``2 * cp`` and cut in zigzag, megatron's THD split) and passes
+``PackedLayout.attention_mask`` [2, b, S] (ids and global positions of every rank's tokens, in rank order): the
+ring then masks every block to same sample and key position <= query position, Ulysses its gathered sequence.
 
 Communication works on gloo (CPU) and nccl unchanged. gloo pairs the messages between two ranks in
 posting order (at cp = 2 the previous and the next rank are the same peer), so every rank posts its
