@@ -27,7 +27,10 @@ sample ids ``[b, S]`` of the full padded sequence (not split), passed as ``atten
 the keys of its own sample up to itself: the ring builds the mask of each (query chunk, key chunk) block from
 the ids at the block's global positions (a block row may see no key of a block; its partial result is empty and
 the merge ignores it: every row sees itself in the rank's own block, step 0), and Ulysses the mask of the whole
-sequence it holds for its heads.
+sequence it holds for its heads. InternVLModel splits a pack sample by sample instead (``PackedLayout``: each
+sample padded to a multiple of ``2 * cp`` and cut in zigzag, megatron's THD split) and passes
+``PackedLayout.attention_mask`` [2, b, S] (ids and global positions of every rank's tokens, in rank order): the
+ring then masks every block to same sample and key position <= query position, Ulysses its gathered sequence.
 
 Communication works on gloo (CPU) and nccl unchanged. gloo pairs the messages between two ranks in
 posting order (at cp = 2 the previous and the next rank are the same peer), so every rank posts its
@@ -93,6 +96,98 @@ def zigzag_split(t: Tensor, cp_size: int, cp_rank: int, seq_dim: int) -> Tensor:
     first = t.narrow(seq_dim, cp_rank * chunk, chunk)
     second = t.narrow(seq_dim, (2 * cp_size - 1 - cp_rank) * chunk, chunk)
     return torch.cat([first, second], dim=seq_dim)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed micro-batches: every sample split in zigzag over the CP ranks (megatron's THD split)
+# ---------------------------------------------------------------------------------------------------
+
+class PackedLayout:
+    """The CP layout of a packed micro-batch (`sample_ids` [b, s]: whole samples back to back, numbered 0, 1, ...,
+    -1 on padding, last): every sample (each run of one id, the padding run too) is padded at its end to a multiple
+    of ``2 * cp`` tokens and cut into ``2 * cp`` chunks, and CP rank ``r`` holds chunks ``r`` and ``2cp - 1 - r`` of
+    every sample, as megatron splits THD sequences. Each rank then holds ``S / cp`` tokens (S: the padded length)
+    and the same share of every sample's causal attention work.
+
+    ``dest`` [b, s]: where each token of the unpadded pack goes in the padded one. ``sample_ids``, ``positions``,
+    ``lengths`` [b, S]: each padded token's sample (a sample's pads carry its id), its position within the sample,
+    and the sample's real token count. ``index`` [cp, b, S / cp]: the padded positions rank r holds, in its order.
+    Built from ``sample_ids`` alone, so every rank of the CP group builds the same one."""
+
+    def __init__(self, sample_ids: Tensor, cp: int, multiple: int = 1, length: Optional[int] = None):
+        if cp < 1 or multiple < 1:
+            raise ValueError(f"PackedLayout: need cp >= 1 and multiple >= 1, got {cp}, {multiple}")
+        ids = sample_ids.long()
+        b, s = ids.shape
+        unit = 2 * cp
+        rows = [torch.unique_consecutive(ids[j].cpu(), return_counts=True) for j in range(b)]
+        natural = max(sum(pad_to_multiple(int(c), unit) for c in cnt.tolist()) for _, cnt in rows) if b else 0
+        if length is None:
+            length = pad_to_multiple(natural, unit * multiple)
+        elif length < natural or length % unit:
+            raise ValueError(f"PackedLayout: length {length} is below {natural} or not a multiple of {unit}")
+        dest, out_ids, pos, lens, index = [], [], [], [], []
+        for vals, cnts in rows:
+            offset, d, i_, p_, l_, idx = 0, [], [], [], [], [[] for _ in range(cp)]
+            runs = list(zip(vals.tolist(), cnts.tolist()))
+            if not runs or runs[-1][0] != -1:
+                runs.append((-1, 0))
+            for k, (v, c) in enumerate(runs):
+                if v == -1 and k != len(runs) - 1:
+                    raise ValueError("PackedLayout: padding (-1) must be the last run of a row")
+                n = length - offset if v == -1 else pad_to_multiple(c, unit)
+                d.append(torch.arange(offset, offset + c))
+                i_.append(torch.full((n,), v))
+                p_.append(torch.arange(n))
+                l_.append(torch.full((n,), c if v != -1 else n))
+                chunk = n // unit
+                for r in range(cp):
+                    a, z = offset + r * chunk, offset + (unit - 1 - r) * chunk
+                    idx[r] += [torch.arange(a, a + chunk), torch.arange(z, z + chunk)]
+                offset += n
+            dest.append(torch.cat(d))
+            out_ids.append(torch.cat(i_))
+            pos.append(torch.cat(p_))
+            lens.append(torch.cat(l_))
+            index.append(torch.stack([torch.cat(x) for x in idx]))
+        dev = sample_ids.device
+        self.cp, self.length = cp, length
+        self.dest = torch.stack(dest).to(dev)
+        self.sample_ids = torch.stack(out_ids).to(dev)
+        self.positions = torch.stack(pos).to(dev)
+        self.lengths = torch.stack(lens).to(dev)
+        self.index = torch.stack(index, dim=1).to(dev)  # [cp, b, S / cp]
+
+    def pad(self, t: Tensor, fill) -> Tensor:
+        """[b, s] (the unpadded pack) -> [b, S]: every token at its padded position, ``fill`` on the pads."""
+        out = t.new_full((t.shape[0], self.length), fill)
+        return out.scatter_(1, self.dest.to(t.device), t)
+
+    def local(self, t: Tensor, rank: int, seq_dim: int) -> Tensor:
+        """Rank ``rank``'s part of ``t`` (padded length S along ``seq_dim``, the batch along the other of dims 0/1)."""
+        seq_dim = seq_dim % t.dim()
+        idx = self.index[rank].to(t.device)  # [b, S / cp]
+        if seq_dim == 0:
+            idx = idx.t()
+        shape = idx.shape + (1,) * (t.dim() - 2)
+        return t.gather(seq_dim, idx.reshape(shape).expand(*idx.shape, *t.shape[2:]))
+
+    def attention_mask(self) -> Tensor:
+        """What core attention takes as ``attention_mask``: [2, b, S] int64, the sample id and the padded position
+        of every token in rank-concatenated order (rank 0's tokens, rank 1's, ...): rank j's tokens are columns
+        ``j * S / cp`` to ``(j + 1) * S / cp``, and Ulysses' gathered sequence is that order."""
+        order = self.index.permute(1, 0, 2).reshape(self.index.shape[1], -1)  # [b, S]
+        return torch.stack([self.sample_ids.gather(1, order), order])
+
+
+def _layout_mask(ids_q: Tensor, pos_q: Tensor, ids_k: Tensor, pos_k: Tensor) -> Tensor:
+    """[b, 1, 1, nq, nk] bool: same sample and key position <= query position (ids/positions [b, n])."""
+    m = (ids_q.unsqueeze(2) == ids_k.unsqueeze(1)) & (pos_k.unsqueeze(1) <= pos_q.unsqueeze(2))
+    return m[:, None, None]
+
+
+def _is_layout(sample_ids: Optional[Tensor]) -> bool:
+    return sample_ids is not None and sample_ids.dim() == 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,6 +387,29 @@ def _from_heads(x: Tensor) -> Tensor:
     return x.permute(3, 0, 1, 2, 4).reshape(s, b, ng * rep, d)
 
 
+def _ring_block(seq_len: int, ring: _Ring, step: int, sample_ids: Optional[Tensor], device):
+    """(rows, cols, mask) of this rank's queries against the K/V block visiting at ``step`` (from rank
+    ``rank - step``), or None when no query sees any of its keys. Unpacked or ``sample_ids`` [b, S] (the
+    whole-sequence zigzag): the causal block plan. A ``PackedLayout.attention_mask`` [2, b, S] (every sample split
+    in zigzag): the whole block, masked to same sample and key position <= query position."""
+    kv_rank = (ring.rank - step) % ring.size
+    if _is_layout(sample_ids):
+        n = seq_len // ring.size
+        qs, ks = slice(ring.rank * n, (ring.rank + 1) * n), slice(kv_rank * n, (kv_rank + 1) * n)
+        mask = _layout_mask(sample_ids[0][:, qs], sample_ids[1][:, qs], sample_ids[0][:, ks], sample_ids[1][:, ks])
+        if step and not bool(mask.any()):
+            return None
+        return slice(0, n), slice(0, n), mask
+    plan = _block_plan(seq_len, ring.size, ring.rank, kv_rank)
+    if plan is None:
+        return None
+    rows, cols, needs_mask, q_pos, k_pos = plan
+    mask = _causal_mask(q_pos, k_pos, device) if needs_mask else None
+    if sample_ids is not None:
+        mask = _packed_mask(sample_ids, q_pos, k_pos, mask)
+    return rows, cols, mask
+
+
 class _RingAttention(torch.autograd.Function):
     """Causal ring attention over zigzag-laid-out sequences. q [s, b, np, d]; k, v [s, b, ng, d]."""
 
@@ -309,12 +427,9 @@ class _RingAttention(torch.autograd.Function):
             works = None
             if step + 1 < ring.size:
                 next_kv, works = ring.shift(kv, _TAG_KV)
-            plan = _block_plan(seq_len, ring.size, ring.rank, (ring.rank - step) % ring.size)
-            if plan is not None:
-                rows, cols, needs_mask, q_pos, k_pos = plan
-                mask = _causal_mask(q_pos, k_pos, q.device) if needs_mask else None
-                if sample_ids is not None:
-                    mask = _packed_mask(sample_ids, q_pos, k_pos, mask)
+            block = _ring_block(seq_len, ring, step, sample_ids, q.device)
+            if block is not None:
+                rows, cols, mask = block
                 kb, vb = (_take(kv[i], 2, cols).float() for i in (0, 1))
                 o_blk, lse_blk = _block_forward(_take(qh, 3, rows), kb, vb, scale, mask,
                                                 empty_rows=sample_ids is not None)
@@ -342,12 +457,9 @@ class _RingAttention(torch.autograd.Function):
             kv_works = None
             if step + 1 < ring.size:  # the next block's K/V can travel while this one is computed
                 next_kv, kv_works = ring.shift(kv, _TAG_KV)
-            plan = _block_plan(seq_len, ring.size, ring.rank, (ring.rank - step) % ring.size)
-            if plan is not None:
-                rows, cols, needs_mask, q_pos, k_pos = plan
-                mask = _causal_mask(q_pos, k_pos, q.device) if needs_mask else None
-                if ctx.sample_ids is not None:
-                    mask = _packed_mask(ctx.sample_ids, q_pos, k_pos, mask)
+            block = _ring_block(seq_len, ring, step, ctx.sample_ids, q.device)
+            if block is not None:
+                rows, cols, mask = block
                 kb, vb = (_take(kv[i], 2, cols).float() for i in (0, 1))
                 dq_b, dk_b, dv_b = _block_backward(
                     _take(qh, 3, rows), kb, vb, _take(doh, 3, rows), _take(lse, 3, rows),
@@ -383,16 +495,20 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_sca
 # ---------------------------------------------------------------------------------------------------
 
 def _full_causal_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float,
-                           sample_ids: Optional[Tensor] = None) -> Tensor:
+                           sample_ids: Optional[Tensor] = None, per_row: bool = False) -> Tensor:
     """Differentiable attention of q [s, b, np, d] to k/v [s, b, ng, d], a query seeing the keys
     whose global position is <= its own (and, with ``sample_ids``, of its own sample); fp32 softmax.
+    ``per_row``: ``positions`` and ``sample_ids`` are [b, s], the tokens' own (in the order of q's sequence).
     Returns [s, b, np, d] in q's dtype."""
     ng = k.size(2)
     qh = _to_heads(q, ng)
     kh, vh = (t.float().permute(1, 2, 0, 3) for t in (k, v))
-    mask = _causal_mask(positions, positions, q.device)
-    if sample_ids is not None:
-        mask = _packed_mask(sample_ids, positions, positions, mask)
+    if per_row:
+        mask = _layout_mask(sample_ids, positions, sample_ids, positions)
+    else:
+        mask = _causal_mask(positions, positions, q.device)
+        if sample_ids is not None:
+            mask = _packed_mask(sample_ids, positions, positions, mask)
     s = _scores(qh, kh, scale, mask)
     p = torch.softmax(s, dim=-1)
     b, ng, rep, nq, nk = p.shape
@@ -420,13 +536,20 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, group, softmax_
     s_local = query.size(0)
     # [s/cp, b, h, d] -> [s, b, h/cp, d]; the sequence comes back as rank 0's chunks, rank 1's, ...
     q, k, v = (_AllToAll.apply(t, group, 2, 0) for t in (query, key, value))
-    positions = torch.cat([zigzag_positions(s_local * cp, cp, j) for j in range(cp)])
-    out = _full_causal_attention(q, k, v, positions, softmax_scale, sample_ids)
+    if _is_layout(sample_ids):  # every sample split in zigzag: ids and positions already in this order
+        out = _full_causal_attention(q, k, v, sample_ids[1], softmax_scale, sample_ids[0], per_row=True)
+    else:
+        positions = torch.cat([zigzag_positions(s_local * cp, cp, j) for j in range(cp)])
+        out = _full_causal_attention(q, k, v, positions, softmax_scale, sample_ids)
     return _AllToAll.apply(out, group, 0, 2)
 
 
 def _check_sample_ids(sample_ids: Optional[Tensor], query: Tensor, cp: int) -> None:
-    if sample_ids is not None and tuple(sample_ids.shape) != (query.size(1), query.size(0) * cp):
+    if _is_layout(sample_ids):
+        if tuple(sample_ids.shape) != (2, query.size(1), query.size(0) * cp):
+            raise ValueError(f"packed layout {tuple(sample_ids.shape)} does not cover the full sequence "
+                             f"[2, b={query.size(1)}, s={query.size(0) * cp}]")
+    elif sample_ids is not None and tuple(sample_ids.shape) != (query.size(1), query.size(0) * cp):
         raise ValueError(f"sample ids {tuple(sample_ids.shape)} do not cover the full sequence "
                          f"[b={query.size(1)}, s={query.size(0) * cp}]")
 

@@ -109,10 +109,16 @@ def square_weights(labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     return w[seg] * mask
 
 
-def local_share(t: Tensor, per_token_loss: Tensor) -> Tensor:
+def local_share(t: Tensor, per_token_loss: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     """This CP rank's share of a [b, s] tensor over the unpadded sequence (padded as the model pads, then the
-    zigzag split), the positions of `per_token_loss`."""
+    zigzag split; a pack, `sample_ids` given, split sample by sample: `PackedLayout`), the positions of
+    `per_token_loss`; 0 on the model's pads."""
     cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1 and sample_ids is not None:
+        from mindspeed_mm.parallel.context_parallel import PackedLayout
+
+        layout = PackedLayout(sample_ids.to(t.device), cp, length=per_token_loss.shape[1] * cp)
+        return layout.local(layout.pad(t, 0), parallel_state.get_context_parallel_rank(), 1)
     pad = per_token_loss.shape[1] * cp - t.shape[1]
     t = torch.nn.functional.pad(t, (0, pad))
     if cp == 1:
@@ -139,11 +145,11 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor, sample_ids
         denominator = weights.sum()
         if all_gather:
             denominator = _dp_mean(denominator)
-        loss = (per_token_loss * local_share(weights, per_token_loss)).sum() / denominator.clamp(min=1e-12)
+        loss = (per_token_loss * local_share(weights, per_token_loss, sample_ids)).sum() / denominator.clamp(min=1e-12)
     elif mode is LossMode.PER_SAMPLE and sample_ids is not None:
         mask, seg, n = sample_segments(labels, sample_ids)
         counts = torch.zeros(n, device=labels.device).index_add_(0, seg.reshape(-1), mask.reshape(-1))
-        local_seg = local_share(seg, per_token_loss).reshape(-1)
+        local_seg = local_share(seg, per_token_loss, sample_ids).reshape(-1)
         sums = torch.zeros(n, device=per_token_loss.device, dtype=per_token_loss.dtype).index_add(
             0, local_seg, per_token_loss.reshape(-1))
         has_target = counts > 0
@@ -170,7 +176,7 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor, sample_ids
 
 def _local_target_count(labels: Tensor, per_token_loss: Tensor, sample_ids: Tensor | None = None) -> Tensor:
     """Target tokens in this CP rank's share of the sequence (the zigzag split of the shifted loss mask)."""
-    return local_share(shift_labels(labels, sample_ids).loss_mask, per_token_loss).sum()
+    return local_share(shift_labels(labels, sample_ids).loss_mask, per_token_loss, sample_ids).sum()
 
 
 def reduce_reported(reported: list[Tensor]) -> float:

@@ -169,7 +169,7 @@ def per_sample_step(mode, data_iterator, model, all_gather: bool = False):
         *out, report = loss_fn(per_token_loss)
         mask, seg, n = sample_segments(labels, sample_ids)
         sums = torch.zeros(n, dtype=per_token_loss.dtype, device=per_token_loss.device).index_add(
-            0, local_share(seg, per_token_loss).reshape(-1), per_token_loss.detach().reshape(-1))
+            0, local_share(seg, per_token_loss, sample_ids).reshape(-1), per_token_loss.detach().reshape(-1))
         if parallel_state.get_context_parallel_world_size() > 1:
             torch.distributed.all_reduce(sums, group=parallel_state.get_context_parallel_group())
         counts = torch.zeros(n, device=mask.device).index_add_(0, seg.reshape(-1), mask.reshape(-1))

@@ -6,7 +6,8 @@ each (default mode: each micro-batch's loss is the sample's). Both steps are the
 samples' losses, so every sample's loss and every parameter's gradient must agree (1e-5, fp32): attention that
 crossed samples, RoPE that did not restart per sample, or a target across a sample boundary would not.
 
-All layouts share one torchrun launch (the worker rebuilds megatron's groups between them).
+All two-rank layouts share one torchrun launch (the worker rebuilds megatron's groups between them); the four-rank
+CP layouts (every sample split over the CP ranks, `PackedLayout`) take one more, CP beside TP and SP another.
 """
 from __future__ import annotations
 
@@ -86,3 +87,33 @@ def test_pack_at_every_layout_matches_samples_alone_on_one_rank(hf_dirs, referen
         alone = reference(args.microbatches * dp)
         assert_sample_losses(got, alone, dp, name)
         assert_close(got["tensors"], alone["tensors"], GRAD_TOL, f"grad ({name})")
+
+
+
+LAYOUTS_4 = {
+    # four ranks: every sample split over four CP ranks
+    "cp4_ring": (LayoutArgs(cp=4, cp_algo="megatron_cp_algo", packed="pack", microbatches=2), 1),
+    "cp4_ulysses": (LayoutArgs(cp=4, cp_algo="ulysses_cp_algo", packed="pack", microbatches=2), 1),
+}
+# CP beside TP with SP, and beside PP (four ranks, a launch of their own)
+CP2_TP2_SP = {"cp2_tp2_sp_ring": (LayoutArgs(tp=2, sp=True, cp=2, cp_algo="megatron_cp_algo", packed="pack",
+                                             microbatches=2), 1),
+              "cp2_pp2_vpp2_ulysses": (LayoutArgs(**_PP2_VPP2, cp=2, cp_algo="ulysses_cp_algo", packed="pack",
+                                                  microbatches=4), 1)}
+
+
+def _check_four_ranks(hf_dirs, reference, tmp_path, layouts):
+    results = run_many(hf_dirs, tmp_path, PRESET, 4, [args for args, _ in layouts.values()])
+    for (name, (args, dp)), got in zip(layouts.items(), results):
+        alone = reference(args.microbatches * dp)
+        assert_sample_losses(got, alone, dp, name)
+        assert_close(got["tensors"], alone["tensors"], GRAD_TOL, f"grad ({name})")
+
+
+def test_pack_at_cp4_matches_samples_alone_on_one_rank(hf_dirs, reference, tmp_path):
+    _check_four_ranks(hf_dirs, reference, tmp_path, LAYOUTS_4)
+
+
+@pytest.mark.slow
+def test_pack_at_cp2_beside_tp_sp_and_pp_matches_samples_alone_on_one_rank(hf_dirs, reference, tmp_path):
+    _check_four_ranks(hf_dirs, reference, tmp_path, CP2_TP2_SP)

@@ -269,16 +269,27 @@ class InternVLModel(MegatronModule):
             return torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=ref.dtype, device=ref.device), True
         return pixel_values, False
 
-    def _cp_split(self, t: Tensor, seq_dim: int) -> Tensor:
+    def _cp_split(self, t: Tensor, seq_dim: int, layout=None) -> Tensor:
+        """This CP rank's part of `t`: the whole-sequence zigzag, or with a `PackedLayout` its split of every sample."""
         if self.parallel.cp == 1:
             return t
+        rank = parallel_state.get_context_parallel_rank()
+        if layout is not None:
+            return layout.local(t, rank, seq_dim)
         from mindspeed_mm.parallel.context_parallel import zigzag_split
-        return zigzag_split(t, self.parallel.cp, parallel_state.get_context_parallel_rank(), seq_dim)
+        return zigzag_split(t, self.parallel.cp, rank, seq_dim)
 
-    def _loss(self, logits: Tensor, labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+    def packed_cp_layout(self, sample_ids: Tensor):
+        """The `PackedLayout` of a packed micro-batch under CP: each sample padded to a multiple of 2*cp and split in
+        zigzag over the CP ranks (the whole padded length a multiple of 2*cp*tp under SP)."""
+        from mindspeed_mm.parallel.context_parallel import PackedLayout
+        p = self.parallel
+        return PackedLayout(sample_ids, p.cp, multiple=p.tp if p.sp else 1)
+
+    def _loss(self, logits: Tensor, labels: Tensor, sample_ids: Tensor | None = None, layout=None) -> Tensor:
         shifted = shift_labels(labels, sample_ids)
-        targets = self._cp_split(shifted.targets, 1)
-        mask = self._cp_split(shifted.loss_mask, 1)
+        targets = self._cp_split(shifted.targets, 1, layout)
+        mask = self._cp_split(shifted.loss_mask, 1, layout)
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
         return loss * mask
 
@@ -303,12 +314,25 @@ class InternVLModel(MegatronModule):
         stays inside each sample (block-diagonal causal) and RoPE restarts at 0 per sample; the last token of a
         sample has no target. The sample ids reach core attention as its `attention_mask` (an integer tensor over
         the full padded sequence; `SDPAttention` and `ContextParallelAttention` build each block's mask from it).
+        Under CP a pack is split sample by sample (`PackedLayout`): each sample is padded at its end to a multiple of
+        2*cp tokens (id 0, no target, the sample's id) and every CP rank holds chunks r and 2cp-1-r of every sample;
+        core attention then takes `PackedLayout.attention_mask` (ids and positions of every rank's tokens).
         Without them the micro-batch runs exactly as before."""
         stage = self.stage
         seq_len = input_ids.shape[1]
-        input_ids, labels = self.pad_batch(input_ids, labels)
-        attention_mask = packed_rope = None
-        if sample_ids is not None:
+        attention_mask = packed_rope = layout = cp_index = None
+        if sample_ids is not None and self.parallel.cp > 1:
+            sample_ids = sample_ids.to(input_ids.device)
+            pack_positions(sample_ids)  # checks the pack
+            layout = self.packed_cp_layout(sample_ids)
+            input_ids = layout.pad(input_ids, 0)
+            labels = layout.pad(labels, IGNORE_INDEX) if labels is not None else None
+            sample_ids = layout.sample_ids
+            attention_mask, packed_rope = layout.attention_mask(), (layout.positions, layout.lengths)
+            cp_index = layout.index[parallel_state.get_context_parallel_rank()]
+        else:
+            input_ids, labels = self.pad_batch(input_ids, labels)
+        if sample_ids is not None and layout is None:
             sample_ids = self.pad_sample_ids(sample_ids.to(input_ids.device))
             attention_mask, packed_rope = sample_ids, pack_positions(sample_ids)
         features, dummy = None, pixel_values is None or pixel_values.shape[0] == 0
@@ -322,16 +346,17 @@ class InternVLModel(MegatronModule):
 
         decoder_input = None
         if stage.has_llm_embed:
-            decoder_input = self._cp_split(self.splice(input_ids, features, dummy), 0)
+            decoder_input = self._cp_split(self.splice(input_ids, features, dummy), 0, layout)
             if self.parallel.sp:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
             decoder_input = input_for_full_recompute(decoder_input, self.text_decoder.decoder)
         out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=attention_mask,
-                                decoder_input=decoder_input, rope_seq_len=seq_len, packed_rope=packed_rope)
+                                decoder_input=decoder_input, rope_seq_len=seq_len, packed_rope=packed_rope,
+                                **({} if cp_index is None else {"cp_index": cp_index}))
         if not stage.has_llm_head:
             return out
         logits = self._mask_padded_vocab(out)
-        return logits if labels is None else self._loss(logits, labels, sample_ids)
+        return logits if labels is None else self._loss(logits, labels, sample_ids, layout)
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, Tensor]) -> None:

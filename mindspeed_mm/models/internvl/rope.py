@@ -127,16 +127,21 @@ class LLMDecoder(GPTModel):
         return False
 
     def forward(self, input_ids: Tensor, *args, rope_seq_len: Optional[int] = None,
-                packed_rope: Optional[tuple[Tensor, Tensor]] = None, **kwargs):
+                packed_rope: Optional[tuple[Tensor, Tensor]] = None, cp_index: Optional[Tensor] = None, **kwargs):
         """`rope_seq_len`: the micro-batch's length before the model padded it for CP/SP (default: the ids'
         length, plus the cached tokens when an inference context is given). `packed_rope`: (positions, lengths)
         [b, s] of every token of a packed micro-batch (full padded sequence, before the CP split): RoPE restarts
-        per sample (`packed_rotary_emb`)."""
+        per sample (`packed_rotary_emb`). `cp_index` [b, S/cp]: the padded positions this CP rank holds
+        (`PackedLayout.index`, every sample split over the CP ranks) instead of the whole-sequence zigzag."""
         rope = getattr(self, "rotary_pos_emb", None)
         if packed_rope is not None and rope is not None:
-            emb = packed_rotary_emb(rope, *packed_rope)
             cp = self.config.context_parallel_size
-            if cp > 1:
+            if cp_index is not None:
+                idx = cp_index.to(packed_rope[0].device)
+                emb = packed_rotary_emb(rope, *(t.gather(1, idx) for t in packed_rope))
+            else:
+                emb = packed_rotary_emb(rope, *packed_rope)
+            if cp > 1 and cp_index is None:
                 from megatron.core import parallel_state
 
                 from mindspeed_mm.parallel.context_parallel import zigzag_split
