@@ -290,6 +290,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
     run = prepare_tiny_run(tmp_path / "broken", preset="vit300m", seed=5, broken=True)
     n_records = len(run.data_jsonl.read_text().splitlines())
+    raw = json.loads(run.data_json.read_text())
+    raw["dataloader_param"]["drop_last"] = False  # the epoch is every record, whatever the permutation
+    run.data_json.write_text(json.dumps(raw))
     model = write_model_json(run.hf_dir, tmp_path / "model.json")
     metrics = tmp_path / "m.jsonl"
     iters = -(-n_records // 4)
