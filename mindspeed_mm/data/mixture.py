@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 from mindspeed_mm.config.validate import Section, read_json
 from mindspeed_mm.data.data_spec import BasicParameters, DataSpecError
+from mindspeed_mm.data.sampler import epoch_permutation
 
 __all__ = ["META_KEYS", "Mixture", "kept_count", "length_grouped_order", "name_datasets", "read_meta"]
 
@@ -245,7 +244,7 @@ def length_grouped_order(lengths: Sequence[int], global_batch: int, micro_batch:
         return [i for chunk in out for i in chunk]
 
     def order(epoch: int) -> list[int]:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        perm = epoch_permutation(n, seed, epoch)
         out: list[int] = []
         for start in range(0, n, global_batch):
             out += deal(sorted(perm[start:start + global_batch], key=lengths.__getitem__, reverse=True))

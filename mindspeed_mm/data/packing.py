@@ -44,6 +44,7 @@ import torch
 
 from mindspeed_mm.data.collate import collate_packed
 from mindspeed_mm.data.data_spec import PackingParam
+from mindspeed_mm.data.sampler import epoch_permutation
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,17 @@ class Pack:
         self.items.append(item)
         self.tokens += item.tokens
         self.tiles += item.tiles
+
+    def rows(self) -> list[list[int]]:
+        """The pack as plain ints for a checkpoint: one row per item, then its serial."""
+        return [[it.position, it.index, it.tokens, it.tiles] for it in self.items] + [[self.serial]]
+
+    @classmethod
+    def from_rows(cls, rows) -> "Pack":
+        pack = cls(serial=int(rows[-1][0]))
+        for pos, idx, tok, til in rows[:-1]:
+            pack.add(Item(int(pos), int(idx), int(tok), int(til)))
+        return pack
 
 
 class Packer:
@@ -160,18 +172,11 @@ class Packer:
     # ---- state -------------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"serial": self._serial,
-                "buffer": [[[it.position, it.index, it.tokens, it.tiles] for it in b.items] + [[b.serial]]
-                           for b in self.buffer]}
+        return {"serial": self._serial, "buffer": [b.rows() for b in self.buffer]}
 
     def restore(self, state: dict) -> None:
         self._serial = int(state["serial"])
-        self.buffer = []
-        for rows in state["buffer"]:
-            pack = Pack(serial=int(rows[-1][0]))
-            for pos, idx, tok, til in rows[:-1]:
-                pack.add(Item(int(pos), int(idx), int(tok), int(til)))
-            self.buffer.append(pack)
+        self.buffer = [Pack.from_rows(rows) for rows in state["buffer"]]
 
 
 def pack_stream(items: Sequence[Item], param: PackingParam) -> tuple[list[Pack], Counter]:
@@ -261,8 +266,7 @@ class _Stream:
         if not self.shuffle:
             return offset
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.total, generator=g).tolist()
+            self._epoch, self._order = epoch, epoch_permutation(self.total, self.seed, epoch)
         return self._order[offset]
 
 
@@ -349,8 +353,7 @@ class PackedLoader:
         if self._in_step:
             raise RuntimeError("the packed loader's state is only defined between steps")
         return {"version": STATE_VERSION, "position": self.position, "packer": self.packer.state(),
-                "ready": [[[it.position, it.index, it.tokens, it.tiles] for it in p.items] + [[p.serial]]
-                          for p in self.ready],
+                "ready": [p.rows() for p in self.ready],
                 "pending_skips": dict(self.pending_skips), "consumed_samples": self.consumed_samples,
                 "algorithm": self.param.packing_algorithm, "seed": self.seed, "total": len(self.dataset)}
 
@@ -363,12 +366,7 @@ class PackedLoader:
                            len(self.dataset), state["seed"], self.seed)
         self.position = int(state["position"])
         self.packer.restore(state["packer"])
-        self.ready = []
-        for rows in state["ready"]:
-            pack = Pack(serial=int(rows[-1][0]))
-            for pos, idx, tok, til in rows[:-1]:
-                pack.add(Item(int(pos), int(idx), int(tok), int(til)))
-            self.ready.append(pack)
+        self.ready = [Pack.from_rows(rows) for rows in state["ready"]]
         self.pending_skips = Counter(state["pending_skips"])
         self.consumed_samples = int(state["consumed_samples"])
         for pack in self.packer.buffer + self.ready:  # only the buffered samples are built again

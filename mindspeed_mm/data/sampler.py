@@ -23,7 +23,13 @@ import torch
 
 from mindspeed_mm.data.collate import collate_internvl
 
-__all__ = ["ResumableBatchSampler", "build_dataloader"]
+__all__ = ["ResumableBatchSampler", "build_dataloader", "epoch_permutation"]
+
+
+def epoch_permutation(total: int, seed: int, epoch: int) -> list[int]:
+    """Epoch ``epoch``'s order of ``total`` samples: the one shuffle the sampler, the packer and
+    ``group_by_length`` all start from."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
@@ -52,9 +58,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         if not self.shuffle and self.order is None:
             return offset
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._order = epoch, (self.order(epoch) if self.order is not None
-                                               else torch.randperm(self.total, generator=g).tolist())
+                                               else epoch_permutation(self.total, self.seed, epoch))
         return self._order[offset]
 
     def __iter__(self) -> Iterator[list[int]]:
