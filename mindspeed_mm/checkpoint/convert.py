@@ -45,6 +45,7 @@ import numpy as np
 
 from mindspeed_mm.checkpoint.atomic import atomic_output_dir, check_output_dir
 from mindspeed_mm.checkpoint.hf_files import SAFE_INDEX, write_sharded
+from mindspeed_mm.checkpoint.opening import open_base
 from mindspeed_mm.checkpoint.fingerprint import add_stats, check_fingerprint, tensor_stats
 from mindspeed_mm.checkpoint.mm_format import (
     META_FILE,
@@ -52,9 +53,7 @@ from mindspeed_mm.checkpoint.mm_format import (
     MMCheckpointMeta,
     checkpoint_meta,
     has_meta,
-    iteration_dir,
     rank_file,
-    read_meta,
     save_rank_file,
     write_meta,
     write_model_json,
@@ -63,7 +62,7 @@ from mindspeed_mm.checkpoint.discover import discover
 from mindspeed_mm.checkpoint.sources import HFSource, MMSource, columns
 from mindspeed_mm.checkpoint.streaming_save import NUMPY_DTYPES, LazyTensor, SideBySide, owned
 from mindspeed_mm.config.model_spec import (
-    PARAMS_DTYPE_NAMES, InternVLSpec, architecture_differences, load_model_spec,
+    PARAMS_DTYPE_NAMES, InternVLSpec, load_model_spec,
 )
 from mindspeed_mm.config.parallel import ParallelConfig
 from mindspeed_mm.errors import CheckpointFormatError, UserError
@@ -513,37 +512,6 @@ def resplit(mm_dir: str, save_mm_dir: str, parallel: Optional[ParallelConfig] = 
 # Adapter saves (LoRA): merged onto their base, or as a PEFT adapter
 # ------------------------------------------------------------------------------------------------------------
 
-def _open_base(mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec) -> tuple[Path, MMCheckpointMeta, LayoutPlan]:
-    """The iteration directory, metadata and layout of the frozen base an adapter save names; errors say which
-    base is gone or unfit."""
-    root = Path(meta.base["dir"])
-    iteration = meta.base.get("iteration")
-    if not root.is_dir():
-        raise CheckpointFormatError(f"{mm_dir} holds adapters only, and its base {root} is gone (no such "
-                                    f"directory): restore the base checkpoint there")
-    it_dir = root / iteration if iteration else iteration_dir(root)
-    if not it_dir.is_dir():
-        raise CheckpointFormatError(f"{mm_dir} holds adapters only, and its base {root} lacks iteration "
-                                    f"{iteration} ({it_dir})")
-    if has_meta(root):
-        base = read_meta(it_dir) if (it_dir / META_FILE).is_file() else checkpoint_meta(root)
-        if base.base is not None:
-            raise CheckpointFormatError(f"{mm_dir}: its base {root} is an adapter save itself (export that one "
-                                        f"merged first and train from it)")
-        diffs = architecture_differences(base.spec(), spec)
-        if diffs:
-            key, theirs, mine = diffs[0]
-            raise CheckpointFormatError(f"{mm_dir}: its base {root} is another model ({key} {theirs!r} there, "
-                                        f"{mine!r} in the adapter save)")
-        return it_dir, base, base.plan(spec)
-    found = discover(root, spec, told_as=f"the base of {mm_dir}")
-    if iteration_dir(root) != it_dir:
-        raise CheckpointFormatError(f"{mm_dir}: its base {root} has no {META_FILE}, and only its latest iteration "
-                                    f"is read ({iteration_dir(root).name}, not {iteration})")
-    return it_dir, MMCheckpointMeta.from_plan(found.plan, spec, source_format="native", source_hf_dir=None,
-                                              hf_config={}, tp_style=found.tp_style), found.plan
-
-
 def _stats(spec: InternVLSpec, name: str, t) -> list[float]:
     """`fingerprint.tensor_stats` of a full tensor as the model held it: in its module's params_dtype."""
     import torch
@@ -559,7 +527,8 @@ class _LoraMerge:
     read), and an adapted weight merged with its adapters (`merged`)."""
 
     def __init__(self, mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, save: MMSource):
-        it_dir, base_meta, base_plan = _open_base(mm_dir, meta, spec)
+        base = open_base(mm_dir, meta, spec)
+        it_dir, base_meta, base_plan = base.it_dir, base.meta, base.plan
         self.base = MMSource(it_dir.parent, base_meta, spec, base_plan, iteration=it_dir.name)
         self.mm_dir, self.spec, self.save, self.held = mm_dir, spec, save, set(save.names)
         self.where = str(it_dir)
@@ -631,7 +600,8 @@ def _peft_base(mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, hf_dir:
     if hf_dir:
         name = str(Path(hf_dir).absolute())
     elif base_dir.is_dir():
-        it_dir, base_meta, _ = _open_base(mm_dir, meta, spec)
+        base = open_base(mm_dir, meta, spec)
+        base_meta = base.meta
         name = base_meta.source_hf_dir or str(base_dir)
     else:  # the base is gone: the HF directory it was converted from, as the save recorded it
         _log(f"warning: the base {base_dir} is gone; naming the HF directory the save records")

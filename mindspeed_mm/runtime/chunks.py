@@ -7,7 +7,6 @@ re-cut for this one (`Resharder`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -15,11 +14,11 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
-from mindspeed_mm.checkpoint.discover import discover
+from mindspeed_mm.checkpoint.opening import Checkpoint, open_base, open_checkpoint
 from mindspeed_mm.checkpoint.fingerprint import add_stats, check_fingerprint, tensor_stats
 from mindspeed_mm.checkpoint.mm_format import (
-    META_FILE, MMCheckpointMeta, checkpoint_meta, chunk_key, has_meta, iteration_dir, load_rank_object, plain_int,
-    rank_file, read_meta, read_rank_file,
+    MMCheckpointMeta, chunk_key, has_meta, iteration_dir, load_rank_object, plain_int,
+    rank_file, read_rank_file,
 )
 from mindspeed_mm.checkpoint.torch_file import StoredTensor
 from mindspeed_mm.config.model_spec import InternVLSpec
@@ -30,7 +29,7 @@ from mindspeed_mm.models.internvl.sharding import global_name, local_state_dict,
 from mindspeed_mm.parallel.layout import LayoutPlan
 
 __all__ = ["build_model_chunks", "load_full_weights", "load_converted_weights", "Resharder", "Checkpoint",
-           "open_checkpoint", "checkpoint_weights", "base_fingerprint", "base_reference", "load_adapters"]
+           "open_checkpoint", "checkpoint_weights", "counted_parameters", "base_fingerprint", "base_reference", "load_adapters"]
 
 
 def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo",
@@ -151,47 +150,6 @@ def load_converted_weights(chunks: list[InternVLModel], mm_dir, style: str = "mm
 # Checkpoints as a whole: their layout, and adapter saves on top of their base
 # ------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint to read: its directory, the iteration read, what it records (or, `foreign`, what was found
-    in its files) and the layout it was saved at."""
-    root: Path
-    it_dir: Path
-    meta: MMCheckpointMeta
-    plan: LayoutPlan
-    foreign: bool
-
-
-def open_checkpoint(load_dir, spec: InternVLSpec, told_as: str, iteration: Optional[str] = None) -> Checkpoint:
-    """The checkpoint at `load_dir` (the tracker's iteration, or `iteration`), checked against `spec`. Without our
-    metadata (MindSpeed-MM's conversions and saves) its layout and TP style are read off its files."""
-    root = Path(load_dir).absolute()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{told_as} {root}: no such directory")
-    it_dir = root / iteration if iteration else iteration_dir(root)
-    if not it_dir.is_dir():
-        raise FileNotFoundError(f"{told_as} {root}: iteration {iteration} is missing ({it_dir})")
-    if not has_meta(root):
-        found = discover(root, spec, told_as=told_as)
-        meta = MMCheckpointMeta.from_plan(found.plan, spec, source_format="native", source_hf_dir=None, hf_config={},
-                                          tp_style=found.tp_style)
-        return Checkpoint(root, it_dir, meta, found.plan, True)
-    meta = read_meta(it_dir) if (it_dir / META_FILE).is_file() else checkpoint_meta(root)
-    return Checkpoint(root, it_dir, meta, meta.plan(spec), False)
-
-
-def _base_of(ckpt: Checkpoint, spec: InternVLSpec) -> Checkpoint:
-    base = ckpt.meta.base
-    try:
-        out = open_checkpoint(base["dir"], spec, f"the base of {ckpt.root}", base.get("iteration"))
-    except FileNotFoundError as e:
-        raise CheckpointFormatError(f"{ckpt.root} holds adapters only, and its base is gone: {e}") from None
-    if out.meta.base is not None:
-        raise CheckpointFormatError(f"{ckpt.root}: its base {out.root} is an adapter save itself (merge it with "
-                                    f"`mm-convert InternVLConverter mm_to_hf` first)")
-    return out
-
-
 def checkpoint_weights(ckpt: Checkpoint, spec: InternVLSpec, plan: LayoutPlan) -> tuple[list[dict], Resharder]:
     """This rank's full chunk state dicts at `plan`, and the checkpoint's Resharder (for its other sections).
     An adapter save's tensors go on top of its base's, each resharded from the layout it was saved at."""
@@ -200,28 +158,38 @@ def checkpoint_weights(ckpt: Checkpoint, spec: InternVLSpec, plan: LayoutPlan) -
     resharder = Resharder(ckpt.it_dir, spec, ckpt.plan, plan, ckpt.meta.tp_style, ckpt.foreign)
     weights = resharder.weights(tp_rank, pp_rank)
     if ckpt.meta.base is not None:
-        base = _base_of(ckpt, spec)
+        base = open_base(ckpt.root, ckpt.meta, spec)
         under = Resharder(base.it_dir, spec, base.plan, plan, base.meta.tp_style, base.foreign)
         weights = [{**b, **w} for b, w in zip(under.weights(tp_rank, pp_rank), weights)]
     return weights, resharder
 
 
-def base_fingerprint(chunks: list[InternVLModel], names: Optional[set] = None) -> dict[str, list[float]]:
-    """`checkpoint.fingerprint` of the model's frozen parameters (or of `names`), over all ranks: each TP slice
-    counted once (a replicated tensor on TP rank 0, one DP and CP replica), a tied copy not at all. Collective."""
-    local: dict[str, list[float]] = {}
+def counted_parameters(chunks):
+    """(full-model name, parameter) of what this rank contributes when a figure is summed over all ranks once per
+    element of the full model: every TP slice (a replicated tensor on TP rank 0 only), one DP and CP replica,
+    the tied embeddings' second copy (the LLM's last stage's output layer) never. Vocabulary padding rows are
+    in the slices: zeros, for a caller to leave out where it counts elements."""
+    if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
+        return
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
-        for chunk in chunks:
-            chunk = chunk.module if hasattr(chunk, "module") else chunk
-            for local_name, p in chunk.named_parameters():
-                name = global_name(local_name, chunk.stage)
-                wanted = name in names if names is not None else not p.requires_grad
-                if not wanted or local_name == OUTPUT_LAYER and chunk.stage.has_tied_output:
-                    continue
-                if tp_kind(name) == "replicate" and tp_rank != 0:
-                    continue
-                add_stats(local, name, tensor_stats(p.detach()))
+    for chunk in chunks:
+        chunk = chunk.module if hasattr(chunk, "module") else chunk
+        for local_name, p in chunk.named_parameters():
+            if local_name == OUTPUT_LAYER and chunk.stage.has_tied_output:
+                continue
+            name = global_name(local_name, chunk.stage)
+            if tp_kind(name) == "replicate" and tp_rank != 0:
+                continue
+            yield name, p
+
+
+def base_fingerprint(chunks: list[InternVLModel], names: Optional[set] = None) -> dict[str, list[float]]:
+    """`checkpoint.fingerprint` of the model's frozen parameters (or of `names`), over all ranks
+    (`counted_parameters`). Collective."""
+    local: dict[str, list[float]] = {}
+    for name, p in counted_parameters(chunks):
+        if name in names if names is not None else not p.requires_grad:
+            add_stats(local, name, tensor_stats(p.detach()))
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, local)
     out: dict[str, list[float]] = {}

@@ -2,9 +2,8 @@
 optimizer step, the bytes of the optimizer's state, each summed over all ranks; both go into the first metrics
 record (``trainable_params``, ``optimizer_state_bytes``).
 
-Every parameter of the model is counted once: a TP-split tensor on every TP rank (its slice; the vocabulary's
-padding rows left out), a replicated one on TP rank 0, a DP or CP replica on DP x CP rank 0 only, and the copy
-of tied embeddings that the LLM's last stage holds not at all. The optimizer state is what the inner torch
+Every parameter of the model is counted once (`runtime.chunks.counted_parameters`), the vocabulary's padding
+rows left out. The optimizer state is what the inner torch
 optimizers hold (Adam's moments and step counters; the fp32 main copies of bf16/fp16 weights are not state),
 on every rank as it is: replicated parameters' state counts once per rank that keeps it.
 """
@@ -16,10 +15,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer
 
-from mindspeed_mm.models.internvl.params import (
-    LLM_EMBED, LLM_HEAD, LLM_LAYER, OUTPUT_LAYER, PROJECTOR, VIT_EMBED, VIT_LAYER, lookup,
-)
-from mindspeed_mm.models.internvl.sharding import global_name
+from mindspeed_mm.models.internvl.params import LLM_EMBED, LLM_HEAD, LLM_LAYER, PROJECTOR, VIT_EMBED, VIT_LAYER, lookup
+from mindspeed_mm.runtime.chunks import counted_parameters
 
 __all__ = ["TrainableReport", "count_parameters", "optimizer_state_bytes", "lora_notes"]
 
@@ -27,10 +24,6 @@ _GROUPS = {VIT_EMBED: "vision", VIT_LAYER: "vision", PROJECTOR: "projector", LLM
            LLM_HEAD: "text"}
 _KEYS = ("total", "trainable", "adapters", "vision", "projector", "text")
 _PATHS = {"vision": "image_encoder.vision_encoder", "text": "text_decoder"}
-
-
-def _module(chunk):
-    return chunk.module if hasattr(chunk, "module") else chunk
 
 
 def _world_sum(values: list[int]) -> list[int]:
@@ -41,11 +34,9 @@ def _world_sum(values: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def _held_elements(name: str, p: torch.Tensor, tp_rank: int, vocab_size: int) -> int:
-    """Elements of the full parameter `name` this rank counts (see the module docstring)."""
-    if not getattr(p, "tensor_model_parallel", False):
-        return p.numel() if tp_rank == 0 else 0
-    if lookup(name)[0].tp == "vocab":  # rows zero-padded to a multiple of TP: only the real ones
+def _elements(name: str, p: torch.Tensor, tp_rank: int, vocab_size: int) -> int:
+    """Elements of this rank's slice of `name`, without the vocabulary's zero padding rows."""
+    if lookup(name)[0].tp == "vocab":
         rows = p.shape[0]
         real = max(0, min(rows, vocab_size - tp_rank * rows))
         return real * (p.numel() // rows)
@@ -56,20 +47,14 @@ def count_parameters(chunks, spec) -> dict[str, int]:
     """{total, trainable, adapters, vision, projector, text} over the whole model (a collective over all
     ranks); the last four split the trainable count: adapters, then the modules' own weights."""
     counts = dict.fromkeys(_KEYS, 0)
-    if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        for chunk in chunks:
-            module = _module(chunk)
-            for local, p in module.named_parameters():
-                if local == OUTPUT_LAYER and module.stage.has_tied_output:
-                    continue  # the LLM's first stage counts the tied embeddings
-                name = global_name(local, module.stage)
-                n = _held_elements(name, p, tp_rank, spec.text.vocab_size)
-                counts["total"] += n
-                if p.requires_grad:
-                    d, _ = lookup(name)
-                    counts["trainable"] += n
-                    counts["adapters" if d.adapter else _GROUPS[d.owner]] += n
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, p in counted_parameters(chunks):
+        n = _elements(name, p, tp_rank, spec.text.vocab_size)
+        counts["total"] += n
+        if p.requires_grad:
+            d, _ = lookup(name)
+            counts["trainable"] += n
+            counts["adapters" if d.adapter else _GROUPS[d.owner]] += n
     return dict(zip(_KEYS, _world_sum([counts[k] for k in _KEYS])))
 
 

@@ -36,6 +36,19 @@ def packed_causal_mask(sample_ids: Tensor, sq: int, sk: int) -> Tensor:
     return (same & causal).unsqueeze(1)
 
 
+_CUTS: list = [None, None, None]  # (the sample ids tensor, its version, its cuts): one forward's every layer
+
+
+def _sample_cuts(sample_ids: Tensor) -> list[list[int]]:
+    """Per row, the positions where a new run of ids starts, with 0 and the length: computed once per micro-batch
+    (every layer of a forward, and its recompute, gets the same ids tensor), since reading them is a host sync."""
+    if _CUTS[0] is not sample_ids or _CUTS[1] != sample_ids._version:
+        s = sample_ids.shape[1]
+        cuts = [[0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), s] for ids in sample_ids]
+        _CUTS[:] = [sample_ids, sample_ids._version, cuts]
+    return _CUTS[2]
+
+
 class SDPAttention(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
@@ -83,9 +96,7 @@ class SDPAttention(MegatronModule):
         b, heads, s, d = q.shape
         gqa = k.shape[1] != heads
         rows = []
-        for r in range(b):
-            ids = sample_ids[r]
-            cuts = [0, *(torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist(), s]
+        for r, cuts in enumerate(_sample_cuts(sample_ids)):
             rows.append(torch.cat([F.scaled_dot_product_attention(
                 q[r:r + 1, :, a:e], k[r:r + 1, :, a:e], v[r:r + 1, :, a:e], is_causal=True, scale=self.softmax_scale,
                 enable_gqa=gqa) for a, e in zip(cuts[:-1], cuts[1:])], dim=2))
