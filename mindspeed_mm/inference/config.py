@@ -253,7 +253,10 @@ def _requests_from_file(path: str, default_type: str) -> list[RequestSpec]:
     return out
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files: bool = True) -> InferenceConfig:
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files: bool = True,
+                     need_requests: bool = True) -> InferenceConfig:
+    """`need_requests` False: the JSON may have no prompts (the model and generation settings of an
+    evaluation, whose requests come from benchmark files)."""
     s = Section(raw, "", known=_TOP_KEYS + MODEL_KEYS)
     from_pretrained, tokenizer = s.get("from_pretrained"), s.get("tokenizer")
     data_type = s.get("infer_data_type", str, "text", choices=DATA_TYPES)
@@ -267,7 +270,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files
     path = s.get("requests_file", str, None, nullable=True)
     if path is not None and (check_files or Path(path).is_file()):  # unchecked: skipped if absent
         requests += _requests_from_file(path, data_type)
-    if not requests:
+    if not requests and need_requests:
         raise InferenceConfigError("prompts", "no requests: give prompts (with file_path) or requests_file")
     requests = [r if r.id is not None else dataclasses.replace(r, id=str(i)) for i, r in enumerate(requests)]
     if check_files:
@@ -300,9 +303,9 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", check_files
     return InferenceConfig(**kw)
 
 
-def load_inference_config(path: str | Path, check_files: bool = True) -> InferenceConfig:
+def load_inference_config(path: str | Path, check_files: bool = True, need_requests: bool = True) -> InferenceConfig:
     raw = read_json(path)
     try:
-        return config_from_dict(raw, source=str(path), check_files=check_files)
+        return config_from_dict(raw, source=str(path), check_files=check_files, need_requests=need_requests)
     except ConfigError as e:
         raise e.in_file(path) from None

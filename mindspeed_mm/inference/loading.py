@@ -22,7 +22,7 @@ from mindspeed_mm.parallel.layout import LayoutPlan, plan_layout
 if TYPE_CHECKING:  # torch only where a model is built: the checks before it run in a process without it
     from mindspeed_mm.inference.stages import StageRunner
 
-__all__ = ["CheckpointInfo", "LayoutMismatch", "build_runner", "inspect_checkpoint"]
+__all__ = ["CheckpointInfo", "LayoutMismatch", "build_runner", "inspect_checkpoint", "plan_for"]
 
 
 class LayoutMismatch(UserError):
@@ -118,9 +118,32 @@ def _with_dtype(spec: InternVLSpec, dtype: str) -> InternVLSpec:
                                text=dataclasses.replace(spec.text, params_dtype=dtype))
 
 
-def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
-    """Megatron's groups for the checkpoint's layout, this rank's chunks built and loaded, in eval mode.
-    Needs the default process group (`init_distributed`) of exactly `info.world_size` processes."""
+def plan_for(info: CheckpointInfo, tp: int | None = None, pp: int | None = None) -> LayoutPlan:
+    """The checkpoint's layout, or one model instance at TP x PP (layers split evenly), which the loader
+    reshards the checkpoint to. A single rank file runs at its own layout only."""
+    tp, pp = tp or info.tp, pp or info.pp
+    if (tp, pp) == (info.tp, info.pp):
+        return info.plan
+    if info.kind == "rank_file":
+        raise LayoutMismatch(f"{info.path} is one rank file: it runs at TP1 x PP1 only; convert the checkpoint "
+                             f"with `mm-convert` to run TP{tp} x PP{pp}")
+    spec = dataclasses.replace(info.spec, vision=dataclasses.replace(info.spec.vision, pipeline_num_layers=None),
+                               text=dataclasses.replace(info.spec.text, pipeline_num_layers=None))
+    # The ViT's layers, then the LLM's, cut into pp runs of (nearly) equal count: a stage never holds ViT
+    # layers after LLM ones.
+    nv, nl = spec.vision.num_layers, spec.text.num_layers
+    total = nv + nl
+    bounds = [total * k // pp for k in range(pp + 1)]
+    vit = [max(0, min(nv, hi) - lo) for lo, hi in zip(bounds, bounds[1:])]
+    llm = [(hi - lo) - v for (lo, hi), v in zip(zip(bounds, bounds[1:]), vit)]
+    return plan_layout(spec, ParallelSizes(tp=tp, pp=pp), tp * pp, [vit], [llm])
+
+
+def build_runner(info: CheckpointInfo, dtype: str, plan: LayoutPlan | None = None) -> StageRunner:
+    """Megatron's groups for `plan` (default: the checkpoint's layout), this rank's chunks built and loaded
+    (resharded when the plan is not the checkpoint's), in eval mode. Needs the default process group
+    (`init_distributed`) of a multiple of the plan's TP x PP processes: each TP x PP group is one model, the
+    data-parallel groups are its copies."""
     import torch
 
     from mindspeed_mm.checkpoint.mm_format import load_rank_file
@@ -129,9 +152,14 @@ def build_runner(info: CheckpointInfo, dtype: str) -> StageRunner:
     from mindspeed_mm.models.internvl.model import load_full_state_dict
     from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights
 
-    check_world(info, torch.distributed.get_world_size())
-    initialize_model_parallel(tp=info.tp, pp=info.pp, vpp=info.plan.vpp)
-    chunks = build_model_chunks(_with_dtype(info.spec, dtype), info.plan)
+    plan = plan or info.plan
+    size = plan.parallel.tp * plan.parallel.pp
+    world = torch.distributed.get_world_size()
+    if world % size:
+        raise LayoutMismatch(f"{world} process(es) cannot hold copies of a TP{plan.parallel.tp} x "
+                             f"PP{plan.parallel.pp} model: launch a multiple of {size}")
+    initialize_model_parallel(tp=plan.parallel.tp, pp=plan.parallel.pp, vpp=plan.vpp)
+    chunks = build_model_chunks(_with_dtype(info.spec, dtype), plan)
     if info.kind == "mm_dir":
         load_converted_weights(chunks, info.path, info.tp_style)
     else:

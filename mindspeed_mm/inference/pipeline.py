@@ -27,7 +27,7 @@ from mindspeed_mm.inference.config import GenerationConfig, InferenceConfig, Req
 from mindspeed_mm.inference.generate import generate
 from mindspeed_mm.inference.stages import StageRunner
 
-__all__ = ["InternVLPipeline", "PreparedRequest", "prepare_request", "stop_token_ids"]
+__all__ = ["InternVLPipeline", "PreparedRequest", "frame_tiles", "image_tiles", "prepare_request", "stop_token_ids"]
 
 logger = logging.getLogger(__name__)
 IM_END = "<|im_end|>"
@@ -42,13 +42,13 @@ class PreparedRequest:
     tiles_per_image: list[int]
 
 
-def _image_tiles(path: str, spec: InternVLSpec, max_tiles: int, use_thumbnail: bool) -> Tensor:
+def image_tiles(path: str, spec: InternVLSpec, max_tiles: int, use_thumbnail: bool) -> Tensor:
     tiles = dynamic_tiles(load_image(path), image_size=spec.vision.image_size, max_tiles=max_tiles,
                           use_thumbnail=use_thumbnail)
     return to_pixel_values(tiles)
 
 
-def _frame_tiles(path: str, spec: InternVLSpec, num_segments: int) -> list[Tensor]:
+def frame_tiles(path: str, spec: InternVLSpec, num_segments: int) -> list[Tensor]:
     from mindspeed_mm.data.video import read_video_frames
 
     frames = read_video_frames(path, num_segments, sampling="middle")
@@ -77,11 +77,11 @@ def prepare_request(request: RequestSpec, spec: InternVLSpec, tokenizer, *, max_
     if kind == "image":
         # Several images share the tile budget, as training's multi-image samples do.
         per_image = max_tiles if len(files) == 1 else max(1, max_tiles // len(files))
-        tiles = [_image_tiles(f, spec, per_image, use_thumbnail) for f in files]
+        tiles = [image_tiles(f, spec, per_image, use_thumbnail) for f in files]
         if len(files) > 1:
             question = _prefixed(question, "Image", len(files))
     elif kind == "video":
-        tiles = _frame_tiles(files[0], spec, num_segments)
+        tiles = frame_tiles(files[0], spec, num_segments)
         question = _prefixed(question, "Frame", len(tiles))
     elif kind != "text":
         raise ValueError(f"infer_data_type {kind!r} is not supported; expected 'image', 'video' or 'text'")
