@@ -21,6 +21,11 @@ presence of ``Pad2Square`` are read, and a ``Resize`` must agree with ``image_si
 naming the key path and the file. Relative paths in the JSON are kept as written (resolved against the working
 directory, as in the reference scripts).
 
+Validation set: ``valid_data_path`` (a ``.json``/``.jsonl`` of training's shape) in a ``basic_parameters`` entry,
+with ``valid_data_folder`` (default: that entry's ``data_folder``), or, with ``meta_path``, the same two keys in
+``dataset_param`` beside it. Several entries may each name one; the set is their files in order. It is read in
+file order with the entry's tiling limit and without ``data_augment`` (``DatasetParam.valid_parameters``).
+
 Mixtures (``data/mixture.py``): ``basic_parameters`` is one dataset or a list, or ``meta_path`` names InternVL's
 meta JSON ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time, length}}`` instead. Each
 dataset keeps ``floor(repeat_time x records)`` samples; ``max_dynamic_patch`` overrides the tiling limit for its
@@ -149,6 +154,8 @@ class DatasetParam:
     # log; true skips its sample instead (reason truncated_image).
     skip_truncated_images: bool = False
     packing: PackingParam = PackingParam()
+    # the validation set's files (``valid_data_path``), each read whole and in order; empty: none
+    valid_parameters: tuple[BasicParameters, ...] = ()
 
     @property
     def tokens_per_tile(self) -> int:
@@ -182,7 +189,28 @@ class DataSpec:
         return self.dataset_param.tokenizer_config
 
 
-def _basic(raw: Any, path: str) -> BasicParameters:
+def _check_annotation_name(key: str, value: str) -> None:
+    if not value:
+        raise DataSpecError(key, "must not be empty")
+    if not Path(value).suffix.lower() in (".json", ".jsonl"):
+        raise DataSpecError(key, f"{value!r}: only .json (a list) and .jsonl files are read")
+
+
+def _valid(s: Section, folder: str | None, max_patch: int | None, key: str) -> BasicParameters | None:
+    """The validation file named in section ``s`` (``valid_data_path``, ``valid_data_folder``), or None.
+    Never augmented and never repeated: each evaluation must see the same pixels and samples."""
+    valid = s.get("valid_data_path", str, None, nullable=True)
+    valid_folder = s.get("valid_data_folder", str, None, nullable=True)
+    if valid is None:
+        if valid_folder is not None:
+            raise DataSpecError(s.key("valid_data_folder"), "given without valid_data_path")
+        return None
+    _check_annotation_name(s.key("valid_data_path"), valid)
+    return BasicParameters(valid, valid_folder if valid_folder is not None else folder, 1.0, Path(valid).stem,
+                           max_patch, False, key=key)
+
+
+def _basic(raw: Any, path: str) -> tuple[BasicParameters, BasicParameters | None]:
     s = Section(raw, path)
     data_path = s.get("data_path", str)
     folder = s.get("data_folder", str, None, nullable=True)
@@ -190,14 +218,12 @@ def _basic(raw: Any, path: str) -> BasicParameters:
     name = s.get("name", str, "")
     max_patch = s.get("max_dynamic_patch", int, None, nullable=True, minimum=1)
     augment = s.get("data_augment", bool, False)
+    valid = _valid(s, folder, max_patch, path)
     s.done()
-    if not data_path:
-        raise DataSpecError(s.key("data_path"), "must not be empty")
-    if not Path(data_path).suffix.lower() in (".json", ".jsonl"):
-        raise DataSpecError(s.key("data_path"), f"{data_path!r}: only .json (a list) and .jsonl files are read")
+    _check_annotation_name(s.key("data_path"), data_path)
     if repeat <= 0:
         raise DataSpecError(s.key("repeat_time"), f"must be > 0, got {repeat!r}")
-    return BasicParameters(data_path, folder, repeat, name, max_patch, augment, key=path)
+    return BasicParameters(data_path, folder, repeat, name, max_patch, augment, key=path), valid
 
 
 def _norm_from_pipeline(pre: Section, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
@@ -262,16 +288,25 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
     if (meta_path is None) == (basic_raw is None):
         raise DataSpecError(s.key("basic_parameters"), "give either basic_parameters or meta_path (InternVL's "
                             f"meta JSON), not {'both' if meta_path else 'neither'}")
+    # a meta JSON is InternVL's file, so its validation set is named beside it rather than inside it
+    top_valid = _valid(s, None, None, path)
     if meta_path is not None:
         from mindspeed_mm.data.mixture import read_meta
 
         basics = read_meta(meta_path, s.key("meta_path"))
-    elif isinstance(basic_raw, list):
-        if not basic_raw:
-            raise DataSpecError(s.key("basic_parameters"), "an empty list names no data")
-        basics = tuple(_basic(b, f"{s.key('basic_parameters')}[{i}]") for i, b in enumerate(basic_raw))
+        valids = (top_valid,) if top_valid else ()
     else:
-        basics = (_basic(basic_raw, s.key("basic_parameters")),)
+        if top_valid is not None:
+            raise DataSpecError(s.key("valid_data_path"), "belongs in basic_parameters (beside data_path) unless "
+                                "the datasets come from meta_path")
+        if isinstance(basic_raw, list):
+            if not basic_raw:
+                raise DataSpecError(s.key("basic_parameters"), "an empty list names no data")
+            pairs = [_basic(b, f"{s.key('basic_parameters')}[{i}]") for i, b in enumerate(basic_raw)]
+        else:
+            pairs = [_basic(basic_raw, s.key("basic_parameters"))]
+        basics = tuple(b for b, _ in pairs)
+        valids = tuple(v for _, v in pairs if v is not None)
     from mindspeed_mm.data.mixture import name_datasets
 
     basics = name_datasets(basics)
@@ -308,6 +343,7 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
     kwargs["meta_path"] = meta_path
     s.get("use_text_processer", bool, False)
     kwargs["packing"] = _packing_param(s)
+    kwargs["valid_parameters"] = valids
     s.done()
 
     if image_size % kwargs["patch_size"]:

@@ -139,9 +139,10 @@ class TrainArgs:
                               "the global batch's samples, image tokens included")
     metrics_file: Optional[str] = _f(None, "append one JSON record per log line to this file")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here (needs the tensorboard package)")
-    eval_interval: Optional[int] = _f(None, "accepted and unused: no evaluation is run (the reference recipe's data "
-                                            "JSON defines no validation set)")
-    eval_iters: Optional[int] = _f(None, "accepted and unused; see --eval-interval")
+    eval_interval: Optional[int] = _f(None, "validation loss every this many iterations and after the last one (needs "
+                                            "the data JSON's valid_data_path; default: no validation)")
+    eval_iters: int = _f(100, "global batches of the validation set per evaluation, the same ones each time from "
+                              "its start (wrapping around past its end)")
     peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak)")
 
     # ------------------------------------------------------------------------------------------------
@@ -175,6 +176,9 @@ class TrainArgs:
                 raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ArgumentError(f"--save-interval must be >= 1, got {self.save_interval}")
+        for name in ("eval_interval", "eval_iters"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ArgumentError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ArgumentError(f"--num-workers must be >= 0, got {self.num_workers}")
         for name in ("use_llm_lora", "use_backbone_lora"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-__all__ = ["build_train_iterator", "dataset_names", "data_state"]
+__all__ = ["build_train_iterator", "build_valid_loader", "dataset_names", "data_state"]
 
 
 def dataset_names(data_spec) -> list[str]:
@@ -63,3 +63,30 @@ def data_state(batches) -> Optional[dict]:
     from `consumed_train_samples` alone)."""
     get = getattr(batches, "state_dict", None)
     return get() if get is not None else None
+
+
+def build_valid_loader(data_spec, tokenizer, spec, args, dp_rank: int, dp: int,
+                       log: Optional[Callable[[str], None]] = None):
+    """This DP rank's loader of the validation set (`valid_parameters`), or None when the data JSON has none.
+    The training preprocessing without its data order: no shuffle, no augmentation, never packed (a pack's
+    loss is its samples' anyway), and no drop_last, so the stream runs through the files in order and wraps
+    to their start. Each ``iter()`` restarts at the set's first sample: every evaluation sees the same
+    batches, so the curve compares like with like."""
+    import dataclasses
+
+    from mindspeed_mm.data.data_spec import PackingParam
+    from mindspeed_mm.data.dataset import InternVLChatDataset
+    from mindspeed_mm.data.sampler import build_dataloader
+
+    param = data_spec.dataset_param
+    if not param.valid_parameters:
+        return None
+    valid_param = dataclasses.replace(param, basic_parameters=param.valid_parameters, packing=PackingParam(),
+                                      group_by_length=False, valid_parameters=())
+    dataset = InternVLChatDataset(valid_param, tokenizer, seq_length=args.seq_length,
+                                  tokens_per_tile=spec.tokens_per_tile, seed=args.seed)
+    for line in dataset.records.describe() if log else ():
+        log(f"validation {line}")
+    return build_dataloader(dataset, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
+                            seed=args.seed, consumed_samples=0, num_workers=args.num_workers,
+                            pad_id=data_spec.dataloader_param.collate_param.pad_id, shuffle=False, drop_last=False)

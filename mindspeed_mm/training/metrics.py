@@ -1,7 +1,11 @@
-"""Per-iteration metrics: one log line, one JSON record (`--metrics-file`), TensorBoard scalars when asked."""
+"""Per-iteration metrics: one log line, one JSON record (`--metrics-file`), TensorBoard scalars when asked.
+
+Records carry ``"record": "train"`` (a `--log-interval` line) or ``"record": "validation"`` (an evaluation,
+`--eval-interval`), so one file holds both curves."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -11,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["MetricsLogger", "iteration_line", "memory_stats"]
+__all__ = ["MetricsLogger", "iteration_line", "memory_stats", "validation_ppl", "validation_box"]
 
 
 def memory_stats() -> dict[str, float]:
@@ -61,6 +65,19 @@ def iteration_line(record: dict[str, Any], train_iters: int, log_tps: bool = Fal
     return "".join(parts)
 
 
+def validation_ppl(loss: float) -> float:
+    """Megatron's perplexity: exp of the loss capped at 20, so a diverged run logs a number, not inf."""
+    return math.exp(min(20.0, loss))
+
+
+def validation_box(record: dict[str, Any]) -> str:
+    """Megatron's `evaluate_and_print_results` box (its layout, so tools reading Megatron logs read ours)."""
+    line = (f" validation loss at iteration {record['iteration']} | lm loss value: {record['validation_loss']:.6E} | "
+            f"lm loss PPL: {record['validation_ppl']:.6E} | ")
+    rule = "-" * (len(line) + 1)
+    return f"{rule}\n{line}\n{rule}"
+
+
 # after Megatron's fields; none of these names may contain its field names (the scripts grep for them)
 _EXTRA = [("tokens_per_s", " tokens/s: {:.1f} |"), ("samples_per_s", " samples/s: {:.2f} |"),
           ("samples_per_step", " samples per step: {:.1f} |"), ("tiles_per_step", " tiles per step: {:.1f} |"),
@@ -94,6 +111,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         print(iteration_line(record, self.train_iters, self.log_tps), flush=True)
+        self._write(record)
+
+    def log_validation(self, record: dict[str, Any]) -> None:
+        """An evaluation's record: Megatron's box on stdout, the JSON line, its TensorBoard scalars."""
+        if not self.enabled:
+            return
+        print(validation_box(record), flush=True)
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
             os.fsync(self._file.fileno())

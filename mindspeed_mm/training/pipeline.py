@@ -128,7 +128,7 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
     mode = LossMode.PER_TOKEN if per_token else loss_mode or (
         LossMode.PER_SAMPLE if per_sample_loss else LossMode.DEFAULT)
     _check_not_all_warmup(len(model), len(microbatches))
-    for m in model:
+    for m in model if not forward_only else ():  # a forward-only pass (validation) leaves the gradients alone
         m.zero_grad_buffer() if hasattr(m, "zero_grad_buffer") else m.zero_grad()
     iterators = [iter(microbatches) for _ in model]
     first = microbatches[0]["input_ids"]
@@ -142,6 +142,31 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
         forward_only=forward_only,
     )
     return losses if full_reports else [x[REPORT_KEY] for x in losses]
+
+
+def _eval_forward_step(mode: LossMode, data_iterator, model, all_gather: bool = False):
+    """`forward_step` with the per-token loss function whatever the run's mode: a validation loss is the
+    token mean over every validation token, so it reports [loss sum, target count] per micro-batch."""
+    return forward_step(LossMode.PER_TOKEN, data_iterator, model)
+
+
+def evaluate(model: list, batches: Iterable[list[dict]]) -> list[Tensor]:
+    """Forward only, over each global batch of `batches` (this DP rank's micro-batches), through the same
+    schedule as training: the per-micro-batch reports [target-token loss sum, target count] on the last
+    pipeline stage, [] elsewhere. Dropout and drop path off (eval mode) and no autograd graph; every module's
+    own mode is restored afterwards, a module kept in eval by the run included."""
+    modes = [(m, m.training) for chunk in model for m in chunk.modules()]
+    for chunk in model:
+        chunk.eval()
+    reports = []
+    try:
+        with torch.no_grad():
+            for microbatches in batches:
+                reports += forward_backward(model, microbatches, forward_only=True, step=_eval_forward_step)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return reports
 
 
 def microbatch_losses(reports: list[Tensor]) -> list[float]:

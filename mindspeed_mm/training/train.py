@@ -50,6 +50,48 @@ def _broadcast_from_last_stage(value: float) -> float:
     return float(t.item())
 
 
+def _broadcast_all_from_last_stage(values: list[float]) -> list[float]:
+    import torch
+    from megatron.core import parallel_state
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return t.tolist()
+
+
+def validate(model, loader, eval_iters: int, num_micro: int, iteration: int) -> dict:
+    """One evaluation: the first `eval_iters` global batches of the validation set, forward only, and the
+    record of its token-mean loss (every rank returns the same record).
+
+    The torch RNG is left as it was: building the loader's iterator draws a seed from it, and a run with
+    validation must train exactly as one without."""
+    import torch
+    from mindspeed_mm.training.metrics import validation_ppl
+    from mindspeed_mm.training.pipeline import evaluate
+
+    t0 = time.perf_counter()
+    cuda = torch.distributed.get_backend() == "nccl"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        batches = iter(loader)
+        groups = ([next(batches) for _ in range(num_micro)] for _ in range(eval_iters))
+        reports, samples = [], 0
+        for group in groups:
+            samples += sum(int(mb["input_ids"].shape[0]) for mb in group)
+            reports += evaluate(model, [group])
+    total, count = 0.0, 0.0
+    if _is_last_stage_rank():  # the reports live there; its DP group is all last-stage ranks
+        total, count = _dp_sum([sum(float(r[0]) for r in reports), sum(float(r[1]) for r in reports)])
+    total, count = _broadcast_all_from_last_stage([total, count])
+    (samples,) = _dp_sum([samples])
+    loss = total / count if count else float("nan")
+    return {"record": "validation", "iteration": iteration, "validation_loss": loss,
+            "validation_ppl": validation_ppl(loss) if count else float("nan"), "validation_tokens": int(count),
+            "validation_samples": int(samples), "validation_s": time.perf_counter() - t0}
+
+
 def _dp_sum(values: list[float]) -> list[float]:
     import torch
     from megatron.core import parallel_state
@@ -126,13 +168,19 @@ def check_inputs(args):
     tok = param.tokenizer_config.from_pretrained
     if not Path(tok).is_dir():
         raise DataSpecError("dataset_param.tokenizer_config.from_pretrained", f"no such directory: {tok}", args.mm_data)
-    for basic in param.basic_parameters:  # a meta JSON's entries name their keys in the meta file
+    files = [(b, ("data_path", "data_folder") if b.source is None else ("annotation", "root"))
+             for b in param.basic_parameters]  # a meta JSON's entries name their keys in the meta file
+    files += [(b, ("valid_data_path", "valid_data_folder")) for b in param.valid_parameters]
+    for basic, names in files:
         key, src = basic.key, basic.source or args.mm_data
-        names = ("data_path", "data_folder") if basic.source is None else ("annotation", "root")
         if not Path(basic.data_path).is_file():
             raise DataSpecError(f"{key}.{names[0]}", f"file not found: {basic.data_path}", src)
         if basic.data_folder is not None and not Path(basic.data_folder).is_dir():
             raise DataSpecError(f"{key}.{names[1]}", f"no such directory: {basic.data_folder}", src)
+    if args.eval_interval and not param.valid_parameters:
+        where = "dataset_param.valid_data_path" if param.meta_path else "dataset_param.basic_parameters.valid_data_path"
+        raise ArgumentError(f"--eval-interval {args.eval_interval} needs a validation set: {where} in {args.mm_data} "
+                            "names none")
     if args.load and not Path(args.load).is_dir():
         raise ArgumentError(f"--load {args.load}: no such directory")
     if args.load_adapter:
@@ -158,7 +206,7 @@ def train(args, spec, data_spec) -> RunState:
     from mindspeed_mm.parallel.layout import plan_layout
     from mindspeed_mm.training.arguments import ArgumentError, device_warnings
     from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
-    from mindspeed_mm.training.data import build_train_iterator, data_state, dataset_names
+    from mindspeed_mm.training.data import build_train_iterator, build_valid_loader, data_state, dataset_names
     from mindspeed_mm.training.flops import step_flops
     from mindspeed_mm.training.loss import LossMode, reduce_reported
     from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
@@ -229,6 +277,27 @@ def train(args, spec, data_spec) -> RunState:
     batches = build_train_iterator(data_spec, tokenizer, spec, args, dp_rank, dp, state.consumed_train_samples,
                                    log=logger.info, num_micro=num_micro, state=loaded_data_state)
     names = dataset_names(data_spec)
+    valid_loader = None
+    if args.eval_interval:
+        valid_loader = build_valid_loader(data_spec, tokenizer, spec, args, dp_rank, dp, log=logger.info)
+        valid_gbs, n_valid = args.micro_batch_size * num_micro * dp, len(valid_loader.dataset)
+        wraps = ", wrapping around" if args.eval_iters * valid_gbs > n_valid else ""
+        logger.info(f"validation: every {args.eval_interval} iterations and after the last, the first "
+                    f"{args.eval_iters} x {valid_gbs} samples of the validation set ({n_valid} samples{wraps}"
+                    f"{'; unpacked' if packed else ''}); loss: token mean")
+    elif data_spec.dataset_param.valid_parameters:
+        logger.info("the data JSON names a validation set; without --eval-interval it is not evaluated")
+    last_validated = None
+
+    def run_validation():
+        nonlocal last_validated
+        if valid_loader is not None and last_validated != state.iteration:
+            rec = validate(model, valid_loader, args.eval_iters, num_micro, state.iteration)
+            rec["consumed_samples"] = state.consumed_train_samples
+            if not math.isfinite(rec["validation_loss"]):
+                raise FloatingPointError(f"iteration {state.iteration}: validation loss is {rec['validation_loss']}")
+            logger.log_validation(rec)
+            last_validated = state.iteration
 
     def save():
         save_checkpoint(args.save, state.iteration, model, plan, meta, optimizer, scheduler,
@@ -285,7 +354,7 @@ def train(args, spec, data_spec) -> RunState:
             loaded_by_note = {r: int(n) for r, n in zip(LOAD_NOTES, loaded) if n}
             elapsed = window["time"]
             record = {
-                "iteration": state.iteration, "loss": loss, "lr": lr,
+                "record": "train", "iteration": state.iteration, "loss": loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
                 "step_time_s": elapsed / window["steps"], "consumed_samples": state.consumed_train_samples,
@@ -312,12 +381,16 @@ def train(args, spec, data_spec) -> RunState:
                 raise FloatingPointError(f"iteration {state.iteration}: loss is {loss}")
             logger.log(trainable.add_to(record))
             window = Counter()
+        if args.eval_interval and state.iteration % args.eval_interval == 0:
+            run_validation()
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save()
             last_saved = state.iteration
         if args.exit_interval and state.iteration % args.exit_interval == 0:
             logger.info(f"exit interval: stopping after iteration {state.iteration}")
             break
+    if args.eval_interval:
+        run_validation()  # Megatron's final evaluation; skipped when the last iteration was just evaluated
     if args.save and last_saved != state.iteration:
         save()
     logger.close()
