@@ -76,15 +76,13 @@ MM_ARGS="
 OUTPUT_ARGS="
     --log-interval 1
     --save-interval 5000
+    --eval-interval 5000
+    --eval-iters 5000
     --save $SAVE_PATH
     --ckpt-format torch
     --log-tps
     --metrics-file $SAVE_PATH/metrics.jsonl
 "
-
-# The reference also passes --eval-interval 5000 --eval-iters 5000, which Megatron ignores without a validation
-# set. Here --eval-interval needs the data JSON's valid_data_path (docs/training.md), so it is left out; with a
-# validation set, add it through EXTRA_ARGS, e.g. EXTRA_ARGS="--eval-interval 500 --eval-iters 20".
 
 logfile=${FAMILY}_${MODEL}
 mkdir -p logs

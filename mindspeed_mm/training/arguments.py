@@ -139,8 +139,9 @@ class TrainArgs:
                               "the global batch's samples, image tokens included")
     metrics_file: Optional[str] = _f(None, "append one JSON record per log line to this file")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here (needs the tensorboard package)")
-    eval_interval: Optional[int] = _f(None, "validation loss every this many iterations and after the last one (needs "
-                                            "the data JSON's valid_data_path; default: no validation)")
+    eval_interval: Optional[int] = _f(None, "validation loss every this many iterations and after the last one, on the "
+                                            "data JSON's valid_data_path (without one: accepted, no effect, as in "
+                                            "Megatron)")
     eval_iters: int = _f(100, "global batches of the validation set per evaluation, the same ones each time from "
                               "its start (wrapping around past its end)")
     peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak)")

@@ -177,10 +177,6 @@ def check_inputs(args):
             raise DataSpecError(f"{key}.{names[0]}", f"file not found: {basic.data_path}", src)
         if basic.data_folder is not None and not Path(basic.data_folder).is_dir():
             raise DataSpecError(f"{key}.{names[1]}", f"no such directory: {basic.data_folder}", src)
-    if args.eval_interval and not param.valid_parameters:
-        where = "dataset_param.valid_data_path" if param.meta_path else "dataset_param.basic_parameters.valid_data_path"
-        raise ArgumentError(f"--eval-interval {args.eval_interval} needs a validation set: {where} in {args.mm_data} "
-                            "names none")
     if args.load and not Path(args.load).is_dir():
         raise ArgumentError(f"--load {args.load}: no such directory")
     if args.load_adapter:
@@ -278,7 +274,13 @@ def train(args, spec, data_spec) -> RunState:
                                    log=logger.info, num_micro=num_micro, state=loaded_data_state)
     names = dataset_names(data_spec)
     valid_loader = None
-    if args.eval_interval:
+    if args.eval_interval and not data_spec.dataset_param.valid_parameters:
+        # Megatron's behaviour, which the reference scripts rely on (they pass --eval-interval 5000 with none)
+        where = ("dataset_param.valid_data_path" if data_spec.dataset_param.meta_path
+                 else "dataset_param.basic_parameters.valid_data_path")
+        logger.info(f"--eval-interval {args.eval_interval}: no validation set ({where} in {args.mm_data} names "
+                    "none), so no validation loss is computed")
+    elif args.eval_interval:
         valid_loader = build_valid_loader(data_spec, tokenizer, spec, args, dp_rank, dp, log=logger.info)
         valid_gbs, n_valid = args.micro_batch_size * num_micro * dp, len(valid_loader.dataset)
         wraps = ", wrapping around" if args.eval_iters * valid_gbs > n_valid else ""
@@ -381,7 +383,7 @@ def train(args, spec, data_spec) -> RunState:
                 raise FloatingPointError(f"iteration {state.iteration}: loss is {loss}")
             logger.log(trainable.add_to(record))
             window = Counter()
-        if args.eval_interval and state.iteration % args.eval_interval == 0:
+        if valid_loader is not None and state.iteration % args.eval_interval == 0:
             run_validation()
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save()
@@ -389,7 +391,7 @@ def train(args, spec, data_spec) -> RunState:
         if args.exit_interval and state.iteration % args.exit_interval == 0:
             logger.info(f"exit interval: stopping after iteration {state.iteration}")
             break
-    if args.eval_interval:
+    if valid_loader is not None:
         run_validation()  # Megatron's final evaluation; skipped when the last iteration was just evaluated
     if args.save and last_saved != state.iteration:
         save()

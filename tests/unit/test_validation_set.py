@@ -3,9 +3,6 @@ errors name the key or flag, before torch or any process group."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -108,16 +105,12 @@ def test_missing_validation_files_name_the_key(files, folder):
     assert f"{BASIC}.valid_data_{'folder' if folder else 'path'}" in str(e.value)
 
 
-def test_eval_interval_without_a_validation_set_exits_2(files):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MM_DEBUG")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain_vlm.py"),
-                           *_argv(files, data_dict(files), "--eval-interval", "5", "--eval-iters", "2")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("pretrain_vlm.py: error:") and "Traceback" not in proc.stderr
-    assert "--eval-interval 5" in last and f"{BASIC}.valid_data_path" in last, last
+def test_eval_interval_without_a_validation_set_is_accepted(files):
+    """The reference scripts pass --eval-interval 5000 with no validation set; Megatron then skips validation."""
+    from mindspeed_mm.training.arguments import parse_args
+    from mindspeed_mm.training.train import check_inputs
+
+    check_inputs(parse_args(_argv(files, data_dict(files), "--eval-interval", "5", "--eval-iters", "2")))
 
 
 @pytest.mark.parametrize("flag", ["--eval-interval", "--eval-iters"])
