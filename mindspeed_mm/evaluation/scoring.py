@@ -219,6 +219,7 @@ def _score_mme(records: list[dict]) -> dict:
         "per_category_acc_plus": acc_plus,
         "count": len(records),
         "items": len(records),
+        "metric": "mme_score",
     }
 
 
