@@ -53,6 +53,7 @@ class _Adapters:
         self.lora_suffixes, self.lora_adapted = suffixes, adapted
         self.lora_dropout = torch.nn.Dropout(lora.dropout) if lora.dropout > 0 else torch.nn.Identity()
         self.lora_merged = False
+        self.lora_disabled = False  # the base alone: the reference model of preference training
 
     def _new(self, name: str, shape: tuple[int, int], split_dim: Optional[int], sequence_parallel: bool) -> None:
         p = torch.nn.Parameter(torch.zeros(shape, dtype=self.config.params_dtype,
@@ -111,7 +112,7 @@ class LoRAColumnParallelLinear(_Adapters, ColumnParallelLinear):
 
     def forward(self, input_: Tensor, weight: Optional[Tensor] = None, runtime_gather_output: Optional[bool] = None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
-        if self.lora_merged:
+        if self.lora_merged or self.lora_disabled:
             return out, bias
         a = self.lora_parameters("a")
         h = F.linear(self.lora_dropout(input_), torch.cat(a) if len(a) > 1 else a[0])
@@ -145,7 +146,7 @@ class LoRARowParallelLinear(_Adapters, RowParallelLinear):
 
     def forward(self, input_: Tensor):
         out, bias = super().forward(input_)
-        if self.lora_merged:
+        if self.lora_merged or self.lora_disabled:
             return out, bias
         h = F.linear(self.lora_dropout(input_), self.lora_a)
         if self.sequence_parallel:

@@ -100,6 +100,24 @@ class TrainArgs:
                                              "--calculate-per-token-loss), sample (= --calculate-per-sample-loss) or "
                                              "square (each target weighted by 1/sqrt of its sample's target count)",
                                        choices=("token", "sample", "square"))
+    # ---- preference optimization (training/preference.py)
+    training_mode: str = _f("sft", "sft; dpo (InternVL's DPO: sigmoid loss); mpo (InternVL3's MPO: loss types "
+                                   "sigmoid,bco_pair weighted 0.8,0.2 plus the generation term, rpo_alpha 1)",
+                            choices=("sft", "dpo", "mpo"))
+    loss_type: Optional[str] = _f(None, "preference loss types, comma-separated (TRL's: sigmoid, bco_pair, hinge, "
+                                        "ipo); default: the training mode's")
+    loss_weight: Optional[str] = _f(None, "a weight per --loss-type, comma-separated (default: the mode's)")
+    beta: float = _f(0.1, "DPO's beta: the strength of the reference log-ratio")
+    label_smoothing: float = _f(0.0, "the sigmoid loss's label smoothing (conservative DPO)")
+    rpo_alpha: Optional[float] = _f(None, "weight of the generation loss (token-mean NLL of the chosen answers); "
+                                          "default: mpo 1.0, dpo off")
+    reference_model: Optional[str] = _f(None, "the reference: copy (a frozen copy at the run's layout), "
+                                              "precomputed (its log-probabilities from a first pass, stored in "
+                                              "--reference-logps), adapters_off (LoRA: the base without the "
+                                              "adapters); default: adapters_off with LoRA, else copy",
+                                        choices=("copy", "precomputed", "adapters_off"))
+    reference_logps: Optional[str] = _f(None, "precomputed reference log-probabilities (JSON); default "
+                                              "<save>/reference_logps.json; written by the first pass if absent")
     loss_reduction_all_gather: bool = _f(False, "InternVL's loss_reduction_all_gather: each micro-batch's denominator "
                                                 "(targets, samples or weights' sum) averaged over data-parallel ranks")
     # ---- recompute (the JSON's per-module settings win; these fill modules that set none)

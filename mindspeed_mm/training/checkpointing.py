@@ -12,7 +12,8 @@ A save is ``<save>/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
 - ``opt_param_scheduler``, ``rng_state`` (one per data-parallel rank), ``iteration``,
   ``consumed_train_samples`` and the run's ``args``;
 - ``data_state`` (packed runs only): the packer's state, the same on every rank (`data.packing`), so a resume
-  continues with bit-identical packs.
+  continues with bit-identical packs;
+- ``training_state`` (preference training): the bco_pair reward baseline and where the reference came from.
 
 The save is written into ``.iter_N.tmp`` and renamed into place after every rank has written; the metadata and
 then ``latest_checkpointed_iteration.txt`` are replaced last, so a process killed mid-save leaves the previous
@@ -266,9 +267,10 @@ def _is_writer() -> bool:
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, plan: LayoutPlan, meta: MMCheckpointMeta,
                     optimizer=None, scheduler=None, consumed_train_samples: int = 0, args: Optional[dict] = None,
                     save_optim: bool = True, save_rng: bool = True, log: Callable[[str], None] = print,
-                    data_state: Optional[dict] = None) -> Path:
+                    data_state: Optional[dict] = None, training_state: Optional[dict] = None) -> Path:
     """Write iteration `iteration` and make it the latest; a collective over all ranks. `data_state`: the
-    packed data iterator's state (`training.data.data_state`), saved when not None."""
+    packed data iterator's state (`training.data.data_state`), saved when not None; `training_state`: a
+    training mode's own state (preference training's reward baseline and reference), likewise."""
     save_dir = Path(save_dir).absolute()
     name = f"iter_{iteration:07d}"
     tmp, final = save_dir / f".{name}.tmp", save_dir / name
@@ -291,6 +293,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, plan: L
     obj.update(iteration=iteration, consumed_train_samples=consumed_train_samples, args=args or {})
     if data_state is not None:
         obj["data_state"] = data_state
+    if training_state is not None:
+        obj["training_state"] = training_state
     if _is_writer():
         save_rank_object(rank_file(tmp, parallel_state.get_tensor_model_parallel_rank(),
                                  parallel_state.get_pipeline_model_parallel_rank(), plan.parallel.pp), obj)
@@ -324,6 +328,7 @@ class LoadedState:
     same_layout: bool
     checkpoint: Checkpoint
     data_state: Optional[dict] = None  # the packed data iterator's state (None: not packed, or a fresh start)
+    training_state: Optional[dict] = None  # the training mode's state (preference training), None likewise
 
 
 def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optimizer=None, scheduler=None,
@@ -409,4 +414,5 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
     log(f"loaded {it_dir} (iteration {iteration}, {consumed} samples consumed"
         f"{', optimizer state' if optimizer_loaded else ''})")
     data_state = None if (release or finetune or foreign) else own.get("data_state")
-    return LoadedState(iteration, consumed, meta, optimizer_loaded, same, ckpt, data_state)
+    training_state = None if (release or finetune or foreign) else own.get("training_state")
+    return LoadedState(iteration, consumed, meta, optimizer_loaded, same, ckpt, data_state, training_state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-__all__ = ["build_train_iterator", "build_valid_loader", "dataset_names", "data_state"]
+__all__ = ["build_in_order_loader", "build_train_iterator", "build_valid_loader", "dataset_names", "data_state"]
 
 
 def dataset_names(data_spec) -> list[str]:
@@ -87,6 +87,19 @@ def build_valid_loader(data_spec, tokenizer, spec, args, dp_rank: int, dp: int,
                                   tokens_per_tile=spec.tokens_per_tile, seed=args.seed)
     for line in dataset.records.describe() if log else ():
         log(f"validation {line}")
+    return build_dataloader(dataset, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
+                            seed=args.seed, consumed_samples=0, num_workers=args.num_workers,
+                            pad_id=data_spec.dataloader_param.collate_param.pad_id, shuffle=False, drop_last=False)
+
+
+def build_in_order_loader(data_spec, tokenizer, spec, args, dp_rank: int, dp: int):
+    """This DP rank's share of the training set in file order, once (no shuffle, no drop): the first pass
+    that precomputes preference training's reference log-probabilities."""
+    from mindspeed_mm.data.dataset import InternVLChatDataset
+    from mindspeed_mm.data.sampler import build_dataloader
+
+    dataset = InternVLChatDataset(data_spec, tokenizer, seq_length=args.seq_length,
+                                  tokens_per_tile=spec.tokens_per_tile, seed=args.seed)
     return build_dataloader(dataset, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
                             seed=args.seed, consumed_samples=0, num_workers=args.num_workers,
                             pad_id=data_spec.dataloader_param.collate_param.pad_id, shuffle=False, drop_last=False)

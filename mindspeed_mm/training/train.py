@@ -245,7 +245,8 @@ def train(args, spec, data_spec) -> RunState:
     from mindspeed_mm.training.trainable_report import TrainableReport
 
     trainable = TrainableReport(chunks, spec, logger.info)  # what trains; the optimizer state after step 1
-    model = wrap_ddp(chunks, args.use_distributed_optimizer, loss_mode)
+    preference = args.training_mode != "sft"
+    model = wrap_ddp(chunks, args.use_distributed_optimizer, LossMode.DEFAULT if preference else loss_mode)
     optimizer, scheduler = build_optimizer(args, model)
     state = RunState()
     loaded_data_state = None
@@ -269,6 +270,34 @@ def train(args, spec, data_spec) -> RunState:
             meta = dataclasses.replace(meta, base=base_reference(loaded.checkpoint, chunks))
     else:
         logger.info("no --load: training from megatron's random initialisation")
+    pref = None
+    if preference:
+        from mindspeed_mm.training.data import build_in_order_loader
+        from mindspeed_mm.training.preference import (
+            PreferenceState,
+            build_reference,
+            precompute_reference,
+            preference_config,
+        )
+
+        pref_cfg = preference_config(args)
+        kind = args.reference_model or ("adapters_off" if spec.vision.lora or spec.text.lora else "copy")
+        resumed = loaded.training_state if args.load else None
+
+        def precompute():
+            logger.info("reference log-probabilities: a first pass over the training set with the starting weights")
+            loader = build_in_order_loader(data_spec, tokenizer, spec, args, dp_rank, dp)
+            return precompute_reference(model, loader, num_micro)
+
+        reference, info = build_reference(
+            kind, model, chunks, spec, plan, args, resumed,
+            build_chunks=lambda: build_model_chunks(spec, plan, args.context_parallel_algo, seed=args.seed),
+            precompute=precompute)
+        pref = PreferenceState(pref_cfg, reference, info=info)
+        pref.load_state_dict(resumed)
+        logger.info(f"{args.training_mode}: loss {' + '.join(f'{w:g} x {t}' for t, w in zip(pref_cfg.loss_types, pref_cfg.weights))}"
+                    f"{f' + {pref_cfg.rpo_alpha:g} x sft' if pref_cfg.rpo_alpha is not None else ''}, beta "
+                    f"{pref_cfg.beta:g}; reference: {kind}")
 
     batches = build_train_iterator(data_spec, tokenizer, spec, args, dp_rank, dp, state.consumed_train_samples,
                                    log=logger.info, num_micro=num_micro, state=loaded_data_state)
@@ -304,7 +333,8 @@ def train(args, spec, data_spec) -> RunState:
     def save():
         save_checkpoint(args.save, state.iteration, model, plan, meta, optimizer, scheduler,
                         state.consumed_train_samples, args.to_dict(), save_optim=not args.no_save_optim,
-                        save_rng=not args.no_save_rng, log=logger.info, data_state=data_state(batches))
+                        save_rng=not args.no_save_rng, log=logger.info, data_state=data_state(batches),
+                        training_state=pref.state_dict() if pref is not None else None)
 
     peak = _peak_tflops(args)
     import psutil
@@ -317,8 +347,15 @@ def train(args, spec, data_spec) -> RunState:
         t0 = time.perf_counter()
         microbatches = [next(batches) for _ in range(num_micro)]
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step applies
-        reports, grad_norm = train_step(model, optimizer, microbatches, loss_mode=loss_mode,
-                                        all_gather=args.loss_reduction_all_gather)
+        pref_metrics = {}
+        if pref is not None:
+            from mindspeed_mm.training.preference import check_pairs, preference_step
+
+            check_pairs(microbatches)
+            reports, grad_norm, pref_metrics = preference_step(model, optimizer, microbatches, pref, gbs)
+        else:
+            reports, grad_norm = train_step(model, optimizer, microbatches, loss_mode=loss_mode,
+                                            all_gather=args.loss_reduction_all_gather)
         trainable.after_step(optimizer, stepped=grad_norm is not None)
         scheduler.step(increment=1)
         state.iteration += 1
@@ -370,6 +407,7 @@ def train(args, spec, data_spec) -> RunState:
                 "samples_by_dataset": {n: int(c) for n, c in zip(names, by_dataset)},  # since the last record
                 "loaded_by_note": loaded_by_note,
                 **memory_stats(),
+                **pref_metrics,  # the interval's last step
             }
             if packed:
                 record["packs_per_step"] = rows / window["steps"]
@@ -395,6 +433,8 @@ def train(args, spec, data_spec) -> RunState:
         run_validation()  # Megatron's final evaluation; skipped when the last iteration was just evaluated
     if args.save and last_saved != state.iteration:
         save()
+    if pref is not None:
+        pref.reference.check_unchanged()
     logger.close()
     return state
 
