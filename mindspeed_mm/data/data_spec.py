@@ -26,6 +26,9 @@ with ``valid_data_folder`` (default: that entry's ``data_folder``), or, with ``m
 ``dataset_param`` beside it. Several entries may each name one; the set is their files in order. It is read in
 file order with the entry's tiling limit and without ``data_augment`` (``DatasetParam.valid_parameters``).
 
+Preference pairs (``data/preference.py``): ``dataset_kind`` ``"preference"`` makes every record an MMPR pair
+``{question, chosen, rejected, image?/video?}``, ``"sft"`` a conversation; absent, the records decide.
+
 Mixtures (``data/mixture.py``): ``basic_parameters`` is one dataset or a list, or ``meta_path`` names InternVL's
 meta JSON ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time, length}}`` instead. Each
 dataset keeps ``floor(repeat_time x records)`` samples; ``max_dynamic_patch`` overrides the tiling limit for its
@@ -45,6 +48,7 @@ from mindspeed_mm.data.tokenizer import TokenizerConfig
 from mindspeed_mm.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "DATASET_KINDS",
     "SAMPLING_PATTERN",
     "BasicParameters",
     "CollateParam",
@@ -64,6 +68,9 @@ __all__ = [
 SAMPLING_PATTERN = re.compile(r"^(rand|middle|fps(\d+(\.\d*)?|\.\d+))$")
 
 DataSpecError = ConfigError  # the name this module's callers and users know
+
+# dataset_param.dataset_kind: SFT conversations or preference pairs (data/preference.py); absent: the records say
+DATASET_KINDS = ("sft", "preference")
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,8 @@ class DatasetParam:
     packing: PackingParam = PackingParam()
     # the validation set's files (``valid_data_path``), each read whole and in order; empty: none
     valid_parameters: tuple[BasicParameters, ...] = ()
+    # one of DATASET_KINDS, or None: each file's first records decide (data/preference.py)
+    dataset_kind: str | None = None
 
     @property
     def tokens_per_tile(self) -> int:
@@ -344,7 +353,12 @@ def _dataset_param(raw: Any, path: str) -> DatasetParam:
     s.get("use_text_processer", bool, False)
     kwargs["packing"] = _packing_param(s)
     kwargs["valid_parameters"] = valids
+    kwargs["dataset_kind"] = s.get("dataset_kind", str, None, nullable=True, choices=DATASET_KINDS)
     s.done()
+    if kwargs["dataset_kind"] == "preference" and kwargs["packing"].use_packed_ds:
+        from mindspeed_mm.data.preference import check_unpacked
+
+        check_unpacked(DatasetParam(**kwargs), "preference")
 
     if image_size % kwargs["patch_size"]:
         raise DataSpecError(s.key("image_size"), f"{image_size} is not a multiple of patch_size {kwargs['patch_size']}")

@@ -19,6 +19,11 @@ returns the first usable sample among ``i, i+1, ...`` (mod len), logs one warnin
 skips in the sample itself (``"skipped": {reason: count}``) because DataLoader workers are other processes.
 Randomness (frame count, frame positions) is seeded by ``(seed, record index)``: the same sample whatever the
 worker count or order.
+
+Preference pairs (``dataset_param.dataset_kind``, :mod:`mindspeed_mm.data.preference`): each record gives a pair
+sample, its chosen and rejected conversations built by the same code as one SFT conversation, with one set of
+tiles (or frames) for both, chosen to fit the longer of the two; truncation applies to each sequence, and a pair
+with either answer cut away entirely is ``too_long``.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import torch
 from PIL import Image, ImageFile
 
 from mindspeed_mm.data.data_spec import DatasetParam, DataSpec, DataSpecError
+from mindspeed_mm.data.preference import PAIR_SKIP_REASONS, PairRecordError, check_unpacked, mixture_kind, pair_turns
 from mindspeed_mm.data.template import (
     DEFAULT_SYSTEM_MESSAGE,
     IGNORE_INDEX,
@@ -59,7 +65,8 @@ __all__ = ["LOAD_NOTES", "SKIP_REASONS", "VIDEO_PLACEHOLDER", "InternVLChatDatas
 
 VIDEO_PLACEHOLDER = "<video>"
 # Why a record was skipped (the keys of a sample's "skipped" dict).
-SKIP_REASONS = ("missing_file", "bad_image", "bad_video", "malformed", "too_long", "truncated_image")
+SKIP_REASONS = ("missing_file", "bad_image", "bad_video", "malformed", "too_long",
+                "truncated_image") + PAIR_SKIP_REASONS
 # What a used sample was loaded despite (the keys of its "loaded" dict, counted per image).
 LOAD_NOTES = ("truncated_image",)
 # This many unusable records in a row means the data, not a sample, is broken (wrong data_folder, ...).
@@ -150,6 +157,11 @@ class InternVLChatDataset(torch.utils.data.Dataset):
     model's to make sure both agree. Each item is a dict: ``input_ids``/``labels`` LongTensor[s] (s <=
     seq_length), ``pixel_values`` float32 [tiles, 3, H, W] ([0, 3, H, W] when text only), ``image_flags``
     LongTensor[tiles] of ones, ``num_image_tokens`` int, ``skipped`` {reason: count}.
+
+    Of preference pairs (``self.preference``), each item has ``chosen_input_ids``/``chosen_labels`` and
+    ``rejected_input_ids``/``rejected_labels`` instead, one ``pixel_values``/``image_flags`` for both,
+    ``num_image_tokens`` of each sequence, and ``record``: the index of the record it was built from (``index``
+    itself unless that record was skipped), which keys anything precomputed per pair.
     """
 
     def __init__(self, spec: DataSpec | DatasetParam, tokenizer, seq_length: int,
@@ -175,6 +187,8 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         self.records = Mixture(p.basic_parameters, self.seed)
         if not len(self.records):
             raise UserError(f"no samples in {[b.data_path for b in p.basic_parameters]}")
+        self.preference = mixture_kind(p, p.basic_parameters) == "preference"
+        check_unpacked(p, "preference" if self.preference else "sft")
         if p.pad_to_square:
             logger.info("the data JSON's train_pipeline has Pad2Square: video frames (and images when "
                         "dynamic_image_size is false) are padded to squares before resizing, as MindSpeed-MM's "
@@ -213,20 +227,33 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         self._augment = (np.random.default_rng([self.seed, j]) if self.records.basic(j).data_augment else None)
         if not isinstance(record, dict) or "_unparsable" in record:
             raise _Skip("malformed", f"not a JSON object: {record.get('_unparsable') if isinstance(record, dict) else record!r}")
-        conversations = record.get("conversations")
-        if not isinstance(conversations, list):
-            raise _Skip("malformed", "no 'conversations' list")
+        if self.preference:
+            try:
+                convs = list(pair_turns(record))
+            except PairRecordError as e:
+                raise _Skip(e.reason, str(e)) from None
+        else:
+            convs = [record.get("conversations")]
+            if not isinstance(convs[0], list):
+                raise _Skip("malformed", "no 'conversations' list")
+        loaded = {}
         if record.get("video") is not None:
-            return self._video_sample(j, record, conversations, folder)
-        images = record.get("image")
-        if images is None or images == []:
-            return self._text_sample(conversations)
-        if isinstance(images, str):
-            images = [images]
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise _Skip("malformed", f"'image' must be a path or a list of paths, got {images!r}")
-        return self._image_sample(conversations, [os.path.join(folder, x) for x in images],
-                                  self.records.basic(j).max_dynamic_patch)
+            seqs, pixels = self._video_sample(j, record, convs, folder)
+        else:
+            images = record.get("image")
+            if images is None or images == []:
+                seqs, pixels = self._text_sample(convs)
+            else:
+                if isinstance(images, str):
+                    images = [images]
+                if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+                    raise _Skip("malformed", f"'image' must be a path or a list of paths, got {images!r}")
+                seqs, pixels, loaded = self._image_sample(convs, [os.path.join(folder, x) for x in images],
+                                                          self.records.basic(j).max_dynamic_patch)
+        out = self._pair_result(j, seqs, pixels) if self.preference else self._result(*seqs[0], pixels)
+        if loaded:
+            out["loaded"] = loaded
+        return out
 
     def _tokenize(self, conversations: list, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -250,16 +277,33 @@ class InternVLChatDataset(torch.utils.data.Dataset):
             "num_image_tokens": int((ids == self.img_context_id).sum()),
         }
 
-    def _text_sample(self, conversations: list) -> dict:
-        ids, labels = self._tokenize(conversations, [])
-        if ids.numel() > self.seq_length:
-            ids, labels = ids[: self.seq_length], labels[: self.seq_length]
-            if not bool((labels != IGNORE_INDEX).any()):
-                raise _Skip("too_long", f"{self.seq_length} tokens hold no answer token")
-        size = self.param.image_size
-        return self._result(ids, labels, torch.zeros(0, 3, size, size, dtype=torch.float32))
+    def _pair_result(self, j: int, seqs: list, pixel_values: torch.Tensor) -> dict:
+        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = seqs
+        if torch.equal(chosen_ids, rejected_ids):  # the answers differ only past seq_length
+            raise _Skip("identical_pair", f"the two answers are the same in their first {chosen_ids.numel()} "
+                        f"tokens (seq_length {self.seq_length})")
+        out = self._result(chosen_ids, chosen_labels, pixel_values)
+        del out["input_ids"], out["labels"]
+        return {"chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels, "rejected_input_ids": rejected_ids,
+                "rejected_labels": rejected_labels, **out, "record": j}
 
-    def _image_sample(self, conversations: list, paths: list[str], max_patch: int | None = None) -> dict:
+    # Each builder takes one conversation (SFT) or two (a pair's chosen and rejected ones, the same images) and
+    # returns one (input_ids, labels) per conversation; a size limit applies to the longest.
+
+    def _text_sample(self, convs: list[list]) -> tuple[list, torch.Tensor]:
+        seqs = []
+        for conversations in convs:
+            ids, labels = self._tokenize(conversations, [])
+            if ids.numel() > self.seq_length:
+                ids, labels = ids[: self.seq_length], labels[: self.seq_length]
+                if not bool((labels != IGNORE_INDEX).any()):
+                    raise _Skip("too_long", f"{self.seq_length} tokens hold no answer token")
+            seqs.append((ids, labels))
+        size = self.param.image_size
+        return seqs, torch.zeros(0, 3, size, size, dtype=torch.float32)
+
+    def _image_sample(self, convs: list[list], paths: list[str], max_patch: int | None = None
+                      ) -> tuple[list, torch.Tensor, dict]:
         p = self.param
         images, truncated = [], 0
         for path in paths:
@@ -280,11 +324,12 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         while True:
             low = min(p.min_dynamic_patch, budget)
             counts = [self._tile_count(im, low, budget) for im in images]
-            ids, labels = self._tokenize(conversations, counts)
-            if ids.numel() <= self.seq_length:
+            seqs = [self._tokenize(c, counts) for c in convs]
+            longest = max(ids.numel() for ids, _ in seqs)
+            if longest <= self.seq_length:
                 break
             if budget == 1:
-                raise _Skip("too_long", f"{ids.numel()} tokens with one tile per image > seq_length {self.seq_length}")
+                raise _Skip("too_long", f"{longest} tokens with one tile per image > seq_length {self.seq_length}")
             budget //= 2
         tiles = []
         for im, count in zip(images, counts):
@@ -294,10 +339,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 t = [self._single_tile(im)]
             assert len(t) == count, (len(t), count)
             tiles += t
-        out = self._result(ids, labels, self._pixels(tiles))
-        if truncated:
-            out["loaded"] = {"truncated_image": truncated}
-        return out
+        return seqs, self._pixels(tiles), ({"truncated_image": truncated} if truncated else {})
 
     def _tile_count(self, image: Image.Image, low: int, high: int) -> int:
         if not self.param.dynamic_image_size:
@@ -312,7 +354,7 @@ class InternVLChatDataset(torch.utils.data.Dataset):
         size = self.param.image_size
         return image.resize((size, size), Image.Resampling.BICUBIC)
 
-    def _video_sample(self, j: int, record: dict, conversations: list, folder: str) -> dict:
+    def _video_sample(self, j: int, record: dict, convs: list[list], folder: str) -> tuple[list, torch.Tensor]:
         p = self.param
         path, clip = record["video"], record.get("clip")
         if not isinstance(path, str):
@@ -332,13 +374,14 @@ class InternVLChatDataset(torch.utils.data.Dataset):
                 raise _Skip("missing_file", str(e)) from None
             except ValueError as e:
                 raise _Skip("bad_video", str(e)) from None
-            ids, labels = self._tokenize(self._expand_video(conversations, len(frames)), [1] * len(frames))
-            if ids.numel() <= self.seq_length:
+            seqs = [self._tokenize(self._expand_video(c, len(frames)), [1] * len(frames)) for c in convs]
+            longest = max(ids.numel() for ids, _ in seqs)
+            if longest <= self.seq_length:
                 break
             if len(frames) == 1:
-                raise _Skip("too_long", f"{ids.numel()} tokens with one frame > seq_length {self.seq_length}")
+                raise _Skip("too_long", f"{longest} tokens with one frame > seq_length {self.seq_length}")
             num = max(1, len(frames) // 2)
-        return self._result(ids, labels, self._pixels([self._single_tile(f) for f in frames]))
+        return seqs, self._pixels([self._single_tile(f) for f in frames])
 
     @staticmethod
     def _expand_video(conversations: list, num_frames: int) -> list:

@@ -25,8 +25,9 @@ each index going to the micro-batch with the smallest length total so far (ties:
 size the count does not divide is dealt round-robin). Micro-batch ``c`` of a global batch is DP rank
 ``c % dp`` at accumulation step ``c // dp``, as with HF's trainer. Lengths are a cheap estimate, not a
 tokenization: the record's ``length`` if it has an integer one (InternVL's precomputed length), else the
-characters of its turns // 4 plus ``tokens_per_tile`` x the most tiles it can get (images:
-``n x (max(1, max_dynamic_patch // n) + thumbnail)``, video: ``max_num_frame``).
+characters of its turns (a preference pair: its question and longer answer) // 4 plus ``tokens_per_tile`` x
+the most tiles it can get (images: ``n x (max(1, max_dynamic_patch // n) + thumbnail)``, video:
+``max_num_frame``).
 """
 from __future__ import annotations
 
@@ -212,6 +213,9 @@ def _estimate(record: Any, param, max_patch: int, tokens_per_tile: int) -> int:
     turns = record.get("conversations")
     chars = sum(len(t["value"]) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)) \
         if isinstance(turns, list) else 0
+    if "chosen" in record or "rejected" in record:  # a preference pair: as long as its longer sequence
+        chars = sum(len(v) for v in (record.get("question"),) if isinstance(v, str)) + max(
+            [len(v) for v in (record.get("chosen"), record.get("rejected")) if isinstance(v, str)] or [0])
     tiles = 0
     if record.get("video") is not None:
         tiles = param.max_num_frame

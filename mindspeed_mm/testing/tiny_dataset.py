@@ -5,6 +5,10 @@ training steps visibly lower the loss. Images come in several aspect ratios (so 
 as PNG and JPEG; videos are short libx264 mp4 files written with PyAV (skipped with a warning if PyAV is not
 installed). ``broken=True`` adds one record of each kind the dataset must skip: a missing image, a file that
 is not an image, a corrupt video, an over-long sample, a malformed conversation and a line that is not JSON.
+
+``write_tiny_preference_dataset`` writes InternVL MMPR-style pairs (``question``, ``chosen``: the right colour,
+``rejected``: a wrong one) from the same pictures; ``broken=True`` adds one pair of each kind a preference dataset
+must skip.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BROKEN_LOADED", "BROKEN_REASONS", "COLOURS", "write_tiny_dataset", "write_video"]
+__all__ = ["BROKEN_LOADED", "BROKEN_REASONS", "COLOURS", "PREFERENCE_BROKEN_REASONS", "write_tiny_dataset",
+           "write_tiny_preference_dataset", "write_video"]
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -34,6 +39,9 @@ _SHAPES = [(1.0, 1.0), (2.0, 1.0), (0.7, 1.6), (3.0, 1.0), (0.4, 0.3)]
 BROKEN_REASONS = {"missing_file": 1, "bad_image": 1, "bad_video": 1, "too_long": 1, "malformed": 2}
 # ... and what it is trained on despite a defect, as counted in the samples' "loaded" notes (a truncated PNG).
 BROKEN_LOADED = {"truncated_image": 1}
+# What write_tiny_preference_dataset(broken=True) adds: a pair without 'rejected', one whose answers are the same,
+# and one with two <image> placeholders for its one image.
+PREFERENCE_BROKEN_REASONS = {"malformed_pair": 1, "identical_pair": 1, "malformed": 1}
 
 
 def _picture(rgb, width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -137,4 +145,64 @@ def write_tiny_dataset(out_dir: str | os.PathLike, image_size: int, seed: int = 
         lines.insert(len(lines) // 2, '{"image": "images/red_0.png", "conversations": [')
     path = out / "data.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _has_av() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        logger.warning("PyAV is not installed (pip install av): the tiny dataset has no video samples")
+        return False
+    return True
+
+
+def write_tiny_preference_dataset(out_dir: str | os.PathLike, image_size: int, seed: int = 0,
+                                  broken: bool = False) -> Path:
+    """Write images, a video and ``preference.jsonl`` (MMPR records, paths relative to ``out_dir``) under
+    ``out_dir``; returns the jsonl path. Twelve pairs: single images (half of the questions without an
+    ``<image>`` placeholder, which the template then prefixes), two images, a video (when PyAV is installed) and
+    text only. Deterministic for a given ``seed``."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    records: list = []
+
+    def image(colour: str, k: int, shape) -> str:
+        w, h = max(8, int(shape[0] * image_size)), max(8, int(shape[1] * image_size))
+        rel = f"images/pref_{colour}_{k}.{'png' if k % 2 == 0 else 'jpg'}"
+        _picture(COLOURS[colour], w, h, rng).save(out / rel)
+        return rel
+
+    def wrong(colour: str) -> str:
+        return names[(names.index(colour) + 3) % len(names)]
+
+    for k in range(9):
+        colour = names[k % len(names)]
+        question = "What colour is this picture?" if k % 2 else "<image>\nWhat colour is this picture?"
+        records.append({"image": image(colour, k, _SHAPES[k % len(_SHAPES)]), "question": question,
+                        "chosen": f"It is {colour}.", "rejected": f"It is {wrong(colour)}, I think."})
+    a, b = names[1], names[4]
+    records.append({"image": [image(a, 10, _SHAPES[1]), image(b, 11, _SHAPES[2])],
+                    "question": "Image-1: <image>\nImage-2: <image>\nWhat colours are the two pictures?",
+                    "chosen": f"They are {a} and {b}.", "rejected": f"They are {b} and {a}."})
+    if _has_av():
+        colour = names[2]
+        rel = f"videos/pref_{colour}.mp4"
+        write_video(out / rel, [np.asarray(_picture(COLOURS[colour], 64, 48, rng)) for _ in range(20)])
+        records.append({"video": rel, "question": "<video>\nWhat colour is the video?",
+                        "chosen": f"It is {colour}.", "rejected": f"It is {wrong(colour)}."})
+    records.append({"question": "What colour is grass?", "chosen": "It is green.", "rejected": "It is purple."})
+    if broken:
+        records.append({"image": image("red", 30, _SHAPES[0]), "question": "What colour is this picture?",
+                        "chosen": "It is red."})
+        records.append({"image": image("blue", 31, _SHAPES[0]), "question": "What colour is this picture?",
+                        "chosen": "It is blue.", "rejected": "It is blue."})
+        records.append({"image": image("green", 32, _SHAPES[0]), "question": "<image>\n<image>\nWhat colour?",
+                        "chosen": "It is green.", "rejected": "It is red."})
+    order = rng.permutation(len(records))
+    path = out / "preference.jsonl"
+    path.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in order), encoding="utf-8")
     return path

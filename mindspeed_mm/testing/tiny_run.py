@@ -39,7 +39,8 @@ def write_model_json(hf_dir: Path, path: Path, vit_pp_layers=None, llm_pp_layers
 
 
 def write_data_json(path: Path, data_jsonl: Path, tokenizer_dir: Path, image_size: int, max_dynamic_patch: int = 6,
-                    shuffle: bool = True, pad_id: int = 0) -> Path:
+                    shuffle: bool = True, pad_id: int = 0, dataset_kind: Optional[str] = None) -> Path:
+    """``dataset_kind``: written as ``dataset_param.dataset_kind`` when given ("preference" for pairs)."""
     raw = {
         "dataset_param": {
             "dataset_type": "multimodal",
@@ -57,6 +58,8 @@ def write_data_json(path: Path, data_jsonl: Path, tokenizer_dir: Path, image_siz
                              "pin_memory": False, "sampler_type": "BaseRandomBatchSampler",
                              "collate_param": {"model_name": "internvl", "pad_id": pad_id}},
     }
+    if dataset_kind is not None:
+        raw["dataset_param"]["dataset_kind"] = dataset_kind
     path.write_text(json.dumps(raw, indent=2) + "\n")
     return path
 
