@@ -13,7 +13,7 @@ from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
 from mindspeed_mm.config.model_spec import to_dict
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
-__all__ = ["TinyRun", "prepare_tiny_run", "write_model_json", "write_data_json", "pretrain_args",
+__all__ = ["TinyRun", "prepare_tiny_preference_run", "prepare_tiny_run", "write_model_json", "write_data_json", "pretrain_args",
            "tiny_reference_inference_json"]
 
 
@@ -84,6 +84,21 @@ def prepare_tiny_run(root: Path, preset: str = "vit6b", seed: int = 0, broken: b
     data_json = write_data_json(root / "data.json", data_jsonl, hf_dir, spec.vision.image_size, shuffle=shuffle,
                                 pad_id=_pad_id(hf_dir))
     return TinyRun(root, hf_dir, mm_dir, data_jsonl, data_json)
+
+
+def prepare_tiny_preference_run(root: Path, preset: str = "vit6b", seed: int = 0, broken: bool = False,
+                                shuffle: bool = True) -> TinyRun:
+    """A tiny run whose data is MMPR preference pairs (`write_tiny_preference_dataset`), for DPO/MPO; the
+    checkpoint and its conversion as `prepare_tiny_run`'s."""
+    from mindspeed_mm.testing.tiny_dataset import write_tiny_preference_dataset
+
+    base = prepare_tiny_run(root, preset=preset, seed=seed)
+    spec = spec_from_hf_dir(base.hf_dir)
+    jsonl = write_tiny_preference_dataset(Path(root) / "pref_data", image_size=spec.vision.image_size, seed=seed,
+                                          broken=broken)
+    data_json = write_data_json(Path(root) / "pref_data.json", jsonl, base.hf_dir, spec.vision.image_size,
+                                shuffle=shuffle, pad_id=_pad_id(base.hf_dir), dataset_kind="preference")
+    return TinyRun(base.root, base.hf_dir, base.mm_dir, jsonl, data_json)
 
 
 def _pad_id(hf_dir: Path) -> int:

@@ -69,7 +69,9 @@ def preference_config(args) -> PreferenceConfig:
                                            args.loss_weight if args.loss_type else (args.loss_weight or loss_weight),
                                            args.beta, args.label_smoothing,
                                            args.rpo_alpha if args.rpo_alpha is not None else rpo)
-    except ValueError as e:
+    except ValueError as e:  # a UserError (the flags' own error) passes as it is
+        if isinstance(e, UserError):
+            raise
         raise PreferenceError(str(e)) from None
 
 
@@ -117,7 +119,9 @@ def preference_loss(cfg: PreferenceConfig, norm: dict, ref_logps: Tensor, labels
     logps = sequence_logps(per_token_loss)
     pc, pr = logps[:pairs], logps[pairs:]
     rc, rr = ref_logps[:pairs].to(logps), ref_logps[pairs:].to(logps)
-    terms = pair_losses(cfg, pc, pr, rc, rr, bco_delta=bco_delta)
+    lengths = shift_labels(labels).loss_mask.sum(1)
+    terms = pair_losses(cfg, pc, pr, rc, rr, bco_delta=bco_delta, chosen_lengths=lengths[:pairs],
+                        rejected_lengths=lengths[pairs:])
     weighted = terms["weighted"].sum() / norm["pairs"]
     nll_local = per_token_loss[:pairs].float().sum() / max(norm["chosen_tokens"], 1)
     loss = combined_loss(weighted, nll_local if cfg.rpo_alpha is not None else None, cfg)
@@ -125,7 +129,7 @@ def preference_loss(cfg: PreferenceConfig, norm: dict, ref_logps: Tensor, labels
     both = torch.cat([r["chosen"], r["rejected"]])
     cp_group = parallel_state.get_context_parallel_group()
     nll_total = nll_local.detach().clone() * max(norm["chosen_tokens"], 1)
-    tokens = shift_labels(labels[:pairs]).loss_mask.sum().float()
+    tokens = lengths[:pairs].sum().float()
     if parallel_state.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(nll_total, group=cp_group)
     step_loss = weighted.detach() + (cfg.rpo_alpha or 0.0) * nll_total / max(norm["chosen_tokens"], 1)
