@@ -30,7 +30,9 @@ setup(
         "av>=12",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-image>=0.22", "peft>=0.13"],  # scikit-image: real sample photos for the tiling tests
+        "test": ["pytest>=8", "scikit-image>=0.22", "peft>=0.13",  # scikit-image: real sample photos for the tiling tests
+                 # the preference losses' oracle: DPOTrainer's loss code as 1.16 lays it out (fused LM head outputs)
+                 "trl>=1.16; python_version >= '3.11'"],
         # Optional GPU accelerators: never imported unless present and asked for.
         "gpu": ["transformer-engine", "apex"],
     },
