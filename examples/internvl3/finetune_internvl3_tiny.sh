@@ -6,6 +6,7 @@
 #   3. finetune it with pretrain_vlm.py on 2 ranks at TP2 + SP with the distributed optimizer (--load reshards
 #      the TP1 conversion), stopping half-way after a save (--exit-interval);
 #   4. resume from that save at another layout (PP2) and train to the end;
+#   4b. MPO (InternVL3's preference stage) from the SFT save on preference pairs, at DP2, a frozen reference copy;
 #   5. ask the finetuned model (the PP2 save, on 2 ranks, KV-cache decoding) about pictures it was trained on;
 #   6. convert the final save back to an HF checkpoint that transformers loads.
 # Set OUT to choose the output directory, SKIP_INSTALL=1 to use the current environment.
@@ -44,6 +45,24 @@ echo "== resume at PP2 from $OUT/save"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 pretrain_vlm.py $ARGS --mm-model "$OUT/model_pp2.json" \
   --pipeline-model-parallel-size 2 --load "$OUT/save"
 
+echo "== MPO after SFT (InternVL3's recipe: sigmoid + bco_pair + the generation loss) on preference pairs, DP2"
+"$PY" - "$OUT" <<'PY'
+import sys
+from pathlib import Path
+from mindspeed_mm.models.internvl.hf.config import spec_from_hf_dir
+from mindspeed_mm.testing.tiny_dataset import write_tiny_preference_dataset
+from mindspeed_mm.testing.tiny_run import _pad_id, write_data_json
+out = Path(sys.argv[1])
+size = spec_from_hf_dir(out / "hf").vision.image_size
+pairs = write_tiny_preference_dataset(out / "pref_data", image_size=size)
+write_data_json(out / "pref_data.json", pairs, out / "hf", size, pad_id=_pad_id(out / "hf"), dataset_kind="preference")
+PY
+MPO_ITERS=${MPO_ITERS:-6}
+"$PY" -m torch.distributed.run --standalone --nproc_per_node 2 pretrain_vlm.py $ARGS --mm-model "$OUT/model.json" \
+  --mm-data "$OUT/pref_data.json" --training-mode mpo --load "$OUT/save" --finetune --train-iters $MPO_ITERS \
+  --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 0 --log-interval 1 --micro-batch-size 1 --use-distributed-optimizer \
+  --save "$OUT/mpo" --metrics-file "$OUT/mpo_metrics.jsonl"
+
 echo "== inference with the finetuned checkpoint ($OUT/save, its PP2 layout)"
 "$PY" - "$OUT" <<'PY'
 import json, sys
@@ -71,4 +90,9 @@ print(f"loss {first:.3f} (iteration {rec[0]['iteration']}) -> {last:.3f} (iterat
       f"finetuned HF checkpoint in {out}/hf_finetuned")
 if not last < 0.7 * first:
     sys.exit("the loss did not fall")
+mpo = [json.loads(l) for l in open(f"{out}/mpo_metrics.jsonl")]
+print(f"MPO: loss {mpo[0]['loss']:.3f} -> {mpo[-1]['loss']:.3f}, reward margin {mpo[0]['rewards/margins']:.3f} -> "
+      f"{mpo[-1]['rewards/margins']:.3f}, reward accuracy {mpo[-1]['rewards/accuracies']:.2f} ({out}/mpo)")
+if not mpo[-1]["rewards/margins"] > mpo[0]["rewards/margins"]:
+    sys.exit("MPO did not widen the reward margin")
 PY

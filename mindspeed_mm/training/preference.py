@@ -273,11 +273,16 @@ def build_reference(kind: str, model: list, chunks: list, spec, plan, args, load
     return Reference(kind, model, table=table), info
 
 
-def precompute_reference(model: list, loader, num_micro: int) -> dict[int, tuple[float, float]]:
+def precompute_reference(model: list, loader, num_micro: int, micro_batch_size: int) -> dict[int, tuple[float, float]]:
     """Every pair's reference log-probabilities with the current (starting) weights, on every rank: the
     loader's micro-batches (this DP rank's share of the dataset, in order), num_micro at a time."""
+    import itertools
+
     table: dict[int, tuple[float, float]] = {}
-    batches = list(loader)
+    # the sampler runs on past the epoch: take this rank's share of one pass (wrapping rows are harmless)
+    dp = parallel_state.get_data_parallel_world_size()
+    count = -(-len(loader.dataset) // (micro_batch_size * dp))
+    batches = list(itertools.islice(iter(loader), count))
     for start in range(0, len(batches), num_micro):
         group = batches[start:start + num_micro]
         while len(group) < num_micro:  # the schedule runs the same number of micro-batches on every DP rank

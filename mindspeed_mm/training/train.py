@@ -287,7 +287,7 @@ def train(args, spec, data_spec) -> RunState:
         def precompute():
             logger.info("reference log-probabilities: a first pass over the training set with the starting weights")
             loader = build_in_order_loader(data_spec, tokenizer, spec, args, dp_rank, dp)
-            return precompute_reference(model, loader, num_micro)
+            return precompute_reference(model, loader, num_micro, args.micro_batch_size)
 
         reference, info = build_reference(
             kind, model, chunks, spec, plan, args, resumed,
