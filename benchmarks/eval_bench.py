@@ -164,8 +164,8 @@ def main(argv=None) -> None:
         each = ", ".join(f"{r['items_per_s']:.2f}" for r in rs)
         print(f"{c[0]:>9} {c[1]:>5} {rate:>17.3f} {each:>15} {rate / b_rate:>10.2f}x {wall:>20.1f} s "
               f"{b_wall / wall:>10.2f}x {rs[0]['tokens']:>10}")
-    print(f"baseline: 1 instance, batch 1 (VLMEvalKit's default); 'vs baseline' is items/s / the baseline's, and "
-          f"for wall time the baseline's time / this one's (above 1: faster)")
+    print("baseline: 1 instance, batch 1 (VLMEvalKit's default); 'vs baseline' is items/s / the baseline's, and "
+          "for wall time the baseline's time / this one's (above 1: faster)")
     print(f"predictions identical in every run: {'yes' if same else 'NO'}")
     print(f"whole benchmark: {time.perf_counter() - t_start:.0f} s; files in {root}")
 

@@ -78,21 +78,28 @@ def _turns(question: str, answer: str) -> list[dict]:
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
+def _image_writer(out: Path, image_size: int, rng: np.random.Generator, prefix: str = ""):
+    """Creates the output folders; returns image(colour, k, shape) -> the written picture's relative path."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+
+    def image(colour: str, k: int, shape) -> str:
+        w, h = max(8, int(shape[0] * image_size)), max(8, int(shape[1] * image_size))
+        rel = f"images/{prefix}{colour}_{k}.{'png' if k % 2 == 0 else 'jpg'}"
+        _picture(COLOURS[colour], w, h, rng).save(out / rel)
+        return rel
+
+    return image
+
+
 def write_tiny_dataset(out_dir: str | os.PathLike, image_size: int, seed: int = 0, broken: bool = False) -> Path:
     """Write images, videos and ``data.jsonl`` (paths relative to ``out_dir``) under ``out_dir``; returns the
     jsonl path. Deterministic for a given ``seed``."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    image = _image_writer(out, image_size, rng)
     names = list(COLOURS)
     records: list = []
-
-    def image(colour: str, k: int, shape) -> str:
-        w, h = max(8, int(shape[0] * image_size)), max(8, int(shape[1] * image_size))
-        rel = f"images/{colour}_{k}.{'png' if k % 2 == 0 else 'jpg'}"
-        _picture(COLOURS[colour], w, h, rng).save(out / rel)
-        return rel
 
     for k, shape in enumerate(_SHAPES):
         for colour in names:
@@ -164,17 +171,10 @@ def write_tiny_preference_dataset(out_dir: str | os.PathLike, image_size: int, s
     ``<image>`` placeholder, which the template then prefixes), two images, a video (when PyAV is installed) and
     text only. Deterministic for a given ``seed``."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    image = _image_writer(out, image_size, rng, "pref_")
     names = list(COLOURS)
     records: list = []
-
-    def image(colour: str, k: int, shape) -> str:
-        w, h = max(8, int(shape[0] * image_size)), max(8, int(shape[1] * image_size))
-        rel = f"images/pref_{colour}_{k}.{'png' if k % 2 == 0 else 'jpg'}"
-        _picture(COLOURS[colour], w, h, rng).save(out / rel)
-        return rel
 
     def wrong(colour: str) -> str:
         return names[(names.index(colour) + 3) % len(names)]
