@@ -110,3 +110,17 @@ def test_mpo_loss_and_gradient_equal_trl(setup, loss_type, weights, rpo):
             assert err <= 1e-4 * max(scale, 1e-3), f"{name}: {err:.3g} vs {scale:.3g}"
             checked += 1
     assert checked > 20
+
+
+def test_reference_fingerprint_sees_one_flipped_bit(setup):
+    """The end-of-run check that the frozen reference copy is bit-identical to what it was."""
+    from mindspeed_mm.training.preference import _fingerprint
+
+    before = _fingerprint([setup.ours])
+    name, weight = next((n, p) for n, p in setup.ours.named_parameters() if p.dim() == 2)
+    with torch.no_grad():
+        bits = weight.view(-1).view(torch.int32)
+        bits[7] ^= 1 << 3
+        assert _fingerprint([setup.ours]) != before, name
+        bits[7] ^= 1 << 3
+    assert _fingerprint([setup.ours]) == before
