@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mindspeed_mm.errors import UserError
 
-__all__ = ["Benchmark", "BenchmarkError", "Item", "load_benchmark", "parse_benchmark_arg", "read_columns"]
+__all__ = ["Benchmark", "BenchmarkError", "Item", "cell_list", "load_benchmark", "parse_benchmark_arg", "read_columns"]
 
 OPTION_LETTERS = tuple(string.ascii_uppercase)
 _REFERENCE_MAX = 64  # VLMEvalKit: an image cell this short is the index of the row that holds the picture
@@ -89,17 +89,16 @@ def _cell(row: dict, key: str) -> str | None:
     return None if value == "" or value.lower() == "nan" and key not in ("question", "answer") else value
 
 
-def _listed(value: str) -> list[str]:
-    """A cell holding one string or a JSON/Python list of strings (VLMEvalKit writes lists with str())."""
-    text = value.strip()
-    if text.startswith("[") and text.endswith("]"):
-        for parse in (json.loads, ast.literal_eval):
+def cell_list(value: str) -> list[str]:
+    """A cell holding one string or a JSON/Python list literal of them (VLMEvalKit writes lists with str())."""
+    if value.lstrip().startswith("["):
+        for parse in (ast.literal_eval, json.loads):
             try:
-                out = parse(text)
-            except (ValueError, SyntaxError):
+                out = parse(value)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 continue
-            if isinstance(out, list) and all(isinstance(x, str) for x in out):
-                return out
+            if isinstance(out, list):
+                return [str(x) for x in out]
     return [value]
 
 
@@ -238,13 +237,13 @@ def _item(row: dict, n: int, index: str, letters: list[str], pictures: dict, bas
                 raise _Skip("bad_image", f"index {index}: image {cell!r} is neither base64 nor another row's index")
             cell = pictures[cell]
             stem = _safe_stem(row["image"])
-        for k, b64 in enumerate(_listed(cell)):
+        for k, b64 in enumerate(cell_list(cell)):
             images.append(_decoded(b64, image_dir, stem if k == 0 else f"{stem}_{k}"))
     elif (cell := _cell(row, "image_path")) is not None:
-        images = [_file(p, base, "image") for p in _listed(cell)]
+        images = [_file(p, base, "image") for p in cell_list(cell)]
     video, frames = None, ()
     if (cell := _cell(row, "video")) is not None:
-        listed = _listed(cell)
+        listed = cell_list(cell)
         if len(listed) == 1 and not cell.strip().startswith("["):
             video = _file(listed[0], base, "video")
         else:

@@ -14,13 +14,12 @@ datasets, under its `exact_matching` judge setting.
 """
 from __future__ import annotations
 
-import ast
-import json
 import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
+from .benchmark import cell_list
 from .prompts import MCQ, VIDEO_MCQ, VIDEO_VQA, VQA, VQA_METRICS, YORN, clean_options, uses_circular_eval
 
 # ------------------------------------------------------------------------------------------------- MCQ
@@ -359,16 +358,7 @@ def parse_answers(answer) -> list[str]:
         return [str(a) for a in answer]
     if answer is None:
         return []
-    text = str(answer)
-    if text.lstrip().startswith("["):
-        for parse in (ast.literal_eval, json.loads):
-            try:
-                value = parse(text)
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                continue
-            if isinstance(value, list):
-                return [str(a) for a in value]
-    return [text]
+    return cell_list(str(answer))
 
 
 def vqa_score(prediction: str, answers, metric: str) -> float:

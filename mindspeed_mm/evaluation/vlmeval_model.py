@@ -30,10 +30,6 @@ __all__ = ["MindSpeedInternVL"]
 _OPTION_LETTERS = string.ascii_uppercase
 
 
-def _present(value) -> bool:
-    return value is not None and value == value and value != ""  # NaN != NaN: pandas' empty cell
-
-
 class MindSpeedInternVL(_Base):
     """`mm_model`: an inference JSON (checkpoint, tokenizer, dtype, generation_config). Or build one around
     an existing pipeline with `from_pipeline` (no second model load)."""
@@ -87,9 +83,9 @@ class MindSpeedInternVL(_Base):
     def build_prompt(self, line, dataset=None) -> list[dict]:
         """The message for a TSV row (a pandas Series or a dict): the prompt text, then its images."""
         kind = prompts.benchmark_kind(dataset or "")
-        options = {c: line[c] for c in _OPTION_LETTERS if c in line and _present(line[c])}
-        hint = line["hint"] if "hint" in line and _present(line["hint"]) else None
-        text = prompts.question_text(dataset, kind, line["question"], options, hint)
+        # question_text drops empty and NaN options and hints itself
+        options = {c: line[c] for c in _OPTION_LETTERS if c in line}
+        text = prompts.question_text(dataset, kind, line["question"], options, line["hint"] if "hint" in line else None)
         images = self.dump_image(line, dataset) if self.dump_image_func is not None else []
         if isinstance(images, str):
             images = [images]
@@ -121,6 +117,8 @@ class MindSpeedInternVL(_Base):
         return pipeline.run_batch([prepared])[0]["response"]
 
     def generate(self, message, dataset=None) -> str:
+        if _Base is not object:  # VLMEvalKit's own checks and preprocessing
+            return super().generate(message, dataset)
         if isinstance(message, str):
             message = [{"type": "text", "value": message}]
         return self.generate_inner(message, dataset)

@@ -67,7 +67,7 @@ class LossMode(str, Enum):
         return cls.PER_TOKEN if per_token else cls.DEFAULT
 
 
-def _cp_sum(t: Tensor) -> Tensor:
+def cp_sum(t: Tensor) -> Tensor:
     if parallel_state.get_context_parallel_world_size() > 1:
         torch.distributed.all_reduce(t, group=parallel_state.get_context_parallel_group())
     return t
@@ -138,7 +138,7 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor, sample_ids
         # this CP rank's share of the count: megatron all-reduces the counts over DP x CP
         count = (shift_labels(labels, sample_ids).loss_mask.sum() if cp == 1
                  else _local_target_count(labels, per_token_loss, sample_ids))
-        reported = _cp_sum(torch.stack([total.detach().clone(), count.detach().float().clone()]))
+        reported = cp_sum(torch.stack([total.detach().clone(), count.detach().float().clone()]))
         return total, count.to(torch.int), {REPORT_KEY: reported}
     if mode is LossMode.SQUARE:
         weights = square_weights(labels, sample_ids)
@@ -170,7 +170,7 @@ def loss_func(mode: LossMode, labels: Tensor, per_token_loss: Tensor, sample_ids
     else:
         loss = mean_loss(per_token_loss, labels, sample_ids)
     # one micro-batch, however many CP ranks contributed shares of its loss
-    reported = torch.stack([_cp_sum(loss.detach().clone()), torch.ones((), device=loss.device)])
+    reported = torch.stack([cp_sum(loss.detach().clone()), torch.ones((), device=loss.device)])
     return loss, {REPORT_KEY: reported}
 
 

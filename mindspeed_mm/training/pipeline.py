@@ -88,15 +88,24 @@ def wrap_ddp(chunks: list[InternVLModel], use_distributed_optimizer: bool = Fals
     return wrapped
 
 
+def next_batch(data_iterator, model) -> dict:
+    """The next micro-batch, its tensors on the chunk's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
+
+
+def run_chunk(model, batch: dict):
+    """This stage's chunk on a micro-batch: the masked per-token loss on the last stage."""
+    return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
+                 image_flags=batch.get("image_flags"), sample_ids=batch.get("sample_ids"))
+
+
 def forward_step(mode: LossMode, data_iterator, model, all_gather: bool = False):
     """One micro-batch through this stage's chunk. Every stage reads the whole micro-batch, a packed one's
     `sample_ids` included (each LLM stage builds its attention mask and RoPE positions from them)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
-    sample_ids = batch.get("sample_ids")
-    output = model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                   image_flags=batch.get("image_flags"), sample_ids=sample_ids)
-    return output, partial(loss_func, mode, batch["labels"], sample_ids=sample_ids, all_gather=all_gather)
+    batch = next_batch(data_iterator, model)
+    return run_chunk(model, batch), partial(loss_func, mode, batch["labels"], sample_ids=batch.get("sample_ids"),
+                                            all_gather=all_gather)
 
 
 def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
@@ -150,11 +159,12 @@ def _eval_forward_step(mode: LossMode, data_iterator, model, all_gather: bool = 
     return forward_step(LossMode.PER_TOKEN, data_iterator, model)
 
 
-def evaluate(model: list, batches: Iterable[list[dict]]) -> list[Tensor]:
+def evaluate(model: list, batches: Iterable[list[dict]], step=_eval_forward_step, full_reports: bool = False) -> list:
     """Forward only, over each global batch of `batches` (this DP rank's micro-batches), through the same
-    schedule as training: the per-micro-batch reports [target-token loss sum, target count] on the last
-    pipeline stage, [] elsewhere. Dropout and drop path off (eval mode) and no autograd graph; every module's
-    own mode is restored afterwards, a module kept in eval by the run included."""
+    schedule as training: the per-micro-batch reports (by default [target-token loss sum, target count]; `step`
+    and `full_reports` as `forward_backward`'s) on the last pipeline stage, [] elsewhere. Dropout and drop path
+    off (eval mode) and no autograd graph; every module's own mode is restored afterwards, a module kept in eval
+    by the run included."""
     modes = [(m, m.training) for chunk in model for m in chunk.modules()]
     for chunk in model:
         chunk.eval()
@@ -162,7 +172,8 @@ def evaluate(model: list, batches: Iterable[list[dict]]) -> list[Tensor]:
     try:
         with torch.no_grad():
             for microbatches in batches:
-                reports += forward_backward(model, microbatches, forward_only=True, step=_eval_forward_step)
+                reports += forward_backward(model, microbatches, forward_only=True, step=step,
+                                            full_reports=full_reports)
     finally:
         for m, training in modes:
             m.training = training
@@ -174,15 +185,17 @@ def microbatch_losses(reports: list[Tensor]) -> list[float]:
 
 
 def train_step(model: list, optimizer, microbatches: list[dict], per_sample_loss: bool = False,
-               loss_mode: LossMode | None = None, all_gather: bool = False) -> tuple[list[Tensor], float | None]:
+               loss_mode: LossMode | None = None, all_gather: bool = False, step=None,
+               full_reports: bool = False) -> tuple[list, float | None]:
     """One optimizer step over `microbatches`: the micro-batch loss reports (last stage) and the grad norm.
+    `step` and `full_reports` as `forward_backward`'s (preference training's loss function).
 
     The optimizer's own zero_grad matters as much as the DDP buffer's: megatron's optimizers point
     `param.grad` at the gradient buffer, and a stale `param.grad` makes the next backward add the new
     gradient to the buffer twice."""
     optimizer.zero_grad()
     losses = forward_backward(model, microbatches, per_sample_loss=per_sample_loss, loss_mode=loss_mode,
-                              all_gather=all_gather)
+                              all_gather=all_gather, step=step, full_reports=full_reports)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         # fp16 with a dynamic loss scale skips a step on overflow and lowers the scale: expected, reported

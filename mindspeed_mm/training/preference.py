@@ -38,7 +38,7 @@ from torch import Tensor
 
 from mindspeed_mm.errors import UserError
 from mindspeed_mm.models.internvl.model import shift_labels
-from mindspeed_mm.training.loss import REPORT_KEY, LossMode
+from mindspeed_mm.training.loss import REPORT_KEY, LossMode, cp_sum
 from mindspeed_mm.training.preference_loss import (
     PreferenceConfig,
     RunningMean,
@@ -91,23 +91,15 @@ def sequence_logps(per_token_loss: Tensor) -> Tensor:
     return _cp_total(-per_token_loss.float().sum(1))
 
 
-def _batch(data_iterator, model) -> dict:
-    device = next(model.parameters()).device
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
-
-
-def _model_out(model, batch: dict):
-    return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                 image_flags=batch.get("image_flags"), sample_ids=batch.get("sample_ids"))
-
-
 def _reference_forward_step(mode: LossMode, data_iterator, model, all_gather: bool = False):
-    batch = _batch(data_iterator, model)
+    from mindspeed_mm.training.pipeline import next_batch, run_chunk
+
+    batch = next_batch(data_iterator, model)
 
     def report(per_token_loss: Tensor):
         return per_token_loss.sum() * 0.0, {"ref_logps": sequence_logps(per_token_loss).detach()}
 
-    return _model_out(model, batch), report
+    return run_chunk(model, batch), report
 
 
 def preference_loss(cfg: PreferenceConfig, norm: dict, ref_logps: Tensor, labels: Tensor, per_token_loss: Tensor,
@@ -123,15 +115,13 @@ def preference_loss(cfg: PreferenceConfig, norm: dict, ref_logps: Tensor, labels
     terms = pair_losses(cfg, pc, pr, rc, rr, bco_delta=bco_delta, chosen_lengths=lengths[:pairs],
                         rejected_lengths=lengths[pairs:])
     weighted = terms["weighted"].sum() / norm["pairs"]
-    nll_local = per_token_loss[:pairs].float().sum() / max(norm["chosen_tokens"], 1)
+    nll_sum = per_token_loss[:pairs].float().sum()  # this CP rank's share
+    nll_local = nll_sum / max(norm["chosen_tokens"], 1)
     loss = combined_loss(weighted, nll_local if cfg.rpo_alpha is not None else None, cfg)
     r = rewards(cfg, pc.detach(), pr.detach(), rc, rr)
     both = torch.cat([r["chosen"], r["rejected"]])
-    cp_group = parallel_state.get_context_parallel_group()
-    nll_total = nll_local.detach().clone() * max(norm["chosen_tokens"], 1)
+    nll_total = cp_sum(nll_sum.detach().clone())
     tokens = lengths[:pairs].sum().float()
-    if parallel_state.get_context_parallel_world_size() > 1:
-        torch.distributed.all_reduce(nll_total, group=cp_group)
     step_loss = weighted.detach() + (cfg.rpo_alpha or 0.0) * nll_total / max(norm["chosen_tokens"], 1)
     sums = torch.stack([
         torch.tensor(float(pairs), device=logps.device), r["chosen"].sum(), r["rejected"].sum(),
@@ -145,8 +135,10 @@ def preference_loss(cfg: PreferenceConfig, norm: dict, ref_logps: Tensor, labels
 
 def _policy_forward_step(cfg: PreferenceConfig, norm: dict, bco_delta: float, mode: LossMode, data_iterator, model,
                          all_gather: bool = False):
-    batch = _batch(data_iterator, model)
-    return _model_out(model, batch), partial(preference_loss, cfg, norm, batch.get("ref_logps"), batch["labels"],
+    from mindspeed_mm.training.pipeline import next_batch, run_chunk
+
+    batch = next_batch(data_iterator, model)
+    return run_chunk(model, batch), partial(preference_loss, cfg, norm, batch.get("ref_logps"), batch["labels"],
                                              bco_delta=bco_delta)
 
 
@@ -167,21 +159,12 @@ def _adapters_off(chunks):
 
 
 def _forward_only(model: list, microbatches: list[dict]) -> list[Tensor]:
-    """The reference log-probabilities [2P] of each micro-batch on the last stage ([] elsewhere), in eval
-    mode, without autograd, every module's mode restored."""
-    from mindspeed_mm.training.pipeline import forward_backward
+    """The reference log-probabilities [2P] of each micro-batch on the last stage ([] elsewhere), forward only
+    in eval mode (validation's pass)."""
+    from mindspeed_mm.training.pipeline import evaluate
 
-    modes = [(m, m.training) for chunk in model for m in chunk.modules()]
-    for chunk in model:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            out = forward_backward(model, microbatches, forward_only=True, step=_reference_forward_step,
-                                   full_reports=True)
-    finally:
-        for m, training in modes:
-            m.training = training
-    return [r["ref_logps"] for r in out]
+    return [r["ref_logps"] for r in evaluate(model, [microbatches], step=_reference_forward_step,
+                                             full_reports=True)]
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -329,7 +312,7 @@ def _dp_sum(t: Tensor) -> Tensor:
 def preference_step(model: list, optimizer, microbatches: list[dict], state: PreferenceState,
                     gbs_pairs: int) -> tuple[list[Tensor], Optional[float], dict[str, float]]:
     """One optimizer step of preference training: (loss reports, grad norm, metrics on every rank)."""
-    from mindspeed_mm.training.pipeline import forward_backward
+    from mindspeed_mm.training.pipeline import train_step
 
     state.reference.attach(microbatches)
     chosen = torch.tensor([float(shift_labels(mb["labels"][: int(mb["num_pairs"])]).loss_mask.sum())
@@ -338,14 +321,8 @@ def preference_step(model: list, optimizer, microbatches: list[dict], state: Pre
     dp = parallel_state.get_data_parallel_world_size()
     norm = {"pairs": float(gbs_pairs), "chosen_tokens": float(chosen.item()), "scale": float(len(microbatches) * dp)}
     delta = state.running.mean if "bco_pair" in state.cfg.loss_types else 0.0
-    optimizer.zero_grad()
-    out = forward_backward(model, microbatches, loss_mode=LossMode.DEFAULT, full_reports=True,
-                           step=partial(_policy_forward_step, state.cfg, norm, delta))
-    ok, grad_norm, _ = optimizer.step()
-    if not ok:
-        if getattr(optimizer, "grad_scaler", None) is None or optimizer.config.loss_scale is not None:
-            raise FloatingPointError("gradients are not finite (inf/NaN); the step was not applied")
-        grad_norm = None
+    out, grad_norm = train_step(model, optimizer, microbatches, loss_mode=LossMode.DEFAULT, full_reports=True,
+                                step=partial(_policy_forward_step, state.cfg, norm, delta))
     reports = [r[REPORT_KEY] for r in out]
     width = len(SUMS) + len(state.cfg.loss_types)
     device = next(model[0].parameters()).device

@@ -276,8 +276,10 @@ def train(args, spec, data_spec) -> RunState:
         from mindspeed_mm.training.preference import (
             PreferenceState,
             build_reference,
+            check_pairs,
             precompute_reference,
             preference_config,
+            preference_step,
         )
 
         pref_cfg = preference_config(args)
@@ -349,8 +351,6 @@ def train(args, spec, data_spec) -> RunState:
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step applies
         pref_metrics = {}
         if pref is not None:
-            from mindspeed_mm.training.preference import check_pairs, preference_step
-
             check_pairs(microbatches)
             reports, grad_norm, pref_metrics = preference_step(model, optimizer, microbatches, pref, gbs)
         else:
