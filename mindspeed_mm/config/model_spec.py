@@ -89,7 +89,10 @@ PARAMS_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PARAMS_DTYPES = tuple(PARAMS_DTYPE_NAMES)
 # text_decoder.model_id -> the LLM kind: the reference's names for Qwen2 ("internllm" in its training JSONs,
 # "Qwen2.5llm" in its inference JSON), and ours for the other kinds
-LLM_KINDS = {"internllm": "qwen2", "Qwen2.5llm": "qwen2", "qwen3": "qwen3", "internlm3": "internlm3"}
+LLM_KINDS = {"internllm": "qwen2", "Qwen2.5llm": "qwen2", "qwen3": "qwen3", "internlm3": "internlm3",
+             "qwen3_moe": "qwen3_moe"}
+# the mixture-of-experts fields of text_decoder: set for a qwen3_moe LLM, absent (null) for the dense kinds
+MOE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size")
 
 # Pipeline layout as stored: (n_stage0, n_stage1, ...) or ((vp0 stages...), (vp1 stages...), ...).
 PipelineNumLayers = Optional[Tuple[Any, ...]]
@@ -483,6 +486,15 @@ class TextDecoderSpec(_SpecBase):
     recompute_num_layers: Optional[int] = _run(None)
     variable_seq_lengths: bool = _run(False)
     untie_embeddings_and_output_weights: bool = True
+    # Qwen3-MoE (model_id "qwen3_moe"): the sparse layers' experts and router, as transformers' Qwen3MoeConfig
+    num_experts: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: Any = ()
+    moe_aux_loss_coeff: float = _run(0.001)
+    moe_z_loss_coeff: Optional[float] = _run(None)
 
     _PATH = _TEXT_PATH
     _CHOICES = {
@@ -508,7 +520,8 @@ class TextDecoderSpec(_SpecBase):
             raise self._err("num_attention_heads", f"{self.num_attention_heads} does not divide "
                             f"hidden_size {self.hidden_size} (set kv_channels for another head size)")
         kind = LLM_KINDS[self.model_id]
-        for name, value in (("add_qkv_bias", kind == "qwen2"), ("qk_layernorm", kind == "qwen3")):
+        self._check_moe(kind)
+        for name, value in (("add_qkv_bias", kind == "qwen2"), ("qk_layernorm", kind in ("qwen3", "qwen3_moe"))):
             given = getattr(self, name)
             if given is None:
                 self._set(name, value)
@@ -529,6 +542,45 @@ class TextDecoderSpec(_SpecBase):
             join(self._PATH, "pipeline_num_layers"), self.pipeline_num_layers, self.num_layers))
         self._check_recompute()
 
+    def _check_moe(self, kind: str) -> None:
+        if kind != "qwen3_moe":
+            for name in MOE_FIELDS:
+                if getattr(self, name) is not None:
+                    raise self._err(name, f"is set, but model_id {self.model_id!r} is a dense LLM (experts need "
+                                    "model_id \"qwen3_moe\")")
+            return
+        for name in MOE_FIELDS:
+            if getattr(self, name) is None:
+                raise self._err(name, "missing: a qwen3_moe LLM needs num_experts, moe_router_topk and "
+                                "moe_ffn_hidden_size")
+        self._positive(*MOE_FIELDS, "decoder_sparse_step")
+        if self.moe_router_topk > self.num_experts:
+            raise self._err("moe_router_topk", f"{self.moe_router_topk} > num_experts {self.num_experts}")
+        only = self.mlp_only_layers
+        if not isinstance(only, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in only):
+            raise self._err("mlp_only_layers", f"expected a list of layer indices in [0, {self.num_layers}), "
+                            f"got {describe(only)}")
+        self._set("mlp_only_layers", tuple(sorted(set(only))))
+        if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff or 0) < 0:
+            raise self._err("moe_aux_loss_coeff", "the loss coefficients must be >= 0")
+
+    @property
+    def moe(self) -> bool:
+        return self.kind == "qwen3_moe"
+
+    @property
+    def moe_layers(self) -> Tuple[int, ...]:
+        """The sparse layers (transformers' Qwen3-MoE rule): not in ``mlp_only_layers`` and every
+        ``decoder_sparse_step``-th; the others have the dense MLP of ``ffn_hidden_size``."""
+        if not self.moe:
+            return ()
+        return tuple(i for i in range(self.num_layers)
+                     if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels  # type: ignore[return-value]
@@ -541,7 +593,7 @@ class TextDecoderSpec(_SpecBase):
 
     @property
     def kind(self) -> str:
-        """"qwen2", "qwen3" or "internlm3" (:data:`LLM_KINDS`)."""
+        """"qwen2", "qwen3", "internlm3" or "qwen3_moe" (:data:`LLM_KINDS`)."""
         return LLM_KINDS[self.model_id]
 
     @property
@@ -824,6 +876,8 @@ def _model_id_first(section: Dict[str, Any]) -> Dict[str, Any]:
     return {"model_id": section["model_id"], **{k: v for k, v in section.items() if k != "model_id"}}
 
 
+_MOE_KEYS = (*MOE_FIELDS, "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "moe_aux_loss_coeff",
+             "moe_z_loss_coeff")
 _UNSET_UNLESS_USED = {"lora": None, "unfreeze_last_layers": 0, "unfreeze_output_layer": False}
 
 
@@ -833,6 +887,10 @@ def _with_training_choices(module: Any) -> Dict[str, Any]:
     files have it, the others' left out when not given (given false, LoRA would train the LLM's base weights
     too, and --freeze-mlp would contradict the projector's)."""
     out = {k: v for k, v in _plain(module).items() if k not in _UNSET_UNLESS_USED or v != _UNSET_UNLESS_USED[k]}
+    if isinstance(module, TextDecoderSpec):
+        out["mlp_only_layers"] = list(module.mlp_only_layers)
+        if not module.moe:  # a dense LLM's JSON reads as it did before experts existed
+            out = {k: v for k, v in out.items() if k not in _MOE_KEYS}
     if isinstance(module, VisionEncoderSpec):
         out["freeze"] = module.frozen
     elif out["freeze"] is None:

@@ -135,6 +135,7 @@ _VISION_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "
 _LLM_ARCH = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "llama": "LlamaForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
     "internlm3": "InternLM3ForCausalLM",
@@ -142,7 +143,7 @@ _LLM_ARCH = {
 
 
 # LLM kinds (config.model_spec.LLM_KINDS) by the HF config's model_type
-_KIND_MODEL_ID = {"qwen2": "internllm", "qwen3": "qwen3", "internlm3": "internlm3"}
+_KIND_MODEL_ID = {"qwen2": "internllm", "qwen3": "qwen3", "internlm3": "internlm3", "qwen3_moe": "qwen3_moe"}
 
 
 def native_tied(cfg: Mapping) -> bool:
@@ -441,7 +442,7 @@ def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str, tied: bool) -
     model_type = llm_model_type(llm, path)
     if model_type not in _KIND_MODEL_ID:
         raise ModelSpecError(f"{path}.model_type", f"{model_type!r} is not supported; expected one of "
-                             f"{sorted(_KIND_MODEL_ID)} (Qwen2, Qwen3 or InternLM3 LLMs)")
+                             f"{sorted(_KIND_MODEL_ID)} (Qwen2, Qwen3, Qwen3-MoE or InternLM3 LLMs)")
     act = _hf_get(llm, path, "hidden_act", "silu")
     if act != "silu":
         raise ModelSpecError(f"{path}.hidden_act", f"{act!r} is not supported; expected 'silu'")
@@ -450,7 +451,7 @@ def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str, tied: bool) -
     for key in ("attention_bias", "qkv_bias", "mlp_bias", "bias") if model_type != "qwen2" else ():
         if llm.get(key):
             raise ModelSpecError(f"{path}.{key}", f"true is not supported (a {model_type} LLM without biases)")
-    if model_type == "qwen3" and llm.get("use_sliding_window"):
+    if model_type in ("qwen3", "qwen3_moe") and llm.get("use_sliding_window"):
         raise ModelSpecError(f"{path}.use_sliding_window", "true is not supported (full causal attention only)")
     # rope: transformers 4 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters.
     rope_params = llm.get("rope_parameters") or {}
@@ -460,7 +461,16 @@ def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str, tied: bool) -
         scaling = {k: v for k, v in rope_params.items() if k in ("rope_type", "type", "factor")}
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
+    moe = {}
+    if model_type == "qwen3_moe":
+        moe = dict(num_experts=_hf_get(llm, path, "num_experts"), moe_router_topk=_hf_get(llm, path, "num_experts_per_tok"),
+                   moe_ffn_hidden_size=_hf_get(llm, path, "moe_intermediate_size"),
+                   norm_topk_prob=_hf_get(llm, path, "norm_topk_prob", False),
+                   decoder_sparse_step=_hf_get(llm, path, "decoder_sparse_step", 1),
+                   mlp_only_layers=_hf_get(llm, path, "mlp_only_layers", None) or (),
+                   moe_aux_loss_coeff=_hf_get(llm, path, "router_aux_loss_coef", 0.001))
     return TextDecoderSpec(
+        **moe,
         model_id=_KIND_MODEL_ID[model_type],
         num_layers=_hf_get(llm, path, "num_hidden_layers"),
         hidden_size=_hf_get(llm, path, "hidden_size"),
