@@ -32,7 +32,7 @@ other (:data:`RUN_SETTINGS` lists them; :func:`architecture_differences` compare
 
 * training only: ``freeze``, ``recompute_granularity``/``recompute_method``/``recompute_num_layers``,
   ``drop_path_rate`` (stochastic depth, the identity in eval), ``init_method_std`` and ``initializer_factor``
-  (initial values; loaded weights replace them);
+  (initial values; loaded weights replace them), the experts' ``moe_aux_loss_coeff`` and ``moe_z_loss_coeff``;
 * layout and parallelism: ``pipeline_num_layers``, the ViT's ``sequence_parallel`` and
   ``context_parallel_size``, ``variable_seq_lengths``, ``pre_process``/``post_process``;
 * precision: ``params_dtype`` (the same weights in another dtype; inference names its own ``dtype``);

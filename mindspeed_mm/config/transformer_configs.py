@@ -172,4 +172,28 @@ def text_transformer_config(spec: InternVLSpec, parallel: Optional[ParallelSizes
         attention_softmax_in_fp32=t.attention_softmax_in_fp32,
         variable_seq_lengths=t.variable_seq_lengths,
     )
+    if t.moe:
+        kwargs.update(_moe_fields(spec, parallel))
     return _build(kwargs, overrides)
+
+
+def _moe_fields(spec: InternVLSpec, parallel: ParallelSizes) -> Dict[str, Any]:
+    """Qwen3-MoE's sparse layers in megatron's fields. `norm_topk_prob` is megatron's softmax over the top-k
+    logits; without it, the top k of the softmax over all experts (`moe_router_pre_softmax`). megatron's own
+    load-balancing loss stays off: transformers' spans every layer (`models.internvl.moe`). Tokens are exchanged
+    all-to-all, the dispatcher that runs on gloo and nccl alike."""
+    t = spec.text
+    return dict(
+        num_moe_experts=t.num_experts,
+        moe_router_topk=t.moe_router_topk,
+        moe_ffn_hidden_size=t.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not t.norm_topk_prob,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=t.moe_z_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
+    )

@@ -186,9 +186,15 @@ class TinyPreset:
     rope_theta: float = 1e6
     rms_eps: float = 1e-6
     max_positions: int = 2048
-    llm: str = "qwen2"  # the LLM's transformers model_type: "qwen2" | "qwen3" | "internlm3"
+    llm: str = "qwen2"  # the LLM's transformers model_type: "qwen2" | "qwen3" | "internlm3" | "qwen3_moe"
     llm_head_dim: int | None = None  # None: llm_hidden // llm_heads
     tied: bool = False  # lm_head tied to the token embeddings
+    # qwen3_moe: experts per sparse layer, top-k, the experts' FFN size, and the layers kept dense
+    experts: int = 0
+    topk: int = 2
+    expert_ffn: int = 32
+    mlp_only_layers: tuple = ()
+    norm_topk_prob: bool = True
 
 
 _VIT300M = dict(vit_hidden=32, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False)
@@ -197,6 +203,10 @@ _VIT6B = dict(vit_hidden=40, vit_heads=5, vit_norm="rms_norm", vit_qkv_bias=Fals
 # InternLM3: InternVL3-9B's rope theta and eps.
 _QWEN3 = dict(llm="qwen3", llm_head_dim=24)
 _INTERNLM3 = dict(llm="internlm3", rope_theta=5e7, rms_eps=1e-5)
+# Qwen3-MoE (InternVL3.5-30B-A3B / 241B-A28B): 8 experts, top-2, and 3 layers of which the first is dense, so that
+# dense and sparse layers meet on every stage boundary of PP2 and EP2 and EP4 both divide the experts
+_QWEN3_MOE = dict(llm="qwen3_moe", llm_head_dim=24, llm_layers=3, experts=8, topk=2, expert_ffn=32,
+                  mlp_only_layers=(0,))
 
 
 TINY_PRESETS: dict[str, TinyPreset] = {
@@ -224,6 +234,8 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     "qwen3_vit6b": TinyPreset(**_VIT6B, **_QWEN3),
     "internlm3_vit300m": TinyPreset(**_VIT300M, **_INTERNLM3),
     "internlm3_vit6b": TinyPreset(**_VIT6B, **_INTERNLM3),
+    "qwen3_moe_vit300m": TinyPreset(**_VIT300M, **_QWEN3_MOE),
+    "qwen3_moe_vit6b": TinyPreset(**_VIT6B, **_QWEN3_MOE, norm_topk_prob=False),
     # tied embeddings, as Qwen3-0.6B in InternVL3.5-1B
     "qwen3_tied": TinyPreset(**_VIT300M, **_QWEN3, tied=True),
 }
@@ -248,7 +260,11 @@ def _text_config(p: TinyPreset, vocab_size: int, tid) -> dict:
         "pad_token_id": tid("<|endoftext|>"),
         "tie_word_embeddings": p.tied,
     }
-    if p.llm in ("qwen2", "qwen3"):
+    if p.llm == "qwen3_moe":
+        cfg.update(num_experts=p.experts, num_experts_per_tok=p.topk, moe_intermediate_size=p.expert_ffn,
+                   norm_topk_prob=p.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=list(p.mlp_only_layers),
+                   router_aux_loss_coef=0.01, output_router_logits=False)
+    if p.llm in ("qwen2", "qwen3", "qwen3_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=p.llm_layers)
     if p.llm != "qwen2":
         cfg.update(head_dim=p.llm_head_dim or p.llm_hidden // p.llm_heads, attention_bias=False)

@@ -10,7 +10,7 @@ import torch
 
 from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
 from mindspeed_mm.models.internvl.hf.config import NATIVE, find_token_id, native_tied, original_config_to_native
-from mindspeed_mm.models.internvl.hf.keys import native_key_to_module, original_to_native_state_dict
+from mindspeed_mm.models.internvl.hf.keys import fuse_experts, native_key_to_module, original_to_native_state_dict
 from mindspeed_mm.testing.tiny_checkpoint import check_tying, refresh_rope_buffers
 
 
@@ -36,7 +36,8 @@ def load_native_model(hf_dir: str | os.PathLike):
         native_cfg = original_config_to_native(config, image_token_id=token_id)
         cfg = InternVLConfig.from_dict(native_cfg)
         model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-        native_sd = {native_key_to_module(k): v.float() for k, v in original_to_native_state_dict(state).items()}
+        native_sd = {native_key_to_module(k): v.float()
+                     for k, v in fuse_experts(original_to_native_state_dict(state)).items()}
         missing, unexpected = model.load_state_dict(native_sd, strict=False)
         # tied: lm_head.weight is the embedding's second name, filled with it
         if unexpected or missing != (["lm_head.weight"] if cfg.tie_word_embeddings else []):

@@ -227,7 +227,7 @@ def test_penalties_and_min_new_tokens_equal_transformers(setup, case):
 
 
 # the other LLM kinds (and tied embeddings): greedy tokens as transformers' generate gives them
-@pytest.fixture(scope="module", params=["qwen3_vit6b", "internlm3_vit300m", "qwen3_tied"])
+@pytest.fixture(scope="module", params=["qwen3_vit6b", "internlm3_vit300m", "qwen3_tied", "qwen3_moe_vit6b"])
 def llm_kind(request, setup, tmp_path_factory):
     hf_dir = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "hf", fmt="original",
                                    preset=request.param, seed=0)

@@ -33,7 +33,8 @@ def _unfrozen(spec):
 
 
 # each LLM kind with each ViT kind, and tied embeddings
-PRESETS = ["vit300m", "vit6b", "qwen3_vit300m", "qwen3_vit6b", "internlm3_vit300m", "internlm3_vit6b", "qwen3_tied"]
+PRESETS = ["vit300m", "vit6b", "qwen3_vit300m", "qwen3_vit6b", "internlm3_vit300m", "internlm3_vit6b", "qwen3_tied",
+           "qwen3_moe_vit300m", "qwen3_moe_vit6b"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)
@@ -48,6 +49,32 @@ def pair(request, tmp_path_factory, megatron_world):
     load_full_state_dict(ours, hf_to_mm(hf_state, spec, fmt))
     ours.eval()
     return load_native_model(hf_dir), ours, spec
+
+
+def hf_loss(hf, spec, ids, mask, pixels, labels):
+    """transformers' loss; of a sparse LLM with its load-balancing loss as Qwen3MoeForCausalLM adds it
+    (`load_balancing_loss_func` over every sparse layer's router logits, padding masked, times the coefficient)."""
+    if not spec.text.moe:
+        return hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    loss, aux = hf_losses(hf, spec, ids, mask, pixels, labels)
+    return loss + spec.text.moe_aux_loss_coeff * aux
+
+
+def hf_losses(hf, spec, ids, mask, pixels, labels):
+    """transformers' LM loss and load-balancing loss (InternVL's model output has no router logits: they are
+    taken from each router, Qwen3MoeTopKRouter, as transformers' own output recorder takes them)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter, load_balancing_loss_func
+    logits = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: logits.append(out[0])) for m in hf.modules()
+             if isinstance(m, Qwen3MoeTopKRouter)]
+    try:
+        loss = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    finally:
+        for h in hooks:
+            h.remove()
+    t = spec.text
+    assert len(logits) == len(t.moe_layers)
+    return loss, load_balancing_loss_func(tuple(logits), t.num_experts, t.moe_router_topk, mask)
 
 
 def _batch(spec, samples):
@@ -84,8 +111,8 @@ def test_gradients_match_transformers(pair):
     ids, mask, labels, pixels = _batch(spec, CASES["batch_of_two_lengths"])
     hf.zero_grad()
     ours.zero_grad()
-    hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss.backward()
-    mean_loss(ours(ids, pixels, labels=labels), labels).backward()
+    hf_loss(hf, spec, ids, mask, pixels, labels).backward()
+    mean_loss(ours(ids, pixels, labels=labels, attention_mask=mask), labels).backward()
 
     hf_grads = {normalize_native_key(n): p.grad for n, p in hf.named_parameters()}
     ref = hf_to_mm(hf_grads, spec, "native")

@@ -73,7 +73,8 @@ def test_run_settings_and_architecture():
         "image_encoder.vision_encoder.unfreeze_last_layers", "text_decoder.unfreeze_output_layer",
         *(f"image_encoder.vision_encoder.{k}" for k in ("drop_path_rate", "initializer_factor", "sequence_parallel",
                                                         "context_parallel_size")),
-        *(f"text_decoder.{k}" for k in ("max_position_embeddings", "rope_scaling", "variable_seq_lengths")),
+        *(f"text_decoder.{k}" for k in ("max_position_embeddings", "rope_scaling", "variable_seq_lengths",
+                                        "moe_aux_loss_coeff", "moe_z_loss_coeff")),
         "image_encoder.vision_projector.freeze", "pre_process", "post_process"}
     a = load_model_spec(EXAMPLES / "model_8B.json")
     raw = to_dict(a)

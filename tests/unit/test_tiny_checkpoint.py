@@ -105,7 +105,8 @@ def test_original_and_native_identical(ckpts, tokenizer, preset):
     cfg = json.loads((original_dir / "config.json").read_text())
     assert cfg["architectures"] == ["InternVLChatModel"] and cfg["template"] == "internvl2_5"
     p = TINY_PRESETS[preset]
-    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "internlm3": "InternLM3ForCausalLM"}[p.llm]
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "internlm3": "InternLM3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM"}[p.llm]
     assert cfg["llm_config"]["architectures"] == [arch]
     assert cfg["llm_config"]["tie_word_embeddings"] is p.tied
     assert "auto_map" not in cfg and cfg["ps_version"] == "v2"

@@ -24,7 +24,8 @@ from mindspeed_mm.config.parallel import ParallelSizes
 from mindspeed_mm.config.transformer_configs import text_transformer_config, vision_transformer_config
 from mindspeed_mm.models.internvl.params import lookup, trainable
 from mindspeed_mm.models.internvl.projector import InternVLProjector
-from mindspeed_mm.models.internvl.sharding import global_name, shard_tensor
+from mindspeed_mm.models.internvl.moe import MoERecorder, Qwen3MoeRouter, StageCarrier, pipeline_group
+from mindspeed_mm.models.internvl.sharding import ExpertShard, global_name, shard_tensor
 from mindspeed_mm.models.internvl.rope import LLMDecoder
 from mindspeed_mm.models.internvl.specs import block_spec, llm_layer_spec, vit_layer_spec
 from mindspeed_mm.models.internvl.vision import InternViT, input_for_full_recompute
@@ -64,6 +65,8 @@ def _renumber(block, offset: int) -> None:
     if block is not None:
         for i, layer in enumerate(block.layers):
             layer.layer_number = offset + i + 1
+            if hasattr(layer.mlp, "set_layer_number"):  # the router's: which sparse layer it records
+                layer.mlp.set_layer_number(layer.layer_number)
 
 
 @dataclass
@@ -147,8 +150,9 @@ class InternVLModel(MegatronModule):
             self.text_decoder = LLMDecoder(
                 config=text_config,
                 rope_scaling=t.rope_scaling,
-                transformer_layer_spec=block_spec(llm_layer_spec(parallel.cp, cp_algo, t.qk_layernorm, t.lora),
-                                                  len(stage.llm_layers), final_norm=True),
+                transformer_layer_spec=block_spec(
+                    [llm_layer_spec(parallel.cp, cp_algo, t.qk_layernorm, t.lora, moe=t.is_moe_layer(i))
+                     for i in stage.llm_layers], len(stage.llm_layers), final_norm=True),
                 vocab_size=plan.padded_vocab_size,
                 max_sequence_length=t.max_position_embeddings,
                 pre_process=stage.has_llm_embed,
@@ -162,6 +166,9 @@ class InternVLModel(MegatronModule):
                 vp_stage=self.vp_stage,
             )
             _renumber(self.text_decoder.decoder, stage.llm_layers.start)
+        self.experts = ExpertShard.of(spec.text.num_experts, parallel.ep,
+                                      parallel_state.get_expert_model_parallel_rank() if parallel.ep > 1 else 0)
+        self.moe_recorder = self._moe_recorder() if stage.has_llm and spec.text.moe else None
         self.input_tensor = None
         # megatron's finalize_model_grads finds the model under DDP by `pre_process` and sums the embedding
         # grads of the chunks it takes for the first and last stage by pipeline position (model[0] on the first
@@ -173,6 +180,17 @@ class InternVLModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # one tensor per boundary, as megatron's GPT
         self._init_adapters(seed)
         self._apply_freeze()
+
+    def _moe_recorder(self) -> MoERecorder:
+        carrier = None
+        if self.parallel.pp > 1:
+            group, ranks = pipeline_group()
+            carrier = StageCarrier(self.plan, self.stage, group, ranks)
+        recorder = MoERecorder(self.spec, self.stage, self.parallel, carrier)
+        for m in self.modules():
+            if isinstance(m, Qwen3MoeRouter):
+                m.recorder = recorder
+        return recorder
 
     def tied_embedding_copy(self) -> torch.nn.Parameter | None:
         """This chunk's copy of tied embeddings held on two stages (`LayoutPlan.tied_embedding_pp_ranks`): the
@@ -186,7 +204,7 @@ class InternVLModel(MegatronModule):
     def global_names(self):
         """(name in the full model, parameter) for every parameter of this chunk."""
         for local, p in self.named_parameters():
-            yield global_name(local, self.stage), p
+            yield global_name(local, self.stage, self.experts), p
 
     def _init_adapters(self, seed: int) -> None:
         """LoRA's A drawn for the full matrix from a generator keyed by `seed` and its name, then cut for this rank
@@ -199,7 +217,8 @@ class InternVLModel(MegatronModule):
                     continue
                 g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 full = kaiming_uniform_like_peft(tuple(d.shape(self.spec)), g)
-                p.copy_(shard_tensor(name, full, self.spec, tp, rank, self.plan.padded_vocab_size))
+                p.copy_(shard_tensor(name, full, self.spec, tp, rank, self.plan.padded_vocab_size,
+                                     etp=self.parallel.expert_tp))
 
     def _apply_freeze(self) -> None:
         for name, p in self.global_names():
@@ -304,8 +323,28 @@ class InternVLModel(MegatronModule):
         return logits.masked_fill(pad, float("-inf"))
 
     # ------------------------------------------------------------------------------------------ forward
+    def _padding_mask(self, attention_mask: Tensor | None, sample_ids: Tensor | None, width: int,
+                      layout) -> Tensor | None:
+        """This rank's tokens that are not padding [b, s_local] (after the CP and SP splits), for the routers'
+        statistics; None: every token counts (no mask given)."""
+        if layout is not None:
+            valid = layout.sample_ids >= 0
+        elif sample_ids is not None:
+            valid = sample_ids >= 0
+        elif attention_mask is not None:
+            valid = attention_mask.bool()
+        else:
+            return None
+        valid = torch.nn.functional.pad(valid, (0, width - valid.shape[1]), value=False)
+        valid = self._cp_split(valid, 1, layout)
+        if self.parallel.sp:
+            tp, rank = self.parallel.tp, parallel_state.get_tensor_model_parallel_rank()
+            valid = valid.chunk(tp, dim=1)[rank]
+        return valid.contiguous()
+
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, labels: Tensor | None = None,
-                image_flags: Tensor | None = None, sample_ids: Tensor | None = None) -> Tensor:
+                image_flags: Tensor | None = None, sample_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
         """On the last stage: logits [b, s_local, vocab/tp] without labels, or with labels the masked
         per-token loss [b, s_local] (0 where no target; `mean_loss(out, labels)` is the micro-batch mean).
         `s_local` is the padded sequence split over CP. Earlier stages return the boundary tensor.
@@ -317,10 +356,14 @@ class InternVLModel(MegatronModule):
         Under CP a pack is split sample by sample (`PackedLayout`): each sample is padded at its end to a multiple of
         2*cp tokens (id 0, no target, the sample's id) and every CP rank holds chunks r and 2cp-1-r of every sample;
         core attention then takes `PackedLayout.attention_mask` (ids and positions of every rank's tokens).
-        Without them the micro-batch runs exactly as before."""
+        Without them the micro-batch runs exactly as before.
+
+        `attention_mask` [b, s] (True on real tokens; the collate's): only a sparse LLM reads it, so that padding
+        counts for nothing in the load-balancing loss and the expert load, as in transformers."""
         stage = self.stage
         seq_len = input_ids.shape[1]
-        attention_mask = packed_rope = layout = cp_index = None
+        padding, attention_mask = attention_mask, None  # core attention's mask is built from sample_ids below
+        packed_rope = layout = cp_index = None
         if sample_ids is not None and self.parallel.cp > 1:
             sample_ids = sample_ids.to(input_ids.device)
             pack_positions(sample_ids)  # checks the pack
@@ -350,13 +393,18 @@ class InternVLModel(MegatronModule):
             if self.parallel.sp:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
             decoder_input = input_for_full_recompute(decoder_input, self.text_decoder.decoder)
+        moe = {}
+        if self.moe_recorder is not None:
+            self.moe_recorder.begin(input_ids.device)
+            mask = self._padding_mask(padding, sample_ids, input_ids.shape[1], layout)
+            moe = {} if mask is None else {"padding_mask": mask.to(input_ids.device)}
         out = self.text_decoder(input_ids=input_ids, position_ids=None, attention_mask=attention_mask,
                                 decoder_input=decoder_input, rope_seq_len=seq_len, packed_rope=packed_rope,
-                                **({} if cp_index is None else {"cp_index": cp_index}))
-        if not stage.has_llm_head:
-            return out
-        logits = self._mask_padded_vocab(out)
-        return logits if labels is None else self._loss(logits, labels, sample_ids, layout)
+                                **({} if cp_index is None else {"cp_index": cp_index}), **moe)
+        if stage.has_llm_head:
+            logits = self._mask_padded_vocab(out)
+            out = logits if labels is None else self._loss(logits, labels, sample_ids, layout)
+        return out if self.moe_recorder is None else self.moe_recorder.finish(out)
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, Tensor]) -> None:

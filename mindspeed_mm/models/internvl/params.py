@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 
@@ -62,6 +62,10 @@ class ParamDef:
     merge: str = "copy"
     when: Callable[[InternVLSpec], bool] = _always
     adapter: bool = False  # a LoRA matrix: not in HF model checkpoints; native names are PEFT's
+    # the layers that have the row (None: every layer of the owner): Qwen3-MoE's dense and sparse layers differ
+    layers: Optional[Callable[[InternVLSpec], Iterable[int]]] = None
+    # one tensor per expert (`{e}` in the names: the global expert index; megatron's local_experts count per EP rank)
+    per_expert: bool = False
     pattern: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +90,7 @@ class Param:
     original: tuple[str, ...]
     merge: str
     adapter: bool = False
+    expert: Optional[int] = None  # the global expert index of an expert's tensor
 
     def hf(self, fmt: str) -> tuple[str, ...]:
         return self.native if fmt == "native" else self.original
@@ -93,8 +98,8 @@ class Param:
 
 @lru_cache(maxsize=None)
 def template_regex(template: str) -> re.Pattern:
-    """A name template (`{i}`: a layer index) as a regex whose one group is that index."""
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+    """A name template (`{i}`: a layer index, `{e}`: an expert's) as a regex with a group per index, in order."""
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)").replace(r"\{e\}", r"(\d+)") + "$")
 
 
 def _norm_bias(spec: InternVLSpec) -> bool:
@@ -198,9 +203,21 @@ def _projector() -> list[ParamDef]:
     ]
 
 
+def _dense_layers(s: InternVLSpec) -> list[int]:
+    return [i for i in range(s.text.num_layers) if not s.text.is_moe_layer(i)]
+
+
+def _moe_layers(s: InternVLSpec) -> tuple[int, ...]:
+    return s.text.moe_layers
+
+
+def _moe(s: InternVLSpec) -> bool:
+    return s.text.moe
+
+
 def _llm() -> list[ParamDef]:
-    def same(ours, owner, tp, shape, *hf, merge="copy", when=_always):
-        return ParamDef(ours, owner, tp, shape, hf, hf, merge, when)
+    def same(ours, owner, tp, shape, *hf, merge="copy", when=_always, **kw):
+        return ParamDef(ours, owner, tp, shape, hf, hf, merge, when, **kw)
 
     h = lambda s: (s.text.hidden_size,)  # noqa: E731
     vocab = lambda s: (s.text.vocab_size, s.text.hidden_size)  # noqa: E731
@@ -221,9 +238,19 @@ def _llm() -> list[ParamDef]:
         same(L + "input_layernorm.weight", LLM_LAYER, "replicate", h, hf + "input_layernorm.weight"),
         same(L + "pre_mlp_layernorm.weight", LLM_LAYER, "replicate", h, hf + "post_attention_layernorm.weight"),
         same(L + "mlp.linear_fc1.weight", LLM_LAYER, "glu", lambda s: (2 * s.text.ffn_hidden_size, s.text.hidden_size),
-             hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight", merge="concat"),
+             hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight", merge="concat", layers=_dense_layers),
         same(L + "mlp.linear_fc2.weight", LLM_LAYER, "cols", lambda s: (s.text.hidden_size, s.text.ffn_hidden_size),
-             hf + "mlp.down_proj.weight"),
+             hf + "mlp.down_proj.weight", layers=_dense_layers),
+        # Qwen3-MoE's sparse layers: the router (HF's `gate`) and each expert's SwiGLU, megatron's SequentialMLP
+        same(L + "mlp.router.weight", LLM_LAYER, "replicate", lambda s: (s.text.num_experts, s.text.hidden_size),
+             hf + "mlp.gate.weight", when=_moe, layers=_moe_layers),
+        same(L + "mlp.experts.local_experts.{e}.linear_fc1.weight", LLM_LAYER, "glu",
+             lambda s: (2 * s.text.moe_ffn_hidden_size, s.text.hidden_size),
+             hf + "mlp.experts.{e}.gate_proj.weight", hf + "mlp.experts.{e}.up_proj.weight", merge="concat",
+             when=_moe, layers=_moe_layers, per_expert=True),
+        same(L + "mlp.experts.local_experts.{e}.linear_fc2.weight", LLM_LAYER, "cols",
+             lambda s: (s.text.hidden_size, s.text.moe_ffn_hidden_size),
+             hf + "mlp.experts.{e}.down_proj.weight", when=_moe, layers=_moe_layers, per_expert=True),
         same("text_decoder.decoder.final_layernorm.weight", LLM_HEAD, "replicate", h, "language_model.model.norm.weight"),
         same(OUTPUT_LAYER, LLM_HEAD, "vocab", vocab, "language_model.lm_head.weight",
              when=_untied),
@@ -307,16 +334,31 @@ def params(spec: InternVLSpec, adapters: bool = False) -> list[Param]:
         if not d.when(spec):
             continue
         shape = tuple(d.shape(spec))
-        if d.owner in LAYER_OWNERS:
-            layers: list = list(range(getattr(spec, LAYER_OWNERS[d.owner]).num_layers))
+        if d.layers is not None:
+            layers: list = list(d.layers(spec))
+        elif d.owner in LAYER_OWNERS:
+            layers = list(range(getattr(spec, LAYER_OWNERS[d.owner]).num_layers))
         else:
             layers = [None]
         for i in layers:
-            fill = (lambda t: t) if i is None else (lambda t, i=i: t.replace("{i}", str(i)))
-            out.append(Param(fill(d.name), d.owner, i, d.tp, shape, tuple(map(fill, d.native)),
-                             tuple(map(fill, d.original)), d.merge, d.adapter))
+            for e in range(spec.text.num_experts) if d.per_expert else [None]:
+                def fill(t, i=i, e=e):
+                    t = t if i is None else t.replace("{i}", str(i))
+                    return t if e is None else t.replace("{e}", str(e))
+                out.append(Param(fill(d.name), d.owner, i, d.tp, shape, tuple(map(fill, d.native)),
+                                 tuple(map(fill, d.original)), d.merge, d.adapter, e))
     order = {VIT_EMBED: 0, VIT_LAYER: 1, PROJECTOR: 2, LLM_EMBED: 3, LLM_LAYER: 4, LLM_HEAD: 5}
     return sorted(out, key=lambda p: (order[p.owner], -1 if p.layer is None else p.layer, p.adapter))
+
+
+def expert_index(name: str) -> Optional[int]:
+    """The expert index in an expert tensor's name (global in full-model names, local in a chunk's), else None."""
+    d, _ = lookup(name)
+    return int(d.pattern.match(name).group(2)) if d.per_expert else None
+
+
+def with_expert(template: str, expert: Optional[int]) -> str:
+    return template if expert is None else template.replace("{e}", str(expert))
 
 
 def param_shapes(spec: InternVLSpec) -> dict[str, tuple[int, ...]]:

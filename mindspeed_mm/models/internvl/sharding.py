@@ -9,11 +9,13 @@ The two differ only in those two places, so a style is a remapping of the regist
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.models.internvl.params import (
-    EMBEDDING, LLM_EMBED, LLM_HEAD, OUTPUT_LAYER, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, lookup, with_layer,
+    EMBEDDING, LLM_EMBED, LLM_HEAD, OUTPUT_LAYER, PROJECTOR, TP_DIM, VIT_EMBED, VIT_LAYER, expert_index, lookup,
+    with_expert, with_layer,
 )
 from mindspeed_mm.parallel.layout import LayoutPlan, StagePlan, head_partition
 from mindspeed_mm.parallel.sharding import Slice, cat, cut_from_shards, take, tp_slice
@@ -25,6 +27,29 @@ else:
 
 
 TP_STYLES = ("mm", "mindspeed")
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """Which experts one expert-parallel rank holds: `local` consecutive ones from `rank * local` (megatron numbers
+    them 0..local-1 on every rank); `local` None: all of them (no expert parallelism)."""
+    rank: int = 0
+    local: Optional[int] = None
+
+    @classmethod
+    def of(cls, num_experts: Optional[int], ep: int, rank: int) -> "ExpertShard":
+        return cls() if not num_experts or ep == 1 else cls(rank, num_experts // ep)
+
+    def to_local(self, e: int) -> Optional[int]:
+        if self.local is None:
+            return e
+        return e - self.rank * self.local if self.rank * self.local <= e < (self.rank + 1) * self.local else None
+
+    def to_global(self, e: int) -> int:
+        return e if self.local is None else e + self.rank * self.local
+
+
+ALL_EXPERTS = ExpertShard()
 
 
 def tp_kind_for(name: str, style: str = "mm") -> str:
@@ -40,8 +65,11 @@ def tp_kind_for(name: str, style: str = "mm") -> str:
 
 
 def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: int, rank: int,
-                padded_vocab: int, style: str = "mm") -> Slice:
-    """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp` in `style`."""
+                padded_vocab: int, style: str = "mm", etp: Optional[int] = None) -> Slice:
+    """Which ranges of the full tensor `name` rank `rank` holds at tensor-parallel size `tp` in `style`; an
+    expert's tensors are cut by the expert tensor-parallel size `etp` (default `tp`: megatron's), rank % etp."""
+    if etp is not None and etp != tp and lookup(name)[0].per_expert:
+        tp, rank = etp, rank % etp
     kind = tp_kind_for(name, style)
     rows = ()
     if kind in ("vit_qkv", "vit_heads", "vit_head_rows"):
@@ -50,9 +78,9 @@ def shard_slice(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, tp: 
 
 
 def shard_tensor(name: str, t: Tensor, spec: InternVLSpec, tp: int, rank: int, padded_vocab: int,
-                 style: str = "mm") -> Tensor:
+                 style: str = "mm", etp: Optional[int] = None) -> Tensor:
     """Rank `rank`'s slice of the full tensor `name` at tensor-parallel size `tp` in `style`."""
-    return take(t, shard_slice(name, tuple(t.shape), spec, tp, rank, padded_vocab, style))
+    return take(t, shard_slice(name, tuple(t.shape), spec, tp, rank, padded_vocab, style, etp))
 
 
 def slice_from_shards(name: str, full_shape: tuple[int, ...], spec: InternVLSpec, shards: list[Tensor],
@@ -91,35 +119,47 @@ def _layers(owner: str, stage: StagePlan) -> range:
     return stage.vit_layers if owner == VIT_LAYER else stage.llm_layers
 
 
-def stage_name(name: str, stage: StagePlan) -> str | None:
-    """The stage-local name of full-model parameter `name`, or None if the stage does not hold it. With tied
-    embeddings the token embeddings are held twice when the LLM spans stages: by the LLM's first stage, and by
-    its last as the output layer's weight (`StagePlan.has_tied_output`), the same slices."""
+def stage_name(name: str, stage: StagePlan, experts: ExpertShard = ALL_EXPERTS) -> str | None:
+    """The stage-local name of full-model parameter `name`, or None if the stage does not hold it (or, for an
+    expert's tensor, the expert-parallel rank `experts` does not). With tied embeddings the token embeddings are
+    held twice when the LLM spans stages: by the LLM's first stage, and by its last as the output layer's weight
+    (`StagePlan.has_tied_output`), the same slices."""
     d, layer = lookup(name)
     if layer is None:
         if name == EMBEDDING and stage.has_tied_output:
             return OUTPUT_LAYER
         return name if _held(d.owner, stage) else None
     layers = _layers(d.owner, stage)
-    return with_layer(d.name, layer - layers.start) if layer in layers else None
+    if layer not in layers:
+        return None
+    local = with_layer(d.name, layer - layers.start)
+    if not d.per_expert:
+        return local
+    e = experts.to_local(expert_index(name))
+    return None if e is None else with_expert(local, e)
 
 
-def global_name(local: str, stage: StagePlan) -> str:
+def global_name(local: str, stage: StagePlan, experts: ExpertShard = ALL_EXPERTS) -> str:
     if local == OUTPUT_LAYER and stage.has_tied_output:
         return EMBEDDING
     d, layer = lookup(local)
-    return local if layer is None else with_layer(d.name, layer + _layers(d.owner, stage).start)
+    if layer is None:
+        return local
+    name = with_layer(d.name, layer + _layers(d.owner, stage).start)
+    return with_expert(name, experts.to_global(expert_index(local))) if d.per_expert else name
 
 
 def local_state_dict(full: Mapping[str, Tensor], spec: InternVLSpec, plan: LayoutPlan,
-                     tp_rank: int, stage: StagePlan, style: str = "mm") -> dict[str, Tensor]:
-    """What the model chunk of `stage` on TP rank `tp_rank` loads ("mm"), or what a rank file of `style`
-    holds for it."""
+                     tp_rank: int, stage: StagePlan, style: str = "mm", ep_rank: int = 0) -> dict[str, Tensor]:
+    """What the model chunk of `stage` on TP rank `tp_rank` (and expert-parallel rank `ep_rank`) loads ("mm"),
+    or what a rank file of `style` holds for it."""
     out = {}
+    experts = ExpertShard.of(spec.text.num_experts, plan.parallel.ep, ep_rank)
     for name, t in full.items():
-        local = stage_name(name, stage)
+        local = stage_name(name, stage, experts)
         if local is not None:
-            out[local] = shard_tensor(name, t, spec, plan.parallel.tp, tp_rank, plan.padded_vocab_size, style)
+            out[local] = shard_tensor(name, t, spec, plan.parallel.tp, tp_rank, plan.padded_vocab_size, style,
+                                      plan.parallel.expert_tp)
     return out
 
 

@@ -12,11 +12,14 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mindspeed_mm.config.model_spec import LORA_PARTS, LoraSpec
+from mindspeed_mm.models.internvl.moe import Qwen3MoeRouter
 from mindspeed_mm.models.internvl.norm import HeadNorm, TorchNorm
 from mindspeed_mm.models.internvl.params import LORA_LINEARS
 from mindspeed_mm.models.internvl.sdpa_attention import SDPAttention
@@ -51,6 +54,15 @@ def _mlp(linears: dict) -> ModuleSpec:
                                                            linear_fc2=linears["mlp.linear_fc2"]))
 
 
+def _moe_mlp() -> ModuleSpec:
+    """Qwen3-MoE's sparse MLP: megatron's MoE layer (top-k router, the token dispatcher the config names) with
+    each expert a SwiGLU MLP of megatron's parallel linears, run one after another (SequentialMLP: the
+    checkpoint names `experts.local_experts.{j}` are the same on every device)."""
+    experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                        linear_fc2=RowParallelLinear))
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts, router=Qwen3MoeRouter))
+
+
 def vit_layer_spec(qk_norm: bool, qkv_bias: bool, drop_path_rate: float, layer_scale_init: float,
                    core_attention=SDPAttention, lora: Optional[LoraSpec] = None) -> ModuleSpec:
     linears = _linears("vision", lora)
@@ -81,8 +93,9 @@ def llm_core_attention(cp: int, cp_algo: str):
 
 
 def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo", qk_norm: bool = False,
-                   lora: Optional[LoraSpec] = None) -> ModuleSpec:
-    """`qk_norm`: Qwen3's per-head RMSNorm of q and k (over head_dim, before RoPE), in megatron's slots."""
+                   lora: Optional[LoraSpec] = None, moe: bool = False) -> ModuleSpec:
+    """`qk_norm`: Qwen3's per-head RMSNorm of q and k (over head_dim, before RoPE), in megatron's slots. `moe`: a
+    sparse layer (experts in place of the MLP)."""
     core_attention = llm_core_attention(cp, cp_algo)
     norm = HeadNorm if qk_norm else None
     linears = _linears("text", lora)
@@ -98,11 +111,14 @@ def llm_layer_spec(cp: int = 1, cp_algo: str = "megatron_cp_algo", qk_norm: bool
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=TorchNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm, mlp=_mlp(linears), mlp_bda=get_bias_dropout_add),
+            pre_mlp_layernorm=TorchNorm, mlp=_moe_mlp() if moe else _mlp(linears), mlp_bda=get_bias_dropout_add),
     )
 
 
-def block_spec(layer: ModuleSpec, num_local_layers: int, final_norm: bool) -> TransformerBlockSubmodules:
-    """Explicit per-stage block: megatron's own block builder would fall back to its apex-less norm."""
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_local_layers,
-                                      layer_norm=TorchNorm if final_norm else None)
+def block_spec(layers: ModuleSpec | list[ModuleSpec], num_local_layers: int,
+               final_norm: bool) -> TransformerBlockSubmodules:
+    """Explicit per-stage block (one spec for every layer, or one per layer): megatron's own block builder would
+    fall back to its apex-less norm."""
+    specs = list(layers) if isinstance(layers, list) else [layers] * num_local_layers
+    assert len(specs) == num_local_layers, (len(specs), num_local_layers)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm if final_norm else None)

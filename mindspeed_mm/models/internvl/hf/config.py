@@ -463,7 +463,9 @@ def _hf_text(llm: Mapping[str, Any], path: str, params_dtype: str, tied: bool) -
         scaling = None
     moe = {}
     if model_type == "qwen3_moe":
-        moe = dict(num_experts=_hf_get(llm, path, "num_experts"), moe_router_topk=_hf_get(llm, path, "num_experts_per_tok"),
+        # Qwen3MoeConfig's num_experts, written by transformers 5 under its attribute_map name
+        experts = "num_experts" if "num_experts" in llm else "num_local_experts"
+        moe = dict(num_experts=_hf_get(llm, path, experts), moe_router_topk=_hf_get(llm, path, "num_experts_per_tok"),
                    moe_ffn_hidden_size=_hf_get(llm, path, "moe_intermediate_size"),
                    norm_topk_prob=_hf_get(llm, path, "norm_topk_prob", False),
                    decoder_sparse_step=_hf_get(llm, path, "decoder_sparse_step", 1),

@@ -14,7 +14,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping
 
-from mindspeed_mm.models.internvl.params import REGISTRY, ParamDef, template_regex, with_layer
+import re
+
+from mindspeed_mm.models.internvl.params import REGISTRY, ParamDef, template_regex
 
 if TYPE_CHECKING:
     import torch
@@ -46,19 +48,75 @@ def native_key_to_module(name: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def _find(name: str, fmt: str) -> tuple[ParamDef, int, int | None] | None:
-    """The registry row naming `name` in format `fmt`, the position of `name` among its HF names, its layer."""
+def _find(name: str, fmt: str) -> tuple[ParamDef, int, tuple[int, ...]] | None:
+    """The registry row naming `name` in format `fmt`, the position of `name` among its HF names, its indices
+    (layer, and expert for an expert's tensor)."""
     for d in REGISTRY:
         for k, template in enumerate(d.hf(fmt)):
             m = template_regex(template).match(name)
             if m:
-                return d, k, int(m.group(1)) if m.groups() else None
+                return d, k, tuple(int(g) for g in m.groups())
     return None
+
+
+def with_layer(template: str, indices: tuple[int, ...]) -> str:
+    """`template` with its `{i}` (and `{e}`) filled from `indices`."""
+    for key, value in zip(("{i}", "{e}"), indices):
+        template = template.replace(key, str(value))
+    return template
+
+
+# transformers 5 holds a Qwen3-MoE layer's experts in two 3-D tensors (what it writes to disk is one tensor per
+# expert and matrix, the names the registry has)
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def split_fused_experts(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory `mlp.experts.gate_up_proj` [E, 2F, h] / `down_proj` [E, h, F] -> per expert `gate_proj`, `up_proj`
+    ([F, h] each) and `down_proj` weights; other tensors are passed through."""
+    out: dict = {}
+    for name, t in sd.items():
+        m = _FUSED_EXPERTS.match(name)
+        if m is None:
+            out[name] = t
+            continue
+        base, which = m.groups()
+        for e in range(t.shape[0]):
+            if which == "down_proj":
+                out[f"{base}.{e}.down_proj.weight"] = t[e].contiguous()
+            else:
+                gate, up = t[e].chunk(2, dim=0)
+                out[f"{base}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{base}.{e}.up_proj.weight"] = up.contiguous()
+    return out
 
 
 def _fused(d: ParamDef) -> bool:
     """The original format stores as one tensor what the native one stores as several (the ViT's qkv)."""
     return len(d.original) == 1 < len(d.native)
+
+
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `split_fused_experts`: per-expert weights -> transformers 5's in-memory 3-D expert tensors."""
+    import torch
+
+    out: dict = {}
+    groups: dict = {}
+    for name, t in sd.items():
+        m = _PER_EXPERT.match(name)
+        if m is None:
+            out[name] = t
+        else:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = t
+    for base, parts in groups.items():
+        n = len(parts["down_proj"])
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([parts["gate_proj"][e], parts["up_proj"][e]])
+                                                   for e in range(n)])
+        out[f"{base}.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
+    return out
 
 
 def original_key_to_native(name: str) -> str | tuple[str, ...]:
@@ -120,7 +178,7 @@ def native_to_original_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, t
 
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
-    for name, tensor in sd.items():
+    for name, tensor in split_fused_experts(sd).items():
         target, d, k = _native_to_original(name)
         if not _fused(d):
             _put(out, target, tensor, name)

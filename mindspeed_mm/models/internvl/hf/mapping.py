@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.models.internvl.params import Param, params
+from mindspeed_mm.models.internvl.hf.keys import split_fused_experts
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -173,7 +174,8 @@ def pieces_from_parts(rule: Rule, sl, read: PartReader) -> list[Tensor]:
 
 
 def hf_to_mm(hf_state: Mapping[str, Tensor], spec: InternVLSpec, fmt: str) -> dict[str, Tensor]:
-    return convert(mapping_rules(spec, fmt), hf_state, to_mm=True)
+    """`hf_state` by on-disk or in-memory names (transformers' fused experts of a loaded model included)."""
+    return convert(mapping_rules(spec, fmt), split_fused_experts(hf_state) if spec.text.moe else hf_state, to_mm=True)
 
 
 def mm_to_hf(mm_state: Mapping[str, Tensor], spec: InternVLSpec, fmt: str) -> dict[str, Tensor]:
