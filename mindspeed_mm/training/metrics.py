@@ -55,6 +55,8 @@ def iteration_line(record: dict[str, Any], train_iters: int, log_tps: bool = Fal
     for key, fmt in _EXTRA:
         if r.get(key) is not None:
             parts.append(fmt.format(r[key]))
+    if r.get("expert_load_max"):  # the most and least loaded expert of any sparse layer, tokens in the step
+        parts.append(f" expert load min/max: {min(r['expert_load_min']):d}/{max(r['expert_load_max']):d} |")
     skipped = f" skipped samples: {r['skipped_samples']:d}"
     if r.get("skipped_by_reason"):
         skipped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped_by_reason"].items())) + ")"
@@ -79,7 +81,7 @@ def validation_box(record: dict[str, Any]) -> str:
 
 
 # after Megatron's fields; none of these names may contain its field names (the scripts grep for them)
-_EXTRA = [("tokens_per_s", " tokens/s: {:.1f} |"), ("samples_per_s", " samples/s: {:.2f} |"),
+_EXTRA = [("load_balancing_loss", " load balancing loss: {:.6E} |"), ("tokens_per_s", " tokens/s: {:.1f} |"), ("samples_per_s", " samples/s: {:.2f} |"),
           ("samples_per_step", " samples per step: {:.1f} |"), ("tiles_per_step", " tiles per step: {:.1f} |"),
           ("packs_per_step", " packs per step: {:.1f} |"), ("padding_fraction", " padding fraction: {:.3f} |"),
           ("tile_imbalance", " DP tile imbalance: {:.3f} |"),

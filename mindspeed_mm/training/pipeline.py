@@ -17,6 +17,8 @@ from torch import Tensor
 from mindspeed_mm.models.internvl.model import InternVLModel
 from mindspeed_mm.training.loss import REPORT_KEY, LossMode, loss_func
 
+MOE_KEY = "moe"  # a sparse LLM's last stage reports its micro-batch's load-balancing loss and expert load here
+
 
 # Tied embeddings on two stages, as megatron-core keeps them: the LLM's first stage holds the token embeddings,
 # the last stage a copy as its output layer. Both start equal, their gradients are summed over megatron's
@@ -97,15 +99,48 @@ def next_batch(data_iterator, model) -> dict:
 def run_chunk(model, batch: dict):
     """This stage's chunk on a micro-batch: the masked per-token loss on the last stage."""
     return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
-                 image_flags=batch.get("image_flags"), sample_ids=batch.get("sample_ids"))
+                 image_flags=batch.get("image_flags"), sample_ids=batch.get("sample_ids"),
+                 attention_mask=batch.get("attention_mask"))
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def with_moe_report(model, loss_fn):
+    """`loss_fn` whose report also carries the chunk's last micro-batch's load-balancing loss (times its
+    coefficient) and expert load, on a sparse LLM's last stage; `loss_fn` itself elsewhere."""
+    recorder = getattr(_unwrap(model), "moe_recorder", None)
+    report = recorder.last_report() if recorder is not None else None
+    if report is None:
+        return loss_fn
+
+    def fn(output_tensor):
+        *out, reports = loss_fn(output_tensor)
+        return (*out, {**reports, MOE_KEY: {"aux": recorder.coeff * report["aux"], "load": report["load"]}})
+    return fn
 
 
 def forward_step(mode: LossMode, data_iterator, model, all_gather: bool = False):
     """One micro-batch through this stage's chunk. Every stage reads the whole micro-batch, a packed one's
     `sample_ids` included (each LLM stage builds its attention mask and RoPE positions from them)."""
     batch = next_batch(data_iterator, model)
-    return run_chunk(model, batch), partial(loss_func, mode, batch["labels"], sample_ids=batch.get("sample_ids"),
-                                            all_gather=all_gather)
+    out = run_chunk(model, batch)
+    return out, with_moe_report(model, partial(loss_func, mode, batch["labels"], sample_ids=batch.get("sample_ids"),
+                                               all_gather=all_gather))
+
+
+def start_moe_step(model: list, num_microbatches: int, per_token: bool) -> None:
+    """Every sparse chunk's statistics start over; the load-balancing loss's gradient takes the scale megatron
+    gives its own aux losses (the main loss's per micro-batch: 1/micro-batches, times CP; 1 with per-token
+    loss, whose gradients megatron divides by the token count afterwards)."""
+    cp = parallel_state.get_context_parallel_world_size()
+    for m in model:
+        recorder = getattr(_unwrap(m), "moe_recorder", None)
+        if recorder is not None:
+            recorder.reset(1.0 if per_token else cp / num_microbatches)
+            if recorder.carrier is not None:
+                recorder.carrier.reset()
 
 
 def _check_not_all_warmup(num_chunks: int, num_microbatches: int) -> None:
@@ -137,6 +172,7 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
     mode = LossMode.PER_TOKEN if per_token else loss_mode or (
         LossMode.PER_SAMPLE if per_sample_loss else LossMode.DEFAULT)
     _check_not_all_warmup(len(model), len(microbatches))
+    start_moe_step(model, len(microbatches), per_token)
     for m in model if not forward_only else ():  # a forward-only pass (validation) leaves the gradients alone
         m.zero_grad_buffer() if hasattr(m, "zero_grad_buffer") else m.zero_grad()
     iterators = [iter(microbatches) for _ in model]
@@ -150,7 +186,14 @@ def forward_backward(model: list, microbatches: list[dict], forward_only: bool =
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
-    return losses if full_reports else [x[REPORT_KEY] for x in losses]
+    if full_reports:
+        return losses
+    return [x[REPORT_KEY] for x in losses]
+
+
+def moe_reports(reports: list) -> list[dict]:
+    """The sparse LLM's per-micro-batch figures from `forward_backward(..., full_reports=True)`'s reports."""
+    return [x[MOE_KEY] for x in reports if MOE_KEY in x]
 
 
 def _eval_forward_step(mode: LossMode, data_iterator, model, all_gather: bool = False):

@@ -135,11 +135,12 @@ def preference_loss(cfg: PreferenceConfig, norm: dict, ref_logps: Tensor, labels
 
 def _policy_forward_step(cfg: PreferenceConfig, norm: dict, bco_delta: float, mode: LossMode, data_iterator, model,
                          all_gather: bool = False):
-    from mindspeed_mm.training.pipeline import next_batch, run_chunk
+    from mindspeed_mm.training.pipeline import next_batch, run_chunk, with_moe_report
 
     batch = next_batch(data_iterator, model)
-    return run_chunk(model, batch), partial(preference_loss, cfg, norm, batch.get("ref_logps"), batch["labels"],
-                                             bco_delta=bco_delta)
+    out = run_chunk(model, batch)
+    return out, with_moe_report(model, partial(preference_loss, cfg, norm, batch.get("ref_logps"), batch["labels"],
+                                               bco_delta=bco_delta))
 
 
 # ------------------------------------------------------------------------------------------------ reference

@@ -204,11 +204,12 @@ def train(args, spec, data_spec) -> RunState:
     from mindspeed_mm.training.checkpointing import load_checkpoint, save_checkpoint
     from mindspeed_mm.training.data import build_train_iterator, build_valid_loader, data_state, dataset_names
     from mindspeed_mm.training.flops import step_flops
-    from mindspeed_mm.training.loss import LossMode, reduce_reported
+    from mindspeed_mm.training.expert_load import step_figures
+    from mindspeed_mm.training.loss import REPORT_KEY, LossMode, reduce_reported
     from mindspeed_mm.training.metrics import MetricsLogger, memory_stats
     from mindspeed_mm.training.optim import build_optimizer
     from mindspeed_mm.runtime.chunks import base_reference, build_model_chunks, load_adapter_dir
-    from mindspeed_mm.training.pipeline import train_step, wrap_ddp
+    from mindspeed_mm.training.pipeline import moe_reports, train_step, wrap_ddp
 
     init_distributed(args.distributed_backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -349,13 +350,17 @@ def train(args, spec, data_spec) -> RunState:
         t0 = time.perf_counter()
         microbatches = [next(batches) for _ in range(num_micro)]
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step applies
-        pref_metrics = {}
+        pref_metrics, moe_metrics = {}, {}
         if pref is not None:
             check_pairs(microbatches)
             reports, grad_norm, pref_metrics = preference_step(model, optimizer, microbatches, pref, gbs)
         else:
             reports, grad_norm = train_step(model, optimizer, microbatches, loss_mode=loss_mode,
-                                            all_gather=args.loss_reduction_all_gather)
+                                            all_gather=args.loss_reduction_all_gather, full_reports=True)
+            if spec.text.moe:
+                moe_metrics = step_figures(moe_reports(reports), spec, _is_last_stage_rank(),
+                                           next(model[0].parameters()).device)
+            reports = [r[REPORT_KEY] for r in reports]
         trainable.after_step(optimizer, stepped=grad_norm is not None)
         scheduler.step(increment=1)
         state.iteration += 1
@@ -408,6 +413,7 @@ def train(args, spec, data_spec) -> RunState:
                 "loaded_by_note": loaded_by_note,
                 **memory_stats(),
                 **pref_metrics,  # the interval's last step
+                **moe_metrics,  # the interval's last step
             }
             if packed:
                 record["packs_per_step"] = rows / window["steps"]

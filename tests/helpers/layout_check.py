@@ -53,6 +53,8 @@ class LayoutArgs:
     # per-sample mode and reports every sample's loss; "alone" runs each of their samples as a micro-batch of its
     # own (default mode: the sample's loss); both give the gradient of the mean of the samples' losses
     packed: str | None = None
+    ep: int = 1  # expert parallelism (a sparse LLM), inside DP as megatron has it
+    etp: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -151,6 +153,7 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "dp_rank": dp_rank,
         "cp_rank": parallel_state.get_context_parallel_rank(),
+        "ep_rank": parallel_state.get_expert_model_parallel_rank() if args.ep > 1 else 0,
         "losses": losses,
         "tensors": local_tensors(model, what),
     }
@@ -205,17 +208,42 @@ def _lora_facts(model, spec, loaded, after, optimizer) -> dict:
 
 def layout_plan(hf_dir, args: LayoutArgs, world: int):
     spec = lora_spec_of(trainable_spec(hf_dir), args)
-    parallel = ParallelSizes.from_world_size(world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sp=args.sp)
+    parallel = ParallelSizes.from_world_size(world, tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp, sp=args.sp,
+                                             ep=args.ep, etp=args.etp)
     return spec, plan_layout(spec, parallel, world, args.vit_pp_layers, args.llm_pp_layers)
 
 
 def merge_rank_results(results: list[dict], spec: InternVLSpec, plan) -> dict:
-    """Full-model tensors from every rank's slices; losses per DP rank (last stage only has them)."""
-    shards = {}
+    """Full-model tensors from every rank's slices; losses per DP rank (last stage only has them). Under expert
+    parallelism an expert's tensors come from the ranks of its EP rank (renumbered to the global expert index,
+    which is what `full_state_dict` reads), cut by the expert TP size."""
+    from mindspeed_mm.models.internvl.params import expert_index, lookup, with_expert
+    from mindspeed_mm.models.internvl.sharding import ExpertShard, merge_tensor
+
+    shards, experts = {}, {}
+    ep, etp = plan.parallel.ep, plan.parallel.expert_tp
     for r in results:
-        if r["dp_rank"] == 0 and r["cp_rank"] == 0:
-            for stage, tensors in r["tensors"].items():
-                shards[(r["tp_rank"], stage)] = tensors
+        if r["cp_rank"] != 0:
+            continue
+        held = ExpertShard.of(spec.text.num_experts, ep, r.get("ep_rank", 0))
+        for stage, tensors in r["tensors"].items():
+            dense = {k: v for k, v in tensors.items() if not lookup(k)[0].per_expert}
+            if r["dp_rank"] == 0:
+                shards[(r["tp_rank"], stage)] = dense
+            for k, v in tensors.items():
+                if lookup(k)[0].per_expert:
+                    name = with_expert(lookup(k)[0].name, held.to_global(expert_index(k))).replace(
+                        "{i}", str(lookup(k)[1]))
+                    experts.setdefault((stage, name), {})[r["tp_rank"] % etp] = v
+    for (stage, name), by_rank in experts.items():
+        merged = by_rank[0] if etp == 1 else merge_tensor(name, [by_rank[i] for i in range(etp)], spec)
+        for tp_rank in range(plan.parallel.tp):  # as if every TP rank held its cut: full_state_dict merges them
+            if etp == 1 and plan.parallel.tp > 1:
+                from mindspeed_mm.models.internvl.sharding import shard_tensor
+                shards[(tp_rank, stage)][name] = shard_tensor(name, merged, spec, plan.parallel.tp, tp_rank,
+                                                              plan.padded_vocab_size)
+            else:
+                shards[(tp_rank, stage)][name] = by_rank[tp_rank % etp] if etp > 1 else merged
     losses = {r["dp_rank"]: r["losses"] for r in results if r["losses"] and r["losses"][0]}
     out = {"tensors": full_state_dict(shards, spec, plan), "losses": losses}
     if "counts" in results[0]:

@@ -27,7 +27,7 @@ ROPE_MAX_POS = 16
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     dirs = {p: write_tiny_checkpoint(root / p, fmt="native", preset=p, seed=7)
-            for p in ("vit300m", "vit6b", "deep", *KIND_PRESETS)}
+            for p in ("vit300m", "vit6b", "deep", *KIND_PRESETS, MOE_PRESET)}
     # vit300m's weights with max_position_embeddings 16 and dynamic NTK (tests/oracle checks it on one rank)
     dirs["dynamic_rope"] = use_dynamic_ntk_rope(write_tiny_checkpoint(root / "dynamic_rope", fmt="native",
                                                                       preset="vit300m", seed=7), ROPE_MAX_POS, 2.0)
@@ -262,3 +262,38 @@ def test_llm_kind_dp2_distributed_optimizer_after_three_adam_steps(preset, hf_di
     assert len(ref["losses"][0]) == 3
     assert_losses(got, ref, dp=2)
     assert_close(got["tensors"], ref["tensors"], PARAM_TOL, "param", relative=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3-MoE (issue 22): 8 experts, top-2, layer 0 dense, layers 1-2 sparse. Expert parallelism lives inside DP as
+# in megatron (EP2 on 2 ranks is DP2 with the experts split), so every layout runs DP > 1 and is compared with one
+# rank running all the DP ranks' micro-batches: 3 Adam steps, their micro-batch losses (which include the
+# load-balancing loss's effect on the weights: its gradient is part of every step) and every parameter after them.
+# PP2 carries the routers' statistics between the stages (models/internvl/moe.py); TP2 runs with sequence
+# parallelism, megatron's requirement for MoE under TP, with the experts unsplit (ETP1) or split as the MLP (ETP2).
+# ---------------------------------------------------------------------------------------------------------------
+
+MOE_PRESET = "qwen3_moe_vit300m"
+MOE_MB, MOE_STEPS = 2, 3
+MOE_LAYOUTS = {
+    # name: (nproc, [LayoutArgs...]), one launch each
+    "ep2_and_tp2_sp_ep2_etp1": (2, [LayoutArgs(ep=2, microbatches=MOE_MB, adam_steps=MOE_STEPS),
+                                    LayoutArgs(tp=2, sp=True, ep=2, etp=1, microbatches=MOE_MB * 2,
+                                               adam_steps=MOE_STEPS)]),
+    "tp2_sp_ep2_etp2_and_pp2_ep2_and_dp4_ep2": (4, [
+        LayoutArgs(tp=2, sp=True, ep=2, etp=2, microbatches=MOE_MB, adam_steps=MOE_STEPS),
+        LayoutArgs(pp=2, ep=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[1, 2]], microbatches=MOE_MB,
+                   adam_steps=MOE_STEPS, distributed_optimizer=True),
+        LayoutArgs(ep=2, microbatches=1, adam_steps=MOE_STEPS, distributed_optimizer=True)]),
+}
+
+
+@pytest.mark.parametrize("name", list(MOE_LAYOUTS))
+def test_moe_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
+    nproc, layouts = MOE_LAYOUTS[name]
+    for args, got in zip(layouts, run_many(hf_dirs, tmp_path, MOE_PRESET, nproc, layouts)):
+        dp = nproc // (args.tp * args.pp)
+        ref = reference(MOE_PRESET, args.microbatches * dp, MOE_STEPS)
+        print(args)
+        assert_losses(got, ref, dp=dp)
+        assert_close(got["tensors"], ref["tensors"], PARAM_TOL, "param", relative=False)

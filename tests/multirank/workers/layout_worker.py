@@ -28,10 +28,10 @@ def main() -> None:
     groups = None
     for hf_dir, out_dir, args in runs:
         _, plan = layout_plan(hf_dir, args, torch.distributed.get_world_size())
-        wanted = (args.tp, args.pp, args.cp, args.vpp, plan.tied_embedding_pp_ranks)
+        wanted = (args.tp, args.pp, args.cp, args.vpp, plan.tied_embedding_pp_ranks, args.ep, args.etp)
         if wanted != groups:
             initialize_model_parallel(tp=args.tp, pp=args.pp, cp=args.cp, vpp=args.vpp,
-                                      embedding_pp_ranks=plan.tied_embedding_pp_ranks)
+                                      embedding_pp_ranks=plan.tied_embedding_pp_ranks, ep=args.ep, etp=args.etp)
             groups = wanted
         save_rank_result(out_dir, run_layout(hf_dir, args))
     destroy_distributed()
