@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 
 EXPECTED_MEGATRON_VERSION = "0.16.1"
-PATCH_GROUPS = ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes",
-                "inference_fast_paths")
-CPU_ONLY_GROUPS = frozenset(PATCH_GROUPS) - {"inference_fast_paths"}
+PATCH_GROUPS = ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes", "moe_cpu",
+                "moe_no_te", "inference_fast_paths")
+CPU_ONLY_GROUPS = frozenset(PATCH_GROUPS) - {"moe_no_te", "inference_fast_paths"}
 _applied: list[str] = []
 
 
@@ -312,6 +312,57 @@ def _patch_no_apex_fixes() -> None:
         DO.load_state_dict, [('s["step"] = step\n', 's["step"] = step.clone()\n')], DO)
 
 
+def _uneven_all_gather(tensor_list: list, tensor: torch.Tensor, group=None) -> None:
+    """torch.distributed.all_gather for first dimensions that differ by rank, which gloo refuses: every rank
+    sends its tensor padded to the longest, and keeps each rank's own rows."""
+    longest = max(t.shape[0] for t in tensor_list)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in tensor_list]
+    dist.all_gather(gathered, padded, group=group)
+    for out, got in zip(tensor_list, gathered):
+        out.copy_(got[:out.shape[0]])
+
+
+def _patch_moe_cpu() -> None:
+    """What MoEAlltoAllTokenDispatcher needs on CPU/gloo.
+
+    moe_utils.maybe_move_tensor_to_cpu (rebound in token_dispatcher) turns the per-rank token counts
+    (input_splits, output_splits, output_splits_tp) into the numpy split sizes of all_to_all_single, but
+    only from CUDA tensors; on CPU they stay tensors, which all_to_all_single's binding rejects (TypeError).
+    The rewrite converts a CPU tensor too when numpy is asked for, as the CUDA path ends up.
+
+    With expert tensor parallelism the dispatcher gathers tokens over the expert-TP group in uneven shares
+    (tensor_parallel.mappings._gather_along_first_dim with split sizes). gloo has no uneven all_gather
+    ("invalid tensor size"): the rewrite routes that call through `_uneven_all_gather` (padded, equal
+    sizes); the equal-split call is untouched. The backward's uneven reduce_scatter works on gloo as it is."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher  # noqa: F401 - rebound below
+
+    move = moe_utils.maybe_move_tensor_to_cpu
+    _rebind(move, rewrite_function(move, [(
+        "if torch.is_tensor(tensor) and tensor.is_cuda:",
+        "if torch.is_tensor(tensor) and (tensor.is_cuda or as_numpy):")]))
+    mappings._mm_uneven_all_gather = _uneven_all_gather
+    gather = mappings._gather_along_first_dim
+    _rebind(gather, rewrite_function(gather, [(
+        "torch.distributed.all_gather(output_tensor_list, input_, group=group)",
+        "_mm_uneven_all_gather(output_tensor_list, input_, group=group)")]))
+
+
+def _patch_moe_no_te() -> None:
+    """megatron-core's MoE router without TransformerEngine, on every device (a no-op where TE is installed).
+    moe_utils imports ``te_general_gemm`` inside its ``try: import transformer_engine`` block and
+    RouterGatingLinearFunction, the router's linear, tests ``te_general_gemm is not None`` unconditionally,
+    so without TE every router forward raises NameError, on CUDA as on CPU. The name is defined as None,
+    which selects the function's own torch.mm path. The block's other TE names (fused permute, top-k, aux
+    loss) are reached only behind config flags that need TE (moe_permute_fusion, moe_router_fusion)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def _rotary_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False):
     """flash-attn's `apply_rotary_emb` in torch: x [b, s, heads, d], cos/sin [s, r/2]; the first r dims rotate
     (rotate-half pairs), the rest pass through. The same products as megatron's own RoPE
@@ -405,7 +456,8 @@ def _tp1_linear_forward(module, input_, weight=None, runtime_gather_output=None)
 
 _PATCHERS = {"cuda_shim": _patch_cuda_shim, "device_map": _patch_device_map, "rng": _patch_rng,
              "p2p_order": _patch_p2p_order, "type_str": _patch_type_str,
-             "no_apex_fixes": _patch_no_apex_fixes, "inference_fast_paths": _patch_inference_fast_paths}
+             "no_apex_fixes": _patch_no_apex_fixes, "moe_cpu": _patch_moe_cpu, "moe_no_te": _patch_moe_no_te,
+             "inference_fast_paths": _patch_inference_fast_paths}
 
 
 def _check_megatron_version() -> None:

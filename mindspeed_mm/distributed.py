@@ -97,8 +97,12 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10) ->
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
-                              seed: int = 1234, embedding_pp_ranks: Sequence[int] = ()) -> None:
-    """Create megatron's TP/PP/CP/DP groups and seed every generator as Megatron-LM does.
+                              seed: int = 1234, embedding_pp_ranks: Sequence[int] = (), ep: int = 1,
+                              etp: int | None = None) -> None:
+    """Create megatron's TP/PP/CP/DP groups and its expert groups, and seed every generator as Megatron-LM does.
+
+    ``ep``/``etp``: expert-parallel and expert-tensor-parallel sizes (`ParallelSizes.ep`/`.etp`; etp None is
+    megatron's default, tp). megatron carves them out of each stage's tp*cp*dp ranks: no ranks are added.
 
     ``embedding_pp_ranks``: the pipeline ranks of megatron's embedding group, the ones holding a copy of tied
     embeddings (`LayoutPlan.tied_embedding_pp_ranks`); empty: megatron's default (the first and last rank),
@@ -122,7 +126,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | 
         embedding_ranks = lambda ranks, *_: [ranks[r] for r in embedding_pp_ranks]  # noqa: E731
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp, get_embedding_ranks=embedding_ranks)
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp, get_embedding_ranks=embedding_ranks,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)

@@ -29,7 +29,7 @@ _TRAINING_ONLY = {"micro_batch_size": int, "global_batch_size": int, "use_distri
                   "use_flash_attn": bool, "no_masked_softmax_fusion": bool, "distributed_backend": str,
                   "tokenizer_type": str}
 _LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-           "context_parallel_size")
+           "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,13 +70,17 @@ def reconcile_flags(args: argparse.Namespace, cfg, info):
     from mindspeed_mm.config.model_flags import REPEATED_FLAGS, ArgumentError, check_model_flags, flag_name
 
     have = {"tensor_model_parallel_size": info.tp, "pipeline_model_parallel_size": info.pp,
-            "virtual_pipeline_model_parallel_size": info.plan.vpp or 1, "context_parallel_size": 1}
+            "virtual_pipeline_model_parallel_size": info.plan.vpp or 1, "context_parallel_size": 1,
+            "expert_model_parallel_size": info.plan.parallel.ep,
+            "expert_tensor_parallel_size": info.plan.parallel.expert_tp}
     for name in _LAYOUT:
         flag = getattr(args, name)
         if flag is not None and flag != have[name]:
-            why = ("inference runs without context parallelism" if name == "context_parallel_size" else
-                   f"the checkpoint {info.path} is split {info.describe()}; reshard it with `mm-convert "
-                   f"InternVLConverter resplit` to run another layout")
+            why = {"context_parallel_size": "inference runs without context parallelism",
+                   "expert_model_parallel_size": "inference holds every expert on each rank (no expert parallelism)",
+                   "expert_tensor_parallel_size": "inference splits the experts as the LLM's other MLPs, over TP",
+                   }.get(name, f"the checkpoint {info.path} is split {info.describe()}; reshard it with `mm-convert "
+                               f"InternVLConverter resplit` to run another layout")
             raise ArgumentError(f"{flag_name(name)} {flag} contradicts the run's {have[name]}: {why}")
     check_model_flags(info.spec, cfg.source, {name: getattr(args, name) for name in REPEATED_FLAGS}, args.swiglu)
     for flag in ("bf16", "fp16"):

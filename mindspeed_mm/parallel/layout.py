@@ -9,6 +9,7 @@ stages starting at stage 0 and the LLM a contiguous run ending at the last one; 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -80,13 +81,15 @@ class LayoutPlan:
         return self.stages[vpp_rank * self.parallel.pp + pp_rank]
 
     def same_split(self, other: "LayoutPlan") -> bool:
-        """Whether both put the same layers on the same ranks at the same TP size (dp and cp aside)."""
-        key = lambda p: (p.parallel.tp, p.parallel.pp, p.num_chunks, p.vit_pp_layers, p.llm_pp_layers)  # noqa: E731
+        """Whether both put the same layers and experts on the same ranks at the same TP sizes (dp and cp aside)."""
+        key = lambda p: (p.parallel.tp, p.parallel.pp, p.num_chunks, p.vit_pp_layers, p.llm_pp_layers,  # noqa: E731
+                         p.parallel.ep, p.parallel.expert_tp)
         return key(self) == key(other)
 
     def describe(self) -> str:
         p = self.parallel
-        return (f"TP{p.tp} PP{p.pp}" + (f" VPP{self.num_chunks}" if self.num_chunks > 1 else "")
+        experts = (f" EP{p.ep}" if p.ep > 1 else "") + (f" ETP{p.expert_tp}" if p.expert_tp != p.tp else "")
+        return (f"TP{p.tp} PP{p.pp}" + (f" VPP{self.num_chunks}" if self.num_chunks > 1 else "") + experts
                 + f" vit{[list(r) for r in self.vit_pp_layers]} llm{[list(r) for r in self.llm_pp_layers]}")
 
 
@@ -133,6 +136,26 @@ class LayoutNames:
     vit: str = "vit_pp_layers"
     llm: str = "llm_pp_layers"
     tp: str = "tensor_model_parallel_size"
+    ep: str = "expert_model_parallel_size"
+    etp: str = "expert_tensor_parallel_size"
+
+
+def _check_experts(spec: InternVLSpec, parallel: ParallelSizes, names: LayoutNames) -> ParallelSizes:
+    """The expert split against the LLM; a dense LLM's plan forgets etp, which nothing of it uses (so layouts
+    differing only there hold the same rank files)."""
+    t = spec.text
+    if not t.moe:
+        if parallel.ep > 1:
+            raise LayoutError(f"{names.ep}={parallel.ep}: the LLM (text_decoder.model_id {t.model_id!r}) has no "
+                              "experts; expert parallelism needs a mixture-of-experts LLM (qwen3_moe)")
+        return dataclasses.replace(parallel, etp=None) if parallel.etp is not None else parallel
+    if t.num_experts % parallel.ep:
+        raise LayoutError(f"{names.ep}={parallel.ep}: text_decoder.num_experts={t.num_experts} cannot be split "
+                          "evenly over it")
+    if t.moe_ffn_hidden_size % parallel.expert_tp:
+        raise LayoutError(f"{names.etp}={parallel.expert_tp}: text_decoder.moe_ffn_hidden_size="
+                          f"{t.moe_ffn_hidden_size} is not divisible by it")
+    return parallel
 
 
 def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optional[int] = None,
@@ -148,7 +171,12 @@ def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optiona
             raise LayoutError(f"pipeline_model_parallel_size={pp} is more stages than the {world_size} ranks")
         if world_size % (tp * pp * cp):
             raise LayoutError(f"world size {world_size} is not a multiple of tp*pp*cp = {tp}*{pp}*{cp}")
+        etp, ep = parallel.expert_tp, parallel.ep
+        if world_size % (etp * ep * pp):
+            raise LayoutError(f"world size {world_size} is not a multiple of etp*ep*pp = {etp}*{ep}*{pp} "
+                              f"({names.etp}, {names.ep}, pipeline_model_parallel_size)")
     v, t = spec.vision, spec.text
+    parallel = _check_experts(spec, parallel, names)
     if t.num_query_groups % tp:
         raise LayoutError(f"{names.tp}={tp}: the LLM's num_query_groups={t.num_query_groups} "
                           "cannot be split evenly over it")
@@ -197,8 +225,11 @@ def plan_layout(spec: InternVLSpec, parallel: ParallelSizes, world_size: Optiona
 def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutPlan:
     """The layout a user wrote as per-stage lists (`ParallelConfig`), validated against the model; errors
     name the field."""
-    if pc.ep_size != 1:
-        raise LayoutError(f"parallel_config.ep_size={pc.ep_size}: InternVL3 has no experts, only 1 is supported")
+    for name in ("ep_size", "etp_size"):
+        value = getattr(pc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "ep_size" else 0):
+            raise LayoutError(f"parallel_config.{name} must be an integer >= {1 if name == 'ep_size' else 0}, "
+                              f"got {value!r}")
     if pc.vit_tp_size not in (0, pc.tp_size):
         raise LayoutError(f"parallel_config.vit_tp_size={pc.vit_tp_size}: a separate ViT TP size is not supported "
                           f"(use 0 or tp_size={pc.tp_size})")
@@ -229,15 +260,15 @@ def plan_from_parallel_config(spec: InternVLSpec, pc: ParallelConfig) -> LayoutP
         llm = [[spec.text.num_layers]]
     if vit is None:
         vit = [[spec.vision.num_layers if (v, p) == (0, 0) else 0 for p in range(pp)] for v in range(vpp)]
-    try:
-        par = ParallelSizes(tp=pc.tp_size, pp=pp, vpp=vpp)
+    try:  # as few ranks as the split takes: EP may need data-parallel replicas (EP2 at TP1: two ranks)
+        par = ParallelSizes.smallest(tp=pc.tp_size, pp=pp, vpp=vpp, ep=pc.ep_size, etp=pc.etp_size or None)
     except ValueError as e:
         raise LayoutError(f"parallel_config: {e}") from None
-    return plan_layout(spec, par, pc.tp_size * pp, vit, llm, _PARALLEL_CONFIG_NAMES)
+    return plan_layout(spec, par, par.world_size, vit, llm, _PARALLEL_CONFIG_NAMES)
 
 
 _PARALLEL_CONFIG_NAMES = LayoutNames("parallel_config.vit_pp_layers", "parallel_config.llm_pp_layers",
-                                     "parallel_config.tp_size")
+                                     "parallel_config.tp_size", "parallel_config.ep_size", "parallel_config.etp_size")
 
 
 def _compact(rows) -> str:

@@ -37,6 +37,11 @@ class TrainArgs:
     pipeline_model_parallel_size: int = _f(1, "PP degree; per-module stage lists come from the model JSON")
     virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "VPP chunks per pipeline rank")
     context_parallel_size: int = _f(1, "CP degree (the LLM's sequence is split; the ViT is not)")
+    expert_model_parallel_size: int = _f(1, "EP degree: each rank holds num_experts / EP of a mixture-of-experts "
+                                            "LLM's experts; EP ranks come out of the data-parallel ones (TP x CP x "
+                                            "DP must be a multiple of ETP x EP)")
+    expert_tensor_parallel_size: Optional[int] = _f(None, "the experts' TP degree: 1 or --tensor-model-parallel-size "
+                                                          "(default); 1 below TP needs EP > 1")
     context_parallel_algo: str = _f("megatron_cp_algo", "megatron_cp_algo (ring, zigzag) or ulysses_cp_algo",
                                     choices=("megatron_cp_algo", "ulysses_cp_algo"))
     sequence_parallel: bool = _f(False, "sequence parallelism in the TP regions (needs TP > 1)")
@@ -190,9 +195,11 @@ class TrainArgs:
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         for name in ("micro_batch_size", "log_interval", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size", "context_parallel_size"):
+                     "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
+            raise ArgumentError(f"--expert-tensor-parallel-size must be >= 1, got {self.expert_tensor_parallel_size}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ArgumentError(f"--save-interval must be >= 1, got {self.save_interval}")
         for name in ("eval_interval", "eval_iters"):

@@ -135,16 +135,19 @@ def _peak_tflops(args) -> Optional[float]:
 
 
 def _parallel_sizes(args, world: Optional[int] = None):
+    """The flags' sizes on `world` ranks; without it, on the fewest the flags allow (the checks before launch)."""
     from mindspeed_mm.config.parallel import ParallelSizes
     from mindspeed_mm.training.arguments import ArgumentError
 
     kw = dict(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-              cp=args.context_parallel_size, vpp=args.virtual_pipeline_model_parallel_size, sp=args.sequence_parallel)
+              cp=args.context_parallel_size, vpp=args.virtual_pipeline_model_parallel_size, sp=args.sequence_parallel,
+              ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
     try:
-        return ParallelSizes(**kw) if world is None else ParallelSizes.from_world_size(world, **kw)
+        return ParallelSizes.smallest(**kw) if world is None else ParallelSizes.from_world_size(world, **kw)
     except ValueError as e:  # it names its own fields: say which flags set them
         raise ArgumentError(f"{e}; set by --tensor-model-parallel-size, --pipeline-model-parallel-size, "
-                            "--context-parallel-size and --virtual-pipeline-model-parallel-size") from None
+                            "--context-parallel-size, --virtual-pipeline-model-parallel-size, "
+                            "--expert-model-parallel-size and --expert-tensor-parallel-size") from None
 
 
 def check_inputs(args):
@@ -223,7 +226,8 @@ def train(args, spec, data_spec) -> RunState:
     parallel = _parallel_sizes(args, world)
     plan = plan_layout(spec, parallel, world)
     initialize_model_parallel(tp=tp, pp=pp, cp=cp, vpp=parallel.vpp, seed=args.seed,
-                              embedding_pp_ranks=plan.tied_embedding_pp_ranks)
+                              embedding_pp_ranks=plan.tied_embedding_pp_ranks, ep=plan.parallel.ep,
+                              etp=plan.parallel.etp)
     dp, dp_rank = parallel.dp, parallel_state.get_data_parallel_rank()
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):
@@ -234,7 +238,8 @@ def train(args, spec, data_spec) -> RunState:
     loss_mode = LossMode.from_flags(args.calculate_per_sample_loss, args.calculate_per_token_loss,
                                     args.loss_reduction)
     logger.info(f"layout: world {world} = TP{tp} x PP{pp} x CP{cp} x DP{dp}"
-                f"{f' (VPP {parallel.vpp})' if parallel.vpp else ''}{' +SP' if args.sequence_parallel else ''}; "
+                f"{f' (VPP {parallel.vpp})' if parallel.vpp else ''}{' +SP' if args.sequence_parallel else ''}"
+                f"{f' (EP{plan.parallel.ep} x ETP{plan.parallel.expert_tp})' if plan.parallel.ep > 1 else ''}; "
                 f"global batch {gbs}{' packs' if packed else ''} = {args.micro_batch_size} x {num_micro} "
                 f"micro-batches x DP{dp}; "
                 f"loss {loss_mode.value}")

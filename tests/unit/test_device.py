@@ -17,8 +17,8 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # megatron t
 
 def test_patch_groups_listed():
     assert PATCH_GROUPS == ("cuda_shim", "device_map", "rng", "p2p_order", "type_str", "no_apex_fixes",
-                            "inference_fast_paths")
-    assert device.CPU_ONLY_GROUPS == set(PATCH_GROUPS) - {"inference_fast_paths"}
+                            "moe_cpu", "moe_no_te", "inference_fast_paths")
+    assert device.CPU_ONLY_GROUPS == set(PATCH_GROUPS) - {"moe_no_te", "inference_fast_paths"}
     for name in PATCH_GROUPS:
         patcher = device._PATCHERS[name]
         assert patcher.__doc__ and len(patcher.__doc__) > 100, name
@@ -371,3 +371,19 @@ def test_env_openmpi():
 
 def test_env_single_process():
     assert parse_launch_env({}) == LaunchEnv(0, 1, 0, "127.0.0.1", None, "single")
+
+
+@needs_adaptor
+def test_moe_groups_give_numpy_split_sizes_and_a_router_without_te():
+    import numpy as np
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [3, 1]  # all_to_all_single takes these
+    counts = torch.tensor([3, 1])
+    assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts
+    x, w = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    out = moe_utils.router_gating_linear(x, w, None, torch.float32)  # NameError without moe_no_te
+    out.sum().backward()
+    torch.testing.assert_close(out, x @ w.t())
+    torch.testing.assert_close(w.grad, torch.ones(5, 3).t() @ x)
