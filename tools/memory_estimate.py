@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from mindspeed_mm.checkpoint.convert import rank_contents  # noqa: E402
 from mindspeed_mm.config.model_spec import InternVLSpec, load_model_spec  # noqa: E402
 from mindspeed_mm.config.parallel import ParallelConfig  # noqa: E402
 from mindspeed_mm.config.model_spec import TextDecoderSpec  # noqa: E402
-from mindspeed_mm.models.internvl.params import param_shapes  # noqa: E402
+from mindspeed_mm.models.internvl.params import lookup, param_shapes  # noqa: E402
 from mindspeed_mm.models.internvl.params import trainable as trains  # noqa: E402
 from mindspeed_mm.parallel.layout import LayoutPlan, plan_from_parallel_config  # noqa: E402
 
@@ -154,26 +153,24 @@ def expert_params(t: TextDecoderSpec) -> int:
 
 
 def param_counts(spec: InternVLSpec) -> ParamCounts:
-    """From the spec's fields. The registry's LLM rows give every layer the dense MLP, so a sparse layer's MLP
-    rows are swapped here for its router and experts; the ViT, projector, attention and norms are the
-    registry's own (they do not depend on the MLP)."""
+    """From the parameter registry: the ViT and projector, the LLM's dense parameters (routers included), its
+    experts, and what one token uses (the dense ones and top-k experts per sparse layer)."""
     t = spec.text
     shapes = param_shapes(spec)
     vit = sum(math.prod(s) for n, s in shapes.items() if not n.startswith("text_decoder."))
-    llm = sum(math.prod(s) for n, s in shapes.items() if n.startswith("text_decoder."))
-    dense_mlp = 3 * t.hidden_size * t.ffn_hidden_size
-    sparse = len(t.moe_layers)
-    router = t.num_experts * t.hidden_size if t.moe else 0
-    experts = sparse * t.num_experts * expert_params(t) if t.moe else 0
-    dense = llm - sparse * dense_mlp + sparse * router
-    active = dense + (sparse * t.moe_router_topk * expert_params(t) if t.moe else 0)
+    experts = sum(math.prod(s) for n, s in shapes.items() if _expert_row(n))
+    dense = sum(math.prod(s) for n, s in shapes.items() if n.startswith("text_decoder.")) - experts
+    active = dense + (len(t.moe_layers) * t.moe_router_topk * expert_params(t) if t.moe else 0)
     return ParamCounts(vit, dense, experts, active)
 
 
-def _sparse_mlp(name: str, spec: InternVLSpec) -> bool:
-    """Whether `name` is the registry's dense MLP row of a sparse layer (which has experts instead)."""
-    m = re.match(r"text_decoder\.decoder\.layers\.(\d+)\.mlp\.linear_fc[12]\.weight$", name)
-    return bool(m) and spec.text.is_moe_layer(int(m.group(1)))
+def _expert_row(name: str) -> bool:
+    return lookup(name)[0].per_expert
+
+
+def _counted_apart(name: str) -> bool:
+    """A sparse layer's router or expert: counted per rank from the EP/ETP split, not from the rank's rows."""
+    return _expert_row(name) or name.endswith(".mlp.router.weight")
 
 
 def estimate(spec: InternVLSpec, plan: LayoutPlan, r: Recipe) -> list[RankMemory]:
@@ -196,7 +193,7 @@ def estimate(spec: InternVLSpec, plan: LayoutPlan, r: Recipe) -> list[RankMemory
         frozen = trainable = 0
         for chunk in chunks:
             for tensor in chunk:
-                if _sparse_mlp(tensor.name, spec):
+                if _counted_apart(tensor.name):
                     continue
                 n = math.prod(tensor.shape)
                 if trains(spec, tensor.name):

@@ -47,10 +47,11 @@ def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "meg
 
 
 def load_full_weights(chunks: list[InternVLModel], full: Mapping[str, Tensor]) -> None:
-    """Load this rank's slices of an unsharded state dict (TP rank from megatron's groups)."""
+    """Load this rank's slices of an unsharded state dict (TP and expert-parallel ranks from megatron's groups)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
-        load_full_state_dict(chunk, local_state_dict(full, chunk.spec, chunk.plan, tp_rank, chunk.stage))
+        load_full_state_dict(chunk, local_state_dict(full, chunk.spec, chunk.plan, tp_rank, chunk.stage,
+                                                     ep_rank=chunk.experts.rank))
 
 
 def _as_torch(t: StoredTensor) -> Tensor:

@@ -282,7 +282,7 @@ MOE_LAYOUTS = {
                                                adam_steps=MOE_STEPS)]),
     "tp2_sp_ep2_etp2_and_pp2_ep2_and_dp4_ep2": (4, [
         LayoutArgs(tp=2, sp=True, ep=2, etp=2, microbatches=MOE_MB, adam_steps=MOE_STEPS),
-        LayoutArgs(pp=2, ep=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[1, 2]], microbatches=MOE_MB,
+        LayoutArgs(pp=2, ep=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[2, 1]], microbatches=MOE_MB,
                    adam_steps=MOE_STEPS, distributed_optimizer=True),
         LayoutArgs(ep=2, microbatches=1, adam_steps=MOE_STEPS, distributed_optimizer=True)]),
 }

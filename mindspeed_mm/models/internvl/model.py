@@ -185,7 +185,7 @@ class InternVLModel(MegatronModule):
         carrier = None
         if self.parallel.pp > 1:
             group, ranks = pipeline_group()
-            carrier = StageCarrier(self.plan, self.stage, group, ranks)
+            carrier = StageCarrier(self.spec, self.plan, self.stage, group, ranks)
         recorder = MoERecorder(self.spec, self.stage, self.parallel, carrier)
         for m in self.modules():
             if isinstance(m, Qwen3MoeRouter):

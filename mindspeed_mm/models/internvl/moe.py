@@ -174,11 +174,13 @@ class StageCarrier:
     sends them on; the last one sends the totals back to every earlier rank once per micro-batch. Point-to-point
     on a process group of their own (`pipeline_groups`), so nothing mixes with megatron's activations."""
 
-    def __init__(self, plan, stage, group, ranks: list[int]):
+    def __init__(self, spec, plan, stage, group, ranks: list[int]):
         llm = [s.stage for s in plan.stages if s.has_llm]
         self.first, self.last = llm[0], llm[-1]
         self.v, self.pp, self.group, self.ranks = stage.stage, plan.parallel.pp, group, ranks
-        self.earlier = sorted({v % self.pp for v in llm if v != self.last} - {self.last % self.pp})
+        # the ranks whose routers need the totals in backward: those holding a sparse layer before the last stage
+        sparse = {v for v in llm if any(spec.text.is_moe_layer(i) for i in plan.stages[v].llm_layers)}
+        self.earlier = sorted({v % self.pp for v in sparse if v != self.last} - {self.last % self.pp})
         self.pending: list = []
 
     def _rank(self, v: int) -> int:
