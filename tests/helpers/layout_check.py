@@ -24,9 +24,10 @@ from mindspeed_mm.parallel.layout import plan_layout
 from mindspeed_mm.models.internvl.sharding import full_state_dict
 from tests.helpers.batches import make_microbatches, make_packed_microbatches
 from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights, load_full_weights
-from mindspeed_mm.training.loss import LossMode, local_share, sample_segments
+from mindspeed_mm.training.expert_load import step_figures
+from mindspeed_mm.training.loss import REPORT_KEY, LossMode, local_share, sample_segments
 from mindspeed_mm.training.pipeline import (forward_backward, forward_step, local_tensors, microbatch_losses,
-                                            train_step, wrap_ddp)
+                                            moe_reports, train_step, wrap_ddp)
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
         assert dp == 1, "the samples alone are the one-rank reference"
         microbatches = make_packed_microbatches(spec, args.microbatches, seed=args.seed)[1]
 
-    losses = []
+    losses, moe = [], []
     if args.packed == "pack":
         assert args.adam_steps == 0
         reports = forward_backward(model, microbatches, loss_mode=LossMode.PER_SAMPLE, step=per_sample_step,
@@ -147,7 +148,11 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
                             params_dtype=torch.float32, use_distributed_optimizer=args.distributed_optimizer),
             model)
         for _ in range(args.adam_steps):
-            losses.append(microbatch_losses(train_step(model, optimizer, microbatches)[0]))
+            reports = train_step(model, optimizer, microbatches, full_reports=True)[0]
+            losses.append(microbatch_losses([r[REPORT_KEY] for r in reports]))
+            if spec.text.moe:  # the step's load-balancing loss and expert load, as the training log has them
+                moe.append(step_figures(moe_reports(reports), spec, parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=True), torch.device("cpu")))
         what = "param"
     out = {
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
@@ -155,6 +160,7 @@ def run_layout(hf_dir, args: LayoutArgs) -> dict:
         "cp_rank": parallel_state.get_context_parallel_rank(),
         "ep_rank": parallel_state.get_expert_model_parallel_rank() if args.ep > 1 else 0,
         "losses": losses,
+        "moe": moe,
         "tensors": local_tensors(model, what),
     }
     if args.lora:
@@ -222,13 +228,11 @@ def merge_rank_results(results: list[dict], spec: InternVLSpec, plan) -> dict:
 
     shards, experts = {}, {}
     ep, etp = plan.parallel.ep, plan.parallel.expert_tp
-    for r in results:
-        if r["cp_rank"] != 0:
-            continue
+    for r in results:  # experts are regrouped over the stage's tp*cp*dp ranks: an EP rank may be any CP rank
         held = ExpertShard.of(spec.text.num_experts, ep, r.get("ep_rank", 0))
         for stage, tensors in r["tensors"].items():
             dense = {k: v for k, v in tensors.items() if not lookup(k)[0].per_expert}
-            if r["dp_rank"] == 0:
+            if r["dp_rank"] == 0 and r["cp_rank"] == 0:
                 shards[(r["tp_rank"], stage)] = dense
             for k, v in tensors.items():
                 if lookup(k)[0].per_expert:
@@ -245,7 +249,7 @@ def merge_rank_results(results: list[dict], spec: InternVLSpec, plan) -> dict:
             else:
                 shards[(tp_rank, stage)][name] = by_rank[tp_rank % etp] if etp > 1 else merged
     losses = {r["dp_rank"]: r["losses"] for r in results if r["losses"] and r["losses"][0]}
-    out = {"tensors": full_state_dict(shards, spec, plan), "losses": losses}
+    out = {"tensors": full_state_dict(shards, spec, plan), "losses": losses, "moe": results[0].get("moe")}
     if "counts" in results[0]:
         out["ranks"] = results  # the LoRA facts of every rank, as they are
     return out

@@ -58,3 +58,27 @@ def use_dynamic_ntk_rope(hf_dir: str | os.PathLike, max_position_embeddings: int
                                "rope_theta": text["rope_parameters"]["rope_theta"]}
     path.write_text(json.dumps(config))
     return Path(hf_dir)
+
+
+def hf_losses(hf, spec, ids, mask, pixels, labels):
+    """transformers' LM loss and load-balancing loss (InternVL's model output has no router logits: they are
+    taken from each router, Qwen3MoeTopKRouter, as transformers' own output recorder takes them)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    loss, logits = hf_router_logits(hf, ids, mask, pixels, labels)
+    t = spec.text
+    assert len(logits) == len(t.moe_layers)
+    return loss, load_balancing_loss_func(tuple(logits), t.num_experts, t.moe_router_topk, mask)
+
+
+def hf_router_logits(hf, ids, mask, pixels, labels=None):
+    """transformers' loss and every sparse layer's router logits [b*s, E], in layer order."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+    logits = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: logits.append(out[0])) for m in hf.modules()
+             if isinstance(m, Qwen3MoeTopKRouter)]
+    try:
+        loss = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    finally:
+        for h in hooks:
+            h.remove()
+    return loss, logits

@@ -271,6 +271,7 @@ def test_llm_kind_dp2_distributed_optimizer_after_three_adam_steps(preset, hf_di
 # load-balancing loss's effect on the weights: its gradient is part of every step) and every parameter after them.
 # PP2 carries the routers' statistics between the stages (models/internvl/moe.py); TP2 runs with sequence
 # parallelism, megatron's requirement for MoE under TP, with the experts unsplit (ETP1) or split as the MLP (ETP2).
+# Full recompute re-runs the routers in backward, where they take the load-balancing gradient directly.
 # ---------------------------------------------------------------------------------------------------------------
 
 MOE_PRESET = "qwen3_moe_vit300m"
@@ -278,10 +279,14 @@ MOE_MB, MOE_STEPS = 2, 3
 MOE_LAYOUTS = {
     # name: (nproc, [LayoutArgs...]), one launch each
     "ep2_and_tp2_sp_ep2_etp1": (2, [LayoutArgs(ep=2, microbatches=MOE_MB, adam_steps=MOE_STEPS),
+                                    LayoutArgs(ep=2, recompute=True, microbatches=MOE_MB, adam_steps=MOE_STEPS),
                                     LayoutArgs(tp=2, sp=True, ep=2, etp=1, microbatches=MOE_MB * 2,
                                                adam_steps=MOE_STEPS)]),
     "tp2_sp_ep2_etp2_and_pp2_ep2_and_dp4_ep2": (4, [
         LayoutArgs(tp=2, sp=True, ep=2, etp=2, microbatches=MOE_MB, adam_steps=MOE_STEPS),
+        LayoutArgs(cp=2, ep=2, microbatches=MOE_MB, adam_steps=MOE_STEPS),
+        LayoutArgs(pp=2, vpp=2, ep=2, vit_pp_layers=[[2, 0], [0, 0]], llm_pp_layers=[[0, 1], [1, 1]],
+                   microbatches=4, adam_steps=MOE_STEPS),
         LayoutArgs(pp=2, ep=2, vit_pp_layers=[[2, 0]], llm_pp_layers=[[2, 1]], microbatches=MOE_MB,
                    adam_steps=MOE_STEPS, distributed_optimizer=True),
         LayoutArgs(ep=2, microbatches=1, adam_steps=MOE_STEPS, distributed_optimizer=True)]),
@@ -292,8 +297,11 @@ MOE_LAYOUTS = {
 def test_moe_layout_matches_single_rank(name, hf_dirs, reference, tmp_path):
     nproc, layouts = MOE_LAYOUTS[name]
     for args, got in zip(layouts, run_many(hf_dirs, tmp_path, MOE_PRESET, nproc, layouts)):
-        dp = nproc // (args.tp * args.pp)
+        dp = nproc // (args.tp * args.pp * args.cp)
         ref = reference(MOE_PRESET, args.microbatches * dp, MOE_STEPS)
         print(args)
         assert_losses(got, ref, dp=dp)
         assert_close(got["tensors"], ref["tensors"], PARAM_TOL, "param", relative=False)
+        for step, (a, b) in enumerate(zip(got["moe"], ref["moe"])):  # every rank logs the global batch's figures
+            assert a["expert_load"] == b["expert_load"], (step, a["expert_load"], b["expert_load"])
+            assert abs(a["load_balancing_loss"] - b["load_balancing_loss"]) <= LOSS_TOL * b["load_balancing_loss"]

@@ -17,7 +17,7 @@ from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config, spec_fro
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
 from tests.helpers.batches import make_batch
-from tests.helpers.oracle import load_native_model, use_dynamic_ntk_rope
+from tests.helpers.oracle import hf_losses, load_native_model, use_dynamic_ntk_rope
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
 TOL = 1e-5
@@ -58,23 +58,6 @@ def hf_loss(hf, spec, ids, mask, pixels, labels):
         return hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
     loss, aux = hf_losses(hf, spec, ids, mask, pixels, labels)
     return loss + spec.text.moe_aux_loss_coeff * aux
-
-
-def hf_losses(hf, spec, ids, mask, pixels, labels):
-    """transformers' LM loss and load-balancing loss (InternVL's model output has no router logits: they are
-    taken from each router, Qwen3MoeTopKRouter, as transformers' own output recorder takes them)."""
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter, load_balancing_loss_func
-    logits = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: logits.append(out[0])) for m in hf.modules()
-             if isinstance(m, Qwen3MoeTopKRouter)]
-    try:
-        loss = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
-    finally:
-        for h in hooks:
-            h.remove()
-    t = spec.text
-    assert len(logits) == len(t.moe_layers)
-    return loss, load_balancing_loss_func(tuple(logits), t.num_experts, t.moe_router_topk, mask)
 
 
 def _batch(spec, samples):

@@ -39,9 +39,9 @@ class Qwen3MoeRouter(TopKRouter):
 
     def routing(self, logits: Tensor, padding_mask: Optional[Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if self.recorder is not None and self.recorder.active:
-            self.recorder.record(self.layer_number - 1, logits.view(-1, self.config.num_moe_experts), routing_map,
-                                 padding_mask)
+        if self.recorder is not None:
+            probs = self.recorder.record(self.layer_number - 1, logits.view(-1, self.config.num_moe_experts),
+                                         routing_map, padding_mask, probs)
         return probs, routing_map
 
 
@@ -79,6 +79,7 @@ class MoERecorder:
         self.stage, self.carrier = stage, carrier
         self.is_last = stage.has_llm_head
         self.active = False
+        self.replay: Optional[_Pass] = None  # the pass whose backward runs (full recompute re-runs its routers)
         self.passes: list[_Pass] = []
         self.scale = 1.0
         self.parallel = parallel
@@ -93,16 +94,25 @@ class MoERecorder:
     def begin(self, device) -> None:
         """A forward pass starts; only those that will run backward (grad enabled) are recorded, the same on every
         rank of a step, so validation and reference passes neither count nor communicate."""
-        self.active = torch.is_grad_enabled()
+        self.active, self.replay = torch.is_grad_enabled(), None
         if self.active:
             self.passes.append(_Pass(len(self.passes), self.rows(device)))
 
-    def record(self, layer: int, logits: Tensor, routing_map: Tensor, padding_mask: Optional[Tensor]) -> None:
-        p = self.passes[-1]
+    def record(self, layer: int, logits: Tensor, routing_map: Tensor, padding_mask: Optional[Tensor],
+               probs: Tensor) -> Tensor:
+        """Add one router's forward to the pass's statistics; returns `probs`. Under full recompute the layer's
+        first forward runs without autograd (only its counts are kept) and its re-run in backward, when the totals
+        are known, takes the gradient at once (`_Inject` on the router's probs, as megatron's aux losses do)."""
+        replaying = not self.active and self.replay is not None and torch.is_grad_enabled()
+        if not self.active and not replaying:
+            return probs
         scores = torch.softmax(logits.float(), dim=-1)
         valid = torch.ones(scores.shape[0], dtype=scores.dtype, device=scores.device) if padding_mask is None \
             else padding_mask.reshape(-1).to(scores.dtype)
         prob_sum = (scores * valid[:, None]).sum(0)
+        if replaying:
+            return _Inject.apply(probs, prob_sum, self.prob_grad(self.replay).to(prob_sum))
+        p = self.passes[-1]
         stats = torch.cat([(routing_map.to(scores.dtype) * valid[:, None]).sum(0), prob_sum.detach(),
                            valid.sum().reshape(1)]).double()
         group = _token_group(self.parallel)
@@ -113,7 +123,9 @@ class MoERecorder:
         p.local[row] += stats[:e]
         p.local[-2] += stats[e:2 * e]
         p.local[-1, 0] += stats[-1]
-        p.probs.append(prob_sum)
+        if prob_sum.requires_grad:
+            p.probs.append(prob_sum)
+        return probs
 
     def finish(self, out: Tensor) -> Tensor:
         """The chunk's output, carrying the routers' share of the loss's gradient; the statistics passed on."""
@@ -124,8 +136,6 @@ class MoERecorder:
         carried = self.carrier.forward(p) if self.carrier is not None else p.local
         if self.is_last:
             p.total = carried
-        if not p.probs:
-            return out
         return _AuxGrad.apply(self, p, out, *p.probs)
 
     def total(self, p: _Pass) -> Tensor:
@@ -165,8 +175,23 @@ class _AuxGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        g = ctx.recorder.prob_grad(ctx.p).to(device=grad_out.device, dtype=torch.float32)
+        ctx.recorder.replay = ctx.p  # the chunk's layers run their backward (and any recompute) next
+        g = ctx.recorder.prob_grad(ctx.p).to(device=grad_out.device, dtype=torch.float32) if ctx.p.probs else None
         return (None, None, grad_out, *[g for _ in ctx.p.probs])
+
+
+class _Inject(torch.autograd.Function):
+    """Identity on a router's probs; in backward, gradient `g` for its probability sums (a recomputed router)."""
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, prob_sum: Tensor, g: Tensor) -> Tensor:
+        ctx.save_for_backward(g)
+        return probs.view_as(probs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (g,) = ctx.saved_tensors
+        return grad, g, None
 
 
 class StageCarrier:
