@@ -564,6 +564,10 @@ class TextDecoderSpec(_SpecBase):
         self._set("mlp_only_layers", tuple(sorted(set(only))))
         if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff or 0) < 0:
             raise self._err("moe_aux_loss_coeff", "the loss coefficients must be >= 0")
+        mlp = sorted(set(self.lora.target_modules) & {"gate_proj", "up_proj", "down_proj"}) if self.lora else []
+        if mlp and (self.num_experts and len(self.mlp_only_layers) < self.num_layers):
+            raise self._err("lora.target_modules", f"{mlp}: LoRA on the experts' MLPs is not supported (attention "
+                            "targets are)")
 
     @property
     def moe(self) -> bool:

@@ -72,6 +72,9 @@ def test_moe_fields_in_the_model_json(pair):
                               ("num_experts", None, "num_experts: missing")):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_model_spec({**raw, "text_decoder": {**t, key: value}})
+    lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "down_proj"]}
+    with pytest.raises(ConfigError, match=r"lora.target_modules: \['down_proj'\]: LoRA on the experts' MLPs"):
+        load_model_spec({**raw, "text_decoder": {**t, "lora": lora}})
     dense = {**t, "model_id": "qwen3"}
     with pytest.raises(ConfigError, match="num_experts: is set, but model_id 'qwen3' is a dense LLM"):
         load_model_spec({**raw, "text_decoder": dense})
