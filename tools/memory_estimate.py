@@ -189,7 +189,7 @@ def estimate(spec: InternVLSpec, plan: LayoutPlan, r: Recipe) -> list[RankMemory
     router = t.num_experts * t.hidden_size if t.moe else 0
     local_experts = (t.num_experts // r.ep) * expert_params(t) // r.etp if t.moe else 0
     out = []
-    for (tp_rank, pp_rank), chunks in sorted(rank_contents(spec, plan).items()):
+    for (tp_rank, pp_rank, _), chunks in sorted(rank_contents(spec, plan).items()):
         frozen = trainable = 0
         for chunk in chunks:
             for tensor in chunk:

@@ -73,8 +73,8 @@ from mindspeed_mm.models.internvl.hf.config import (
 from mindspeed_mm.models.internvl.hf.mapping import mapping_rules, pieces_from_parts
 from mindspeed_mm.models.internvl.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, to_peft
 from mindspeed_mm.models.internvl.params import EMBEDDING, VIT_EMBED, VIT_LAYER, is_adapter, lookup, param_shapes, params
-from mindspeed_mm.models.internvl.sharding import TP_STYLES, shard_slice, stage_name
-from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_from_parallel_config
+from mindspeed_mm.models.internvl.sharding import TP_STYLES, ExpertShard, shard_slice, stage_name
+from mindspeed_mm.parallel.layout import LayoutError, LayoutPlan, plan_from_parallel_config, rank_file_keys
 from mindspeed_mm.parallel.sharding import Slice
 
 Array = np.ndarray  # a tensor's elements as numpy sees them: bfloat16 as uint16 of the same bytes
@@ -140,25 +140,30 @@ class RankTensor:
 
 
 def rank_contents(spec: InternVLSpec, plan: LayoutPlan, style: str = "mm", names: Optional[set] = None
-                  ) -> dict[tuple[int, int], list[list[RankTensor]]]:
-    """(tp_rank, pp_rank) -> one list per virtual chunk of the tensors that rank file holds: what `write_mm`
-    writes and `dry_run` sizes, from the registry's shapes alone. `names`: only these parameters (an adapter
-    save's)."""
+                  ) -> dict[tuple[int, int, int], list[list[RankTensor]]]:
+    """(tp_rank, pp_rank, ep_rank) -> one list per virtual chunk of the tensors that rank file holds: what
+    `write_mm` writes and `dry_run` sizes, from the registry's shapes alone (ep_rank 0 without expert
+    parallelism). `names`: only these parameters (an adapter save's)."""
     shapes = {p.name: p.shape for p in params(spec, adapters=names is not None)}
     per_stage = _placement(spec, plan, names)
-    tp = plan.parallel.tp
+    par = plan.parallel
     out = {}
-    for pp_rank in range(plan.parallel.pp):
-        for tp_rank in range(tp):
+    for pp_rank in range(par.pp):
+        for tp_rank, ep_rank in rank_file_keys(par):
+            experts = ExpertShard.of(spec.text.num_experts, par.ep, ep_rank)
             chunks = []
             for v in range(plan.num_chunks):
                 stage = plan.stage(pp_rank, v)
                 chunk = []
                 for name in per_stage[stage.stage]:
-                    sl = shard_slice(name, shapes[name], spec, tp, tp_rank, plan.padded_vocab_size, style)
-                    chunk.append(RankTensor(name, stage_name(name, stage), sl, sl.shape(shapes[name])))  # type: ignore[arg-type]
+                    local = stage_name(name, stage, experts)
+                    if local is None:  # another EP rank's expert
+                        continue
+                    sl = shard_slice(name, shapes[name], spec, par.tp, tp_rank, plan.padded_vocab_size, style,
+                                     par.expert_tp)
+                    chunk.append(RankTensor(name, local, sl, sl.shape(shapes[name])))
                 chunks.append(chunk)
-            out[tp_rank, pp_rank] = chunks
+            out[tp_rank, pp_rank, ep_rank] = chunks
     return out
 
 
@@ -179,20 +184,20 @@ def write_mm(tmp: Path, spec: InternVLSpec, plan: LayoutPlan,
     so that copying into one chunk overlaps the disk's writing of another. `names`: only these parameters (an
     adapter save's), else every weight of the model."""
     contents = rank_contents(spec, plan, style, names)
-    tp, pp = plan.parallel.tp, plan.parallel.pp
+    pp, ep = plan.parallel.pp, plan.parallel.ep
     iter_dir = tmp / "release"
-    jobs = [(tp_rank, pp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
+    jobs = sorted(contents, key=lambda k: (k[1], k[2], k[0]))
     # `workers` files at once, each stored by enough threads to use every worker, plus one: files differ in
     # size (a resplit to TP1 PP2 writes 2.24 and 1.65 GiB at 2B), and the largest file's tail would otherwise
     # run on one core.
     writers = workers // min(workers, len(jobs)) + (workers > 1)
     workers = max(1, min(workers, len(jobs)))
 
-    def write(tp_rank: int, pp_rank: int) -> int:
+    def write(tp_rank: int, pp_rank: int, ep_rank: int) -> int:
         chunks = [{t.key: LazyTensor(t.shape, dtype_of(t.name), partial(get_slice, t.name, t.slice),
                                      f"{t.name} (tp_rank {tp_rank})", after_write) for t in chunk}
-                  for chunk in contents[tp_rank, pp_rank]]
-        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp), chunks, writers, direct_io)
+                  for chunk in contents[tp_rank, pp_rank, ep_rank]]
+        return save_rank_file(rank_file(iter_dir, tp_rank, pp_rank, pp, ep_rank, ep), chunks, writers, direct_io)
 
     n_bytes = 0
     bar = _progress(None, len(jobs), desc, progress)
@@ -304,12 +309,11 @@ def hf_to_mm(hf_dir: str, mm_dir: str, parallel: Optional[ParallelConfig] = None
         files, n_bytes = write_mm(tmp, spec, plan, get_slice, dtypes.__getitem__, progress, "hf_to_mm",
                                   workers, direct_io, after_write=src.mapped.drop_pages, style=style)
         src.release()
-        tp = plan.parallel.tp
-        holders = Counter(n for names in _placement(spec, plan) for n in names)
-        want = {k: tp * holders[r.mm] for r in rules for k in r.hf}
+        holders = Counter(t.name for chunks in rank_contents(spec, plan, style).values() for c in chunks for t in c)
+        want = {k: holders[r.mm] for r in rules for k in r.hf}
         wrong = {k: n for k, n in used.items() if n != want[k]}
         if set(used) != set(src.files) or wrong:
-            raise AssertionError(f"source tensors not used exactly once per TP rank and holding stage: unused "
+            raise AssertionError(f"source tensors not used exactly once per rank file holding them: unused "
                                  f"{sorted(set(src.files) - set(used))[:3]}, miscounted {list(wrong.items())[:3]}")
         write_meta(tmp, MMCheckpointMeta.from_plan(plan, spec, source_format=src.format, source_hf_dir=str(src.dir),
                                                    hf_config=src.config, dtypes=dict(src.dtypes), tp_style=style))
@@ -327,7 +331,7 @@ class DryRunReport:
     source: str
     layout: str
     dtype: str
-    ranks: dict[tuple[int, int], tuple[int, int]]  # (tp_rank, pp_rank) -> (numel, bytes)
+    ranks: dict[tuple[int, ...], tuple[int, int]]  # (tp_rank, pp_rank[, ep_rank under EP]) -> (numel, bytes)
 
     @property
     def bytes(self) -> int:
@@ -336,8 +340,9 @@ class DryRunReport:
     def line(self) -> str:
         rows = [f"hf_to_mm dry run: {self.source} -> MM {self.layout}, {self.dtype}: {len(self.ranks)} rank files, "
                 f"{self.bytes / 2**30:.2f} GiB of tensors (the torch file container adds a few KiB per file)"]
-        rows += [f"  tp_rank {tp} pp_rank {pp}: {n / 1e9:.3f} B params, {b / 2**30:.3f} GiB"
-                 for (tp, pp), (n, b) in sorted(self.ranks.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+        rows += [f"  tp_rank {k[0]} pp_rank {k[1]}{f' ep_rank {k[2]}' if len(k) > 2 else ''}: {n / 1e9:.3f} B "
+                 f"params, {b / 2**30:.3f} GiB"
+                 for k, (n, b) in sorted(self.ranks.items(), key=lambda kv: (kv[0][1], *kv[0][2:], kv[0][0]))]
         return "\n".join(rows)
 
 
@@ -352,7 +357,7 @@ def dry_run(spec: InternVLSpec, parallel: Optional[ParallelConfig] = None, *, dt
     ranks = {}
     for key, chunks in rank_contents(spec, plan, style).items():
         numel = sum(int(np.prod(t.shape)) for chunk in chunks for t in chunk)
-        ranks[key] = (numel, numel * itemsize)
+        ranks[key if plan.parallel.ep > 1 else key[:2]] = (numel, numel * itemsize)
     return DryRunReport(source, plan.describe() + _style_note(style), dtype, ranks)
 
 

@@ -4,13 +4,16 @@ directory writes.
 Layout (the reference system's, so its users' tooling keeps working)::
 
     <mm_dir>/latest_checkpointed_iteration.txt          "release"
-    <mm_dir>/release/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+    <mm_dir>/release/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt
     <mm_dir>/mm_convert_meta.json                       layout, model spec, source format, dtypes (ours)
     <mm_dir>/model.json                                 the model JSON at this layout, for --mm-model (ours)
 
 Each ``model_optim_rng.pt`` holds ``{"model": sd, "checkpoint_version": 3.0}``, or ``model0 .. model{V-1}``
 instead of ``model`` under virtual pipeline parallelism (one per chunk, ``vpp_rank`` order); the ``_{pp:03d}``
-suffix appears only when pp > 1. ``sd`` is exactly ``sharding.local_state_dict(full, spec, plan, tp_rank,
+suffix appears only when pp > 1, the ``_{ep:03d}`` one (megatron's) only when ep > 1. Under expert parallelism a
+file holds its TP rank's dense slices and its EP rank's experts with local indices (0..E/ep-1), cut at expert-TP
+rank tp % etp; only the (tp, ep) pairs megatron's ranks have get a file (`parallel.layout.rank_file_keys`).
+``sd`` is exactly ``sharding.local_state_dict(full, spec, plan, tp_rank,
 stage, tp_style)`` of the chunk's stage: ``tp_style`` "mm" (ours, the default) or "mindspeed" (MindSpeed-MM's
 files, which differ only at TP > 1: projector whole on every rank, vocabulary in unpadded uneven row blocks).
 MindSpeed-MM writes no metadata file; such a checkpoint's layout and style are read off its files
@@ -60,16 +63,16 @@ CHECKPOINT_VERSION = 3.0
 META_VERSION = 1
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
 
 
 def chunk_key(vpp_rank: int, num_chunks: int) -> str:
     return "model" if num_chunks == 1 else f"model{vpp_rank}"
 
 
-def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
-    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp) / RANK_FILE
+def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> Path:
+    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep) / RANK_FILE
 
 
 @dataclass
@@ -92,6 +95,9 @@ class MMCheckpointMeta:
     # an adapter save (LoRA): {"dir", "iteration", "fingerprint"} of the frozen base its rank files hold only the
     # adapters and trainable parameters for (checkpoint.fingerprint); None: the rank files hold every weight
     base: Optional[dict] = None
+    # expert parallelism of the rank files (absent in older metadata: one EP rank); etp None: the experts cut as tp
+    ep: int = 1
+    etp: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.tp_style not in TP_STYLES:
@@ -100,6 +106,7 @@ class MMCheckpointMeta:
     @classmethod
     def from_plan(cls, plan: LayoutPlan, spec: InternVLSpec, **kw: Any) -> "MMCheckpointMeta":
         p = plan.parallel
+        kw = {"ep": p.ep, "etp": p.expert_tp if p.ep > 1 else None, **kw}
         return cls(tp=p.tp, pp=p.pp, vpp=plan.num_chunks,
                    vit_pp_layers=[list(r) for r in plan.vit_pp_layers],
                    llm_pp_layers=[list(r) for r in plan.llm_pp_layers],
@@ -110,8 +117,11 @@ class MMCheckpointMeta:
 
     def plan(self, spec: Optional[InternVLSpec] = None) -> LayoutPlan:
         spec = spec or self.spec()
-        par = ParallelSizes(tp=self.tp, pp=self.pp, vpp=self.vpp)
-        plan = plan_layout(spec, par, self.tp * self.pp, self.vit_pp_layers, self.llm_pp_layers)
+        try:
+            par = ParallelSizes.smallest(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep, etp=self.etp)
+        except ValueError as e:
+            raise CheckpointFormatError(f"{META_FILE}: {e}") from None
+        plan = plan_layout(spec, par, par.world_size, self.vit_pp_layers, self.llm_pp_layers)
         if plan.padded_vocab_size != self.padded_vocab_size:
             raise CheckpointFormatError(f"{META_FILE}: padded_vocab_size {self.padded_vocab_size} does not match the "
                                         f"layout's {plan.padded_vocab_size}")

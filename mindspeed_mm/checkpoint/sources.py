@@ -29,9 +29,9 @@ from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.models.internvl.hf.config import NATIVE
 from mindspeed_mm.models.internvl.hf.keys import normalize_native_key
 from mindspeed_mm.models.internvl.hf.mapping import Rule, uncovered
-from mindspeed_mm.models.internvl.params import params
-from mindspeed_mm.models.internvl.sharding import slice_from_shards, stage_name
-from mindspeed_mm.parallel.layout import LayoutPlan
+from mindspeed_mm.models.internvl.params import expert_index, lookup, params
+from mindspeed_mm.models.internvl.sharding import ExpertShard, slice_from_shards, stage_name
+from mindspeed_mm.parallel.layout import LayoutPlan, dense_file_key, expert_file_key, rank_file_keys
 from mindspeed_mm.parallel.sharding import Slice, cat
 
 Array = np.ndarray  # a tensor's elements as numpy sees them: bfloat16 as uint16 of the same bytes
@@ -170,62 +170,87 @@ class HFSource:
 class MMSource:
     """An MM checkpoint read lazily: `get(global_name)` merges the tensor from its TP shards, which follow
     `meta.tp_style` (of a tensor whole on every rank, MindSpeed-MM's projector, rank 0's copy is read and the
-    others' shapes checked; all count as used). `iteration`: the iteration directory to read (default: the
-    tracker's). `partial`: an adapter save, whose rank files hold only the LoRA matrices and the trainable
-    parameters: the parameters it holds (`names`) are those its first TP rank's files have, every LoRA matrix
-    of the spec among them, and the other TP ranks must hold the same."""
+    others' shapes checked; all count as used). Under expert parallelism a dense tensor's TP shards are read from
+    the lowest EP rank's files (the others hold copies, checked by name only) and an expert's from its EP rank's
+    files, one per expert-TP rank (`parallel.layout.dense_file_key` / `expert_file_key`). `iteration`: the
+    iteration directory to read (default: the tracker's). `partial`: an adapter save, whose rank files hold only
+    the LoRA matrices and the trainable parameters: the parameters it holds (`names`) are those its first TP
+    rank's files have, every LoRA matrix of the spec among them, and the other TP ranks must hold the same."""
 
     def __init__(self, mm_dir: Path, meta: MMCheckpointMeta, spec: InternVLSpec, plan: LayoutPlan,
                  iteration: Optional[str] = None, partial: bool = False):
         self.iter_dir = Path(mm_dir) / iteration if iteration else iteration_dir(mm_dir)
         self.spec, self.plan, self.meta, self.style = spec, plan, meta, meta.tp_style
-        self.tp, self.pp, self.vpp = plan.parallel.tp, plan.parallel.pp, plan.num_chunks
-        self._open: dict[tuple[int, int], RankFile] = {}
+        par = plan.parallel
+        self.tp, self.pp, self.vpp, self.ep = par.tp, par.pp, plan.num_chunks, par.ep
+        self.keys = rank_file_keys(par)  # (tp_rank, ep_rank) of the files of each pipeline rank
+        self._open: dict[tuple[int, int, int], RankFile] = {}
         self._lock = threading.Lock()
         self.mapped = MappedFiles()
+        self._check_files()
         ps = params(spec, adapters=partial)
         if partial:
             ps = self._held(ps)
         self.names = [p.name for p in ps]
         self.shapes = {p.name: p.shape for p in ps}
-        self.where: dict[str, tuple[int, str]] = {}  # global name -> (stage index, local name)
+        # global name -> (stage index, local name, the files' (tp_rank, ep_rank) its shards are read from)
+        self.where: dict[str, tuple[int, str, list[tuple[int, int]]]] = {}
         self.unused: set[tuple[Path, int, str]] = set()
         self.dtypes: Counter = Counter()
-        expected: dict[tuple[int, int], set[str]] = {}
-        for s in plan.stages:
-            expected[(s.stage % self.pp, s.stage // self.pp)] = set()
-        copies = []  # the tied embeddings' copy as the last stage's output layer: read from the first stage
+        expected: dict[tuple[int, int, int], set[str]] = {}  # (pp_rank, chunk, ep_rank) -> local names
+        read: set[tuple[int, int, int, str]] = set()  # (tp_rank, ep_rank, stage, local) of the shards read
         for p in ps:
+            shard = lookup(p.name)[0].per_expert and self.ep > 1
+            e_rank = expert_index(p.name) // (spec.text.num_experts // self.ep) if shard else 0
+            experts = ExpertShard.of(spec.text.num_experts, self.ep, e_rank)
+            if shard:
+                sources = [expert_file_key(par, e_rank, i) for i in range(par.expert_tp)]
+            else:
+                sources = [dense_file_key(par, t) for t in range(self.tp)]
             for s in plan.stages:
-                local = stage_name(p.name, s)
+                local = stage_name(p.name, s, experts)
                 if local is None:
                     continue
-                if p.name in self.where:
-                    copies.append((s.stage, local))
-                else:
-                    self.where[p.name] = (s.stage, local)
-                expected[(s.stage % self.pp, s.stage // self.pp)].add(local)
+                if p.name not in self.where:  # else the tied embeddings' copy (the last stage's output layer)
+                    self.where[p.name] = (s.stage, local, sources)
+                    read.update((t, e, s.stage, local) for t, e in sources)
+                for t, e in self.keys:
+                    if not shard or e == e_rank:
+                        expected.setdefault((s.stage % self.pp, s.stage // self.pp, e), set()).add(local)
         for pp_rank in range(self.pp):  # inventory (pickles only): every file, chunk and key as the layout says
-            for tp_rank in range(self.tp):
-                rf = self._file(tp_rank, pp_rank)
+            for tp_rank, ep_rank in self.keys:
+                rf = self._file(tp_rank, pp_rank, ep_rank)
                 path = rf.path
                 for v, sd in enumerate(rf.chunks):
-                    want = expected[(pp_rank, v)]
+                    want = expected.get((pp_rank, v, ep_rank), set())
                     extra, missing = sorted(set(sd) - want), sorted(want - set(sd))
                     if extra:
                         raise CheckpointFormatError(f"{path}: chunk {v} has tensor(s) this layout does not place "
                                                     f"there: {extra[:3]}")
                     if missing:
                         raise CheckpointFormatError(f"{path}: chunk {v} lacks {missing[:3]}")
-                    self.unused.update((path, v, k) for k in sd if (pp_rank + v * self.pp, k) not in copies)
+                    stage = pp_rank + v * self.pp
+                    # what is never read: the tied embeddings' copy, the other EP ranks' copies of dense tensors
+                    self.unused.update((path, v, k) for k in sd if (tp_rank, ep_rank, stage, k) in read)
                     self.dtypes.update(t.dtype for t in sd.values())
+
+    def _check_files(self) -> None:
+        """Every rank file the layout has is there, before any is read: one line naming the first missing."""
+        for pp_rank in range(self.pp):
+            for tp_rank, ep_rank in self.keys:
+                path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp, ep_rank, self.ep)
+                if not path.is_file():
+                    raise CheckpointFormatError(
+                        f"{path}: missing (the checkpoint records {self.plan.describe()}, "
+                        f"{len(self.keys) * self.pp} rank files)")
 
     def _held(self, ps: list) -> list:
         """The parameters of `ps` an adapter save holds: those with their stage-local name in the first TP rank's
         chunk of a stage that places them (the others are checked by the inventory)."""
         present = {(s.stage, k) for s in self.plan.stages
-                   for k in self._file(0, s.stage % self.pp).chunks[s.stage // self.pp]}
-        held = [p for p in ps if any((s.stage, stage_name(p.name, s)) in present for s in self.plan.stages)]
+                   for k in self._file(0, s.stage % self.pp, 0).chunks[s.stage // self.pp]}
+        held = [p for p in ps if any((s.stage, stage_name(p.name, s, ExpertShard.of(
+            self.spec.text.num_experts, self.ep, 0))) in present for s in self.plan.stages)]
         names = {p.name for p in held}
         missing = [p.name for p in ps if p.adapter and p.name not in names]
         if missing:
@@ -233,25 +258,25 @@ class MMSource:
                                         f"its model has, e.g. {missing[0]}")
         return held
 
-    def _file(self, tp_rank: int, pp_rank: int) -> RankFile:
+    def _file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> RankFile:
         with self._lock:  # writer threads read at once
-            rf = self._open.get((tp_rank, pp_rank))
+            rf = self._open.get((tp_rank, pp_rank, ep_rank))
             if rf is None:
-                path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
-                rf = self._open[(tp_rank, pp_rank)] = read_rank_file(path, self.vpp)
+                path = rank_file(self.iter_dir, tp_rank, pp_rank, self.pp, ep_rank, self.ep)
+                rf = self._open[(tp_rank, pp_rank, ep_rank)] = read_rank_file(path, self.vpp)
                 if rf.base is not None:
                     self.mapped.add(path, rf.base, path.stat().st_size)
             return rf
 
-    def _chunk(self, tp_rank: int, stage: int) -> tuple[Path, int, dict]:
-        rf = self._file(tp_rank, stage % self.pp)
+    def _chunk(self, tp_rank: int, stage: int, ep_rank: int = 0) -> tuple[Path, int, dict]:
+        rf = self._file(tp_rank, stage % self.pp, ep_rank)
         return rf.path, stage // self.pp, rf.chunks[stage // self.pp]
 
     def _cut(self, name: str, sl: Slice) -> tuple[int, list[Array]]:
-        stage, local = self.where[name]
+        stage, local, sources = self.where[name]
         shards = []
-        for tp_rank in range(self.tp):
-            path, v, sd = self._chunk(tp_rank, stage)
+        for tp_rank, ep_rank in sources:
+            path, v, sd = self._chunk(tp_rank, stage, ep_rank)
             shards.append(sd[local].array)
             with self._lock:  # writer threads read at once
                 self.unused.discard((path, v, local))
@@ -263,9 +288,9 @@ class MMSource:
 
     def skip(self, name: str) -> None:
         """Count tensor `name` as used without reading it (a base's tensor an adapter save replaces)."""
-        stage, local = self.where[name]
-        for tp_rank in range(self.tp):
-            path, v, _ = self._chunk(tp_rank, stage)
+        stage, local, sources = self.where[name]
+        for tp_rank, ep_rank in sources:
+            path, v, _ = self._chunk(tp_rank, stage, ep_rank)
             with self._lock:
                 self.unused.discard((path, v, local))
 
@@ -288,8 +313,8 @@ class MMSource:
         return torch.from_numpy(self.get(name)).view(getattr(torch, self.dtype(name)))
 
     def dtype(self, name: str) -> str:
-        stage, local = self.where[name]
-        return self._chunk(0, stage)[2][local].dtype
+        stage, local, sources = self.where[name]
+        return self._chunk(sources[0][0], stage, sources[0][1])[2][local].dtype
 
     def release(self) -> None:
         with self._lock:

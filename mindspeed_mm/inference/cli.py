@@ -71,8 +71,7 @@ def reconcile_flags(args: argparse.Namespace, cfg, info):
 
     have = {"tensor_model_parallel_size": info.tp, "pipeline_model_parallel_size": info.pp,
             "virtual_pipeline_model_parallel_size": info.plan.vpp or 1, "context_parallel_size": 1,
-            "expert_model_parallel_size": info.plan.parallel.ep,
-            "expert_tensor_parallel_size": info.plan.parallel.expert_tp}
+            "expert_model_parallel_size": 1, "expert_tensor_parallel_size": info.tp}  # an EP save is resharded
     for name in _LAYOUT:
         flag = getattr(args, name)
         if flag is not None and flag != have[name]:

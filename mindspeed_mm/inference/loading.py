@@ -123,7 +123,12 @@ def plan_for(info: CheckpointInfo, tp: int | None = None, pp: int | None = None)
     reshards the checkpoint to. A single rank file runs at its own layout only."""
     tp, pp = tp or info.tp, pp or info.pp
     if (tp, pp) == (info.tp, info.pp):
-        return info.plan
+        if info.plan.parallel.ep == 1:
+            return info.plan
+        # generation runs TP x PP processes, no expert parallelism: every rank loads all its stage's experts
+        p = info.plan.parallel
+        return plan_layout(info.spec, ParallelSizes(tp=p.tp, pp=p.pp, vpp=p.vpp), p.tp * p.pp,
+                           info.plan.vit_pp_layers, info.plan.llm_pp_layers)
     if info.kind == "rank_file":
         raise LayoutMismatch(f"{info.path} is one rank file: it runs at TP1 x PP1 only; convert the checkpoint "
                              f"with `mm-convert` to run TP{tp} x PP{pp}")
@@ -140,8 +145,8 @@ def plan_for(info: CheckpointInfo, tp: int | None = None, pp: int | None = None)
 
 
 def build_runner(info: CheckpointInfo, dtype: str, plan: LayoutPlan | None = None) -> StageRunner:
-    """Megatron's groups for `plan` (default: the checkpoint's layout), this rank's chunks built and loaded
-    (resharded when the plan is not the checkpoint's), in eval mode. Needs the default process group
+    """Megatron's groups for `plan` (default: the checkpoint's layout, its experts unsplit: `plan_for`), this
+    rank's chunks built and loaded (resharded when the plan is not the checkpoint's), in eval mode. Needs the default process group
     (`init_distributed`) of a multiple of the plan's TP x PP processes: each TP x PP group is one model, the
     data-parallel groups are its copies."""
     import torch
@@ -152,7 +157,7 @@ def build_runner(info: CheckpointInfo, dtype: str, plan: LayoutPlan | None = Non
     from mindspeed_mm.models.internvl.model import load_full_state_dict
     from mindspeed_mm.runtime.chunks import build_model_chunks, load_converted_weights
 
-    plan = plan or info.plan
+    plan = plan or plan_for(info)
     size = plan.parallel.tp * plan.parallel.pp
     world = torch.distributed.get_world_size()
     if world % size:

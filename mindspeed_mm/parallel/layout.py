@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -91,6 +92,28 @@ class LayoutPlan:
         experts = (f" EP{p.ep}" if p.ep > 1 else "") + (f" ETP{p.expert_tp}" if p.expert_tp != p.tp else "")
         return (f"TP{p.tp} PP{p.pp}" + (f" VPP{self.num_chunks}" if self.num_chunks > 1 else "") + experts
                 + f" vit{[list(r) for r in self.vit_pp_layers]} llm{[list(r) for r in self.llm_pp_layers]}")
+
+
+def rank_file_keys(parallel: ParallelSizes) -> tuple[tuple[int, int], ...]:
+    """(tp_rank, ep_rank) of every rank file of one pipeline stage, as megatron's ranks hold them: the experts
+    regroup a stage's ranks etp-first (expert-TP rank r % etp, EP rank (r // etp) % ep) over the same ranks the
+    dense TP ranks (r % tp) come from, so only the pairs some rank has get a file. With etp == tp that is every
+    pair; with etp 1, tp 2, ep 2 only (0, 0) and (1, 1). The pattern repeats every lcm(tp, etp * ep) ranks."""
+    tp, ep, etp = parallel.tp, parallel.ep, parallel.expert_tp
+    return tuple(sorted({(r % tp, (r // etp) % ep) for r in range(math.lcm(tp, etp * ep))}))
+
+
+def dense_file_key(parallel: ParallelSizes, tp_rank: int) -> tuple[int, int]:
+    """The rank file a dense tensor's TP slice `tp_rank` is read from: every EP rank's file holds it, the
+    lowest is read."""
+    return min(k for k in rank_file_keys(parallel) if k[0] == tp_rank)
+
+
+def expert_file_key(parallel: ParallelSizes, ep_rank: int, etp_rank: int) -> tuple[int, int]:
+    """The rank file an expert of EP rank `ep_rank` is read from at expert-TP rank `etp_rank`: one whose TP rank
+    cuts the experts there (tp_rank % etp), the lowest."""
+    etp = parallel.expert_tp
+    return min(k for k in rank_file_keys(parallel) if k[1] == ep_rank and k[0] % etp == etp_rank)
 
 
 def head_partition(num_heads: int, tp: int) -> list[int]:

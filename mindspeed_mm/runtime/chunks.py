@@ -24,12 +24,14 @@ from mindspeed_mm.checkpoint.torch_file import StoredTensor
 from mindspeed_mm.config.model_spec import InternVLSpec
 from mindspeed_mm.errors import CheckpointFormatError
 from mindspeed_mm.models.internvl.model import InternVLModel, load_full_state_dict
-from mindspeed_mm.models.internvl.params import OUTPUT_LAYER, tp_kind
-from mindspeed_mm.models.internvl.sharding import global_name, local_state_dict, merge_tensor, shard_tensor, stage_name
-from mindspeed_mm.parallel.layout import LayoutPlan
+from mindspeed_mm.models.internvl.params import OUTPUT_LAYER, lookup, tp_kind
+from mindspeed_mm.models.internvl.sharding import (
+    ExpertShard, global_name, local_state_dict, merge_tensor, shard_tensor, stage_name,
+)
+from mindspeed_mm.parallel.layout import LayoutPlan, rank_file_keys
 
 __all__ = ["build_model_chunks", "load_full_weights", "load_converted_weights", "Resharder", "Checkpoint",
-           "open_checkpoint", "checkpoint_weights", "counted_parameters", "base_fingerprint", "base_reference", "load_adapters"]
+           "open_checkpoint", "checkpoint_weights", "this_rank", "counted_parameters", "base_fingerprint", "base_reference", "load_adapters"]
 
 
 def build_model_chunks(spec: InternVLSpec, plan: LayoutPlan, cp_algo: str = "megatron_cp_algo",
@@ -62,6 +64,8 @@ def _as_torch(t: StoredTensor) -> Tensor:
 class Resharder:
     """Reads a checkpoint saved at layout `old` in TP style `style` and cuts what this rank holds at `new`
     through the registry's merge/shard functions; at the same layout and our style, a rank's own file as it is.
+    Under expert parallelism each (tp, ep) file holds its EP rank's experts under local indices (global =
+    ep_rank * local count + j), renumbered here for `new`'s EP rank.
 
     `foreign`: a checkpoint without our metadata (another tool's), whose files may pickle objects that
     torch.load(weights_only=True) refuses (MindSpeed-MM's training saves): read with the allowlist reader, of
@@ -72,16 +76,16 @@ class Resharder:
                  foreign: bool = False):
         self.iter_dir, self.spec, self.old, self.new, self.style = iter_dir, spec, old, new, style
         self.foreign, self.extra_state = foreign, 0
-        self._objs: dict[tuple[int, int], dict] = {}
+        self._objs: dict[tuple[int, int, int], dict] = {}
 
     @property
     def same(self) -> bool:
         return self.style == "mm" and self.old.same_split(self.new)
 
-    def obj(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
-        key = (tp_rank, pp_rank)
+    def obj(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
+        key = (tp_rank, pp_rank, ep_rank)
         if key not in self._objs:
-            path = rank_file(self.iter_dir, tp_rank, pp_rank, self.old.parallel.pp)
+            path = rank_file(self.iter_dir, tp_rank, pp_rank, self.old.parallel.pp, ep_rank, self.old.parallel.ep)
             if not self.foreign:
                 self._objs[key] = load_rank_object(path)
             else:
@@ -98,36 +102,45 @@ class Resharder:
                 self._objs[key] = obj
         return self._objs[key]
 
-    def section(self, pick: Callable[[dict, int], Optional[dict]], tp_rank: int, pp_rank: int) -> list[dict]:
+    def section(self, pick: Callable[[dict, int], Optional[dict]], tp_rank: int, pp_rank: int,
+                ep_rank: int = 0) -> list[dict]:
         """`pick(rank_object, vpp_rank)` -> that chunk's {local name: tensor} (or None), cut for this rank at
         `new` (one dict per chunk)."""
-        old_pp, old_tp = self.old.parallel.pp, self.old.parallel.tp
+        old = self.old.parallel
+        num_experts = self.spec.text.num_experts
+        # global name -> {TP rank (an expert's: expert-TP rank) -> shard}; of the copies of a dense tensor that
+        # every EP rank's file holds, the lowest EP rank's
         where: dict[str, dict[int, Tensor]] = {}
         for stage in self.old.stages:
-            for t in range(old_tp):
-                sd = pick(self.obj(t, stage.stage % old_pp), stage.stage // old_pp) or {}
+            for t, e in rank_file_keys(old):
+                experts = ExpertShard.of(num_experts, old.ep, e)
+                sd = pick(self.obj(t, stage.stage % old.pp, e), stage.stage // old.pp) or {}
                 for local, tensor in sd.items():
-                    where.setdefault(global_name(local, stage), {})[t] = tensor
+                    name = global_name(local, stage, experts)
+                    r = t % old.expert_tp if lookup(name)[0].per_expert else t
+                    where.setdefault(name, {}).setdefault(r, tensor)
+        new = self.new.parallel
+        experts = ExpertShard.of(num_experts, new.ep, ep_rank)
         out = []
         for v in range(self.new.num_chunks):
             stage = self.new.stage(pp_rank, v)
             sd = {}
             for name, shards in where.items():
-                local = stage_name(name, stage)
+                local = stage_name(name, stage, experts)
                 if local is None:
                     continue
-                full = merge_tensor(name, [shards[t] for t in range(old_tp)], self.spec, self.style)
-                sd[local] = shard_tensor(name, full, self.spec, self.new.parallel.tp, tp_rank,
-                                         self.new.padded_vocab_size).clone()
+                full = merge_tensor(name, [shards[t] for t in range(len(shards))], self.spec, self.style)
+                sd[local] = shard_tensor(name, full, self.spec, new.tp, tp_rank, self.new.padded_vocab_size,
+                                         etp=new.expert_tp).clone()
             out.append(sd)
         return out
 
-    def weights(self, tp_rank: int, pp_rank: int) -> list[dict[str, Tensor]]:
+    def weights(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> list[dict[str, Tensor]]:
         """This rank's model chunks at `new`."""
         if self.same:
-            obj = self.obj(tp_rank, pp_rank)
+            obj = self.obj(tp_rank, pp_rank, ep_rank)
             return [obj[chunk_key(v, self.new.num_chunks)] for v in range(self.new.num_chunks)]
-        return self.section(lambda o, v: o.get(chunk_key(v, self.old.num_chunks)), tp_rank, pp_rank)
+        return self.section(lambda o, v: o.get(chunk_key(v, self.old.num_chunks)), tp_rank, pp_rank, ep_rank)
 
 
 def load_converted_weights(chunks: list[InternVLModel], mm_dir, style: str = "mm") -> None:
@@ -154,31 +167,42 @@ def load_converted_weights(chunks: list[InternVLModel], mm_dir, style: str = "mm
 def checkpoint_weights(ckpt: Checkpoint, spec: InternVLSpec, plan: LayoutPlan) -> tuple[list[dict], Resharder]:
     """This rank's full chunk state dicts at `plan`, and the checkpoint's Resharder (for its other sections).
     An adapter save's tensors go on top of its base's, each resharded from the layout it was saved at."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ranks = this_rank(plan)
     resharder = Resharder(ckpt.it_dir, spec, ckpt.plan, plan, ckpt.meta.tp_style, ckpt.foreign)
-    weights = resharder.weights(tp_rank, pp_rank)
+    weights = resharder.weights(*ranks)
     if ckpt.meta.base is not None:
         base = open_base(ckpt.root, ckpt.meta, spec)
         under = Resharder(base.it_dir, spec, base.plan, plan, base.meta.tp_style, base.foreign)
-        weights = [{**b, **w} for b, w in zip(under.weights(tp_rank, pp_rank), weights)]
+        weights = [{**b, **w} for b, w in zip(under.weights(*ranks), weights)]
     return weights, resharder
+
+
+def this_rank(plan: LayoutPlan) -> tuple[int, int, int]:
+    """(tp_rank, pp_rank, ep_rank) of this process: which rank file of `plan` is its own."""
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if plan.parallel.ep > 1 else 0
+    return (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
+            ep_rank)
 
 
 def counted_parameters(chunks):
     """(full-model name, parameter) of what this rank contributes when a figure is summed over all ranks once per
     element of the full model: every TP slice (a replicated tensor on TP rank 0 only), one DP and CP replica,
     the tied embeddings' second copy (the LLM's last stage's output layer) never. Vocabulary padding rows are
-    in the slices: zeros, for a caller to leave out where it counts elements."""
-    if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
-        return
+    in the slices: zeros, for a caller to leave out where it counts elements. Under expert parallelism the EP
+    ranks are data-parallel ones holding other experts: an expert's slice counts on expert-data-parallel rank 0
+    (every expert-TP rank of every EP rank)."""
+    dense = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
         chunk = chunk.module if hasattr(chunk, "module") else chunk
+        sparse = chunk.plan.parallel.ep > 1
+        expert = sparse and parallel_state.get_expert_data_parallel_rank() == 0
         for local_name, p in chunk.named_parameters():
             if local_name == OUTPUT_LAYER and chunk.stage.has_tied_output:
                 continue
-            name = global_name(local_name, chunk.stage)
+            name = global_name(local_name, chunk.stage, chunk.experts)
+            if not (expert if sparse and lookup(name)[0].per_expert else dense):
+                continue
             if tp_kind(name) == "replicate" and tp_rank != 0:
                 continue
             yield name, p
@@ -240,7 +264,8 @@ def load_adapters(chunks: list[InternVLModel], full: Mapping[str, Tensor], sourc
                     raise CheckpointFormatError(f"{source}: {name} has shape {tuple(t.shape)}, the model's is "
                                                 f"{shape} (another rank or model?)")
                 own[name].copy_(shard_tensor(name, t, spec, chunk.plan.parallel.tp, tp_rank,
-                                             chunk.plan.padded_vocab_size).to(own[name].dtype))
+                                             chunk.plan.padded_vocab_size,
+                                             etp=chunk.plan.parallel.expert_tp).to(own[name].dtype))
 
 
 def load_adapter_dir(path, chunks: list[InternVLModel], log: Callable[[str], None] = print) -> None:
@@ -263,8 +288,7 @@ def load_adapter_dir(path, chunks: list[InternVLModel], log: Callable[[str], Non
     saved = ckpt.meta.spec()
     check_same_loras(spec, {"vision": saved.vision.lora, "text": saved.text.lora}, str(ckpt.root))
     resharder = Resharder(ckpt.it_dir, spec, ckpt.plan, plan, ckpt.meta.tp_style)
-    weights = resharder.weights(parallel_state.get_tensor_model_parallel_rank(),
-                                parallel_state.get_pipeline_model_parallel_rank())
+    weights = resharder.weights(*this_rank(plan))
     with torch.no_grad():
         for chunk, sd in zip(chunks, weights):
             own = dict(chunk.named_parameters())

@@ -1,12 +1,15 @@
 """Training checkpoints: the converter's on-disk layout plus optimizer state in model space.
 
-A save is ``<save>/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``, each holding
+A save is ``<save>/iter_{N:07d}/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt``, each written by the
+lowest rank holding it (under expert parallelism a file per (tp, ep) pair megatron's ranks have, with that EP
+rank's experts under local indices, `checkpoint.mm_format`), each holding
 
 - ``model`` (``model0..`` under VPP): exactly what mm-convert writes, so `mm_to_hf`, `resplit` and a later
   `--load` read training saves and conversions alike;
 - ``optimizer``: every trainable parameter's optimizer state (Adam's ``exp_avg``/``exp_avg_sq``, the fp32
   ``main_param`` under bf16/fp16) *in model space*: tensors shaped like the rank's parameter and keyed by its
-  name. The distributed optimizer's DP shards are gathered for the save and cut again on load. Because these
+  name. The distributed optimizer's DP shards are gathered for the save (an expert's over the expert-data-parallel
+  group that shards it) and cut again on load. Because these
   tensors shard exactly like the weights, a checkpoint resumes at another TP/PP/VPP/DP layout through the same
   merge/shard functions the converter uses;
 - ``opt_param_scheduler``, ``rng_state`` (one per data-parallel rank), ``iteration``,
@@ -49,8 +52,8 @@ from mindspeed_mm.checkpoint.mm_format import (
     save_rank_object,
     write_meta,
 )
-from mindspeed_mm.parallel.layout import LayoutPlan
-from mindspeed_mm.runtime.chunks import Checkpoint, check_base, checkpoint_weights, open_checkpoint
+from mindspeed_mm.parallel.layout import LayoutPlan, rank_file_keys
+from mindspeed_mm.runtime.chunks import Checkpoint, check_base, checkpoint_weights, open_checkpoint, this_rank
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedState"]
 
@@ -108,11 +111,20 @@ def _slots(optimizer) -> dict[Tensor, _Slot]:
     return slots
 
 
-def _dp_group(optimizer):
+def _is_expert(p: Tensor) -> bool:
+    """megatron's mark of an expert parameter under expert parallelism (reduced over expert-DP ranks only)."""
+    return not getattr(p, "allreduce", True)
+
+
+def _dp_groups(optimizer) -> dict[bool, Any]:
+    """The distributed optimizer's DP group of dense (False) and expert (True) parameters: under expert
+    parallelism megatron chains an optimizer for the experts, sharded over the expert-data-parallel group."""
+    groups: dict[bool, Any] = {}
     for opt in _leaf_optimizers(optimizer):
         if isinstance(opt, DistributedOptimizer):
-            return opt.data_parallel_group
-    return None
+            for p in opt.model_param_group_index_map:
+                groups.setdefault(_is_expert(p), opt.data_parallel_group)
+    return groups
 
 
 def optimizer_state_model_space(optimizer, chunks) -> dict[str, Any]:
@@ -129,22 +141,25 @@ def optimizer_state_model_space(optimizer, chunks) -> dict[str, Any]:
             break
     if any(s.main is not p for p, s in slots.items()) and kinds:
         kinds.append(MAIN_PARAM)
-    group = _dp_group(optimizer)
-    sharded = group is not None and torch.distributed.get_world_size(group) > 1
+    groups = _dp_groups(optimizer)
+    sharded = {e: g is not None and torch.distributed.get_world_size(g) > 1 for e, g in groups.items()}
     out: list[dict[str, dict[str, Tensor]]] = []
-    pending: list[Tensor] = []  # model-space buffers filled from a DP shard, summed over DP below
+    # model-space buffers filled from a DP shard, summed below over the DP group that shards them (dense
+    # parameters' or, under expert parallelism, the experts')
+    pending: dict[bool, list[Tensor]] = {False: [], True: []}
     for chunk in chunks:
         per_kind: dict[str, dict[str, Tensor]] = {k: {} for k in kinds}
         for name, p in _module(chunk).named_parameters():
             s = slots.get(p)
+            expert = _is_expert(p)
             if s is None:
-                if p.requires_grad and sharded:
+                if p.requires_grad and sharded.get(expert, False):
                     # the distributed optimizer left this DP rank no part of it: contribute zeros, so that
                     # every DP rank reduces the same list of buffers
                     for kind in kinds:
                         buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
                         per_kind[kind][name] = buf.view(p.shape)
-                        pending.append(buf)
+                        pending[expert].append(buf)
                 continue  # frozen: no optimizer state
             for kind in kinds:
                 src = s.main.detach() if kind == MAIN_PARAM else s.inner.state[s.main][kind]
@@ -154,15 +169,16 @@ def optimizer_state_model_space(optimizer, chunks) -> dict[str, Any]:
                     buf = torch.zeros(p.numel(), dtype=torch.float32, device=src.device)
                     buf[s.start:s.end] = src.detach().reshape(-1).float()
                     per_kind[kind][name] = buf.view(p.shape)
-                    pending.append(buf)
+                    pending[expert].append(buf)
         out.append(per_kind)
-    if pending and sharded:
-        flat = torch.cat(pending)
-        torch.distributed.all_reduce(flat, group=group)
-        offset = 0
-        for buf in pending:
-            buf.copy_(flat[offset:offset + buf.numel()])
-            offset += buf.numel()
+    for expert, bufs in pending.items():
+        if bufs and sharded.get(expert, False):
+            flat = torch.cat(bufs)
+            torch.distributed.all_reduce(flat, group=groups[expert])
+            offset = 0
+            for buf in bufs:
+                buf.copy_(flat[offset:offset + buf.numel()])
+                offset += buf.numel()
     return {"step": step, "kinds": kinds, "chunks": [{k: {n: t.cpu() for n, t in d.items()} for k, d in c.items()}
                                                     for c in out]}
 
@@ -260,8 +276,21 @@ def _dp_cp_group():
 # Save
 # ------------------------------------------------------------------------------------------------------------
 
-def _is_writer() -> bool:
-    return (parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0)
+def _is_writer(plan: LayoutPlan) -> bool:
+    """Whether this rank writes its rank file: the lowest rank holding its (tp, pp, ep) file. Without expert
+    parallelism that is data- and context-parallel rank 0; under it the EP ranks are DP ranks, and which
+    (tp, ep) pairs exist (`parallel.layout.rank_file_keys`) and the lowest rank of each come from the ranks'
+    own coordinates. Collective under expert parallelism."""
+    if plan.parallel.ep == 1:
+        return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
+    mine = this_rank(plan)
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    keys = {(t, e) for t, _, e in everyone}
+    if keys != set(rank_file_keys(plan.parallel)):
+        raise AssertionError(f"the ranks hold (tp, ep) pairs {sorted(keys)}, the layout's files are "
+                             f"{list(rank_file_keys(plan.parallel))}")
+    return everyone.index(mine) == torch.distributed.get_rank()
 
 
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, plan: LayoutPlan, meta: MMCheckpointMeta,
@@ -295,9 +324,9 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, plan: L
         obj["data_state"] = data_state
     if training_state is not None:
         obj["training_state"] = training_state
-    if _is_writer():
-        save_rank_object(rank_file(tmp, parallel_state.get_tensor_model_parallel_rank(),
-                                 parallel_state.get_pipeline_model_parallel_rank(), plan.parallel.pp), obj)
+    if _is_writer(plan):
+        tp_rank, pp_rank, ep_rank = this_rank(plan)
+        save_rank_object(rank_file(tmp, tp_rank, pp_rank, plan.parallel.pp, ep_rank, plan.parallel.ep), obj)
     torch.distributed.barrier()
     if rank0:
         meta = dataclasses.replace(meta, iteration=str(iteration))
@@ -343,14 +372,13 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
     spec = _module(chunks[0]).spec
     ckpt = open_checkpoint(load_dir, spec, "--load")
     load_dir, it_dir, meta, old, foreign = ckpt.root, ckpt.it_dir, ckpt.meta, ckpt.plan, ckpt.foreign
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_rank, pp_rank, ep_rank = this_rank(plan)
     weights, resharder = checkpoint_weights(ckpt, spec, plan)
     same = resharder.same
     if not same:
-        log(f"loading {it_dir} saved at TP{old.parallel.tp} PP{old.parallel.pp} VPP{old.num_chunks}"
-            f"{'' if meta.tp_style == 'mm' else f' ({meta.tp_style} convention)'} into "
-            f"TP{plan.parallel.tp} PP{plan.parallel.pp} VPP{plan.num_chunks}: resharding")
+        log(f"loading {it_dir} saved at {old.describe()}"
+            f"{'' if meta.tp_style == 'mm' else f' ({meta.tp_style} convention)'} into {plan.describe()}: "
+            f"resharding")
     if meta.base is not None:
         log(f"{it_dir} holds adapters and trainable parameters: the frozen base from {meta.base['dir']}/"
             f"{meta.base.get('iteration', '')}")
@@ -368,7 +396,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
     if optimizer is not None:
         optimizer.reload_model_params()  # main params are copies made when the optimizer was built
 
-    own = resharder.obj(tp_rank, pp_rank) if same else resharder.obj(0, 0)
+    own = resharder.obj(tp_rank, pp_rank, ep_rank) if same else resharder.obj(0, 0)
     saved_iteration = plain_int(own.get("iteration"))
     release = it_dir.name == "release" or saved_iteration is None
     if fresh and not (release or finetune):
@@ -395,7 +423,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, plan: LayoutPlan, optim
             state = {"step": saved["step"], "kinds": saved["kinds"], "chunks": [{} for _ in chunks]}
             for kind in saved["kinds"]:
                 per_chunk = resharder.section(
-                    lambda o, v, k=kind: o["optimizer"]["chunks"][v].get(k), tp_rank, pp_rank)
+                    lambda o, v, k=kind: o["optimizer"]["chunks"][v].get(k), tp_rank, pp_rank, ep_rank)
                 for c, sd in zip(state["chunks"], per_chunk):
                     c[kind] = sd
         load_optimizer_state_model_space(optimizer, chunks, state)
