@@ -121,7 +121,8 @@ def test_recipe_layout_agrees_with_the_json_and_fits_80gb_by_estimate(size):
     assert f"--cfg.parallel_config.llm_pp_layers {compact(t.pipeline_num_layers)}" in src
     assert f"--cfg.parallel_config.vit_pp_layers {compact(v.pipeline_num_layers)}" in src
     assert f"--cfg.parallel_config.tp_size {r.tp} --cfg.parallel_config.ep_size {r.ep}" in src
-    plan_layout(spec, ParallelSizes(tp=r.tp, pp=r.pp, sp=r.sequence_parallel), r.world)
+    plan_layout(spec, ParallelSizes.from_world_size(r.world, tp=r.tp, pp=r.pp, sp=r.sequence_parallel, ep=r.ep,
+                                                    etp=r.etp), r.world)
     ranks = memory_estimate.estimate(spec, memory_estimate.plan_for(spec, r), r)
     assert memory_estimate.fits(ranks), memory_estimate.report(spec, r)
     assert all(m.experts for m in ranks)
@@ -147,3 +148,24 @@ def test_expert_parallelism_must_fit_inside_data_parallelism():
     r = memory_estimate.Recipe(1, 4, 8, 64, ep=2)
     with pytest.raises(ValueError, match="dense LLM"):
         memory_estimate.estimate(dense, memory_estimate.plan_for(dense, r), r)
+
+
+@pytest.mark.parametrize("size", MODELS)
+def test_converter_dry_run_sizes_every_expert_rank_file(size):
+    """The recipe's conversion (`--cfg.dry_run`): one file per (tp, pp, ep) megatron's ranks hold, each with its
+    EP rank's E/ep experts of every sparse layer of its stage and its TP rank's dense slices."""
+    from mindspeed_mm.checkpoint.convert import dry_run
+    from mindspeed_mm.config.parallel import ParallelConfig
+    from mindspeed_mm.parallel.layout import rank_file_keys
+
+    spec = load_model_spec(EXAMPLES / f"model_{size}.json")
+    r, _ = _recipe(size)
+    t, v = spec.text, spec.vision
+    pc = ParallelConfig(tp_size=r.tp, ep_size=r.ep, etp_size=r.etp, llm_pp_layers=[list(t.pipeline_num_layers)],
+                        vit_pp_layers=[list(v.pipeline_num_layers)])
+    report = dry_run(spec, pc)
+    keys = rank_file_keys(ParallelSizes(tp=r.tp, pp=r.pp, ep=r.ep, etp=r.etp, dp=r.ep))
+    assert sorted(report.ranks) == sorted((tp, pp, ep) for tp, ep in keys for pp in range(r.pp))
+    for pp in range(r.pp):  # a stage's files of one TP rank: the same dense slice and E/ep experts each
+        for tp in range(r.tp):
+            assert len({report.ranks[(tp, pp, ep)][0] for t, ep in keys if t == tp}) == 1
