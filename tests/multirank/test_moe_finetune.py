@@ -1,6 +1,7 @@
 """pretrain_vlm.py on the tiny Qwen3-MoE (8 experts, top-2, layer 0 dense): expert parallelism through the
-real command line (flags, groups, the mm-convert checkpoint resharded on load, the step log and metrics file)
-against one rank, and the expert-load figures against what the step's tokens allow."""
+real command line (flags, groups, the mm-convert checkpoint resharded on load, the step log and metrics file, the
+final save and its conversion back to HF) against one rank, and the expert-load figures against what the step's
+tokens allow."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mindspeed_mm.checkpoint.convert import mm_to_hf
+from mindspeed_mm.checkpoint.hf_files import load_hf_checkpoint
 from mindspeed_mm.testing.tiny_run import pretrain_args, prepare_tiny_run, write_model_json
 from tests.helpers.launch import run_torchrun
 
@@ -24,12 +27,14 @@ def tiny(tmp_path_factory):
 
 
 def _train(tiny, tmp_path: Path, name: str, nproc: int, extra=(), llm=None, vit=None):
-    metrics = tmp_path / f"{name}.jsonl"
+    """(train records, stdout, the final save converted to HF tensors)."""
+    metrics, save = tmp_path / f"{name}.jsonl", tmp_path / f"save_{name}"
     model = write_model_json(tiny.hf_dir, tmp_path / f"model_{name}.json", vit, llm)
     out = run_torchrun(PRETRAIN, nproc, pretrain_args(tiny, model, iters=3, metrics=metrics, load=tiny.mm_dir,
-                                                      extra=tuple(extra)), timeout=600)
+                                                      save=save, extra=tuple(extra)), timeout=600)
     rec = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [r for r in rec if r.get("record") == "train"], out.stdout
+    mm_to_hf(str(save), str(tmp_path / f"hf_{name}"), progress=False)
+    return [r for r in rec if r.get("record") == "train"], out.stdout, load_hf_checkpoint(tmp_path / f"hf_{name}")[2]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,7 @@ def one_rank(tiny, tmp_path_factory):
 
 
 def test_expert_load_counts_every_routed_token_once(one_rank):
-    rec, stdout = one_rank
+    rec, stdout, _ = one_rank
     assert len(rec) == 3
     for r in rec:
         tokens = round(r["tokens_per_s"] * r["step_time_s"])  # the step's real tokens (no padding)
@@ -60,8 +65,13 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_first_three_steps_agree_with_one_rank(tiny, tmp_path, one_rank, layout):
     nproc, extra, llm, vit = LAYOUTS[layout]
-    got, _ = _train(tiny, tmp_path, layout, nproc, extra, llm, vit)
+    got, _, saved = _train(tiny, tmp_path, layout, nproc, extra, llm, vit)
     for g, w in zip(got, one_rank[0], strict=True):
         assert abs(g["loss"] - w["loss"]) <= RTOL * abs(w["loss"]), (layout, g["loss"], w["loss"])
         assert g["expert_load"] == w["expert_load"]
         assert abs(g["load_balancing_loss"] - w["load_balancing_loss"]) <= RTOL * w["load_balancing_loss"]
+    # the layout's save (its rank files: megatron's _ZZZ expert directories) back in HF: the one rank's weights
+    want = one_rank[2]
+    assert saved.keys() == want.keys()
+    worst = max((saved[k].float() - want[k].float()).abs().max().item() for k in want)
+    assert worst <= 1e-6, worst
