@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_SYSTEM_MESSAGE",
     "TinyPreset",
     "TINY_PRESETS",
+    "BENCH_PRESETS",
     "build_tiny_tokenizer",
     "tiny_vocab_size",
     "tiny_native_config",
@@ -195,6 +196,7 @@ class TinyPreset:
     expert_ffn: int = 32
     mlp_only_layers: tuple = ()
     norm_topk_prob: bool = True
+    vocab_size: int | None = None  # None: the tiny tokenizer's (tiny_vocab_size); a real model's for shapes only
 
 
 _VIT300M = dict(vit_hidden=32, vit_heads=4, vit_norm="layer_norm", vit_qkv_bias=True, vit_qk_norm=False)
@@ -240,6 +242,25 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     "qwen3_tied": TinyPreset(**_VIT300M, **_QWEN3, tied=True),
 }
 
+# Real model shapes with random weights, for GPU benchmarks only: kept out of TINY_PRESETS because the tests
+# write every tiny preset, and these are gigabytes.
+BENCH_PRESETS: dict[str, TinyPreset] = {
+    # InternVL3-2B: InternViT-300M (448-px tiles, 256 tokens each) + Qwen2.5-1.5B, its vocabulary included so
+    # that the output layer's share of the step is the real one
+    "internvl3_2b_shape": TinyPreset(vit_hidden=1024, vit_heads=16, vit_norm="layer_norm", vit_qkv_bias=True,
+                                     vit_qk_norm=False, vit_layers=24, vit_ffn=4096, image_size=448,
+                                     llm_hidden=1536, llm_layers=28, llm_heads=12, llm_kv_heads=2, llm_ffn=8960,
+                                     max_positions=32768, vocab_size=151674),
+}
+
+
+def _preset(name: str) -> TinyPreset:
+    if name in TINY_PRESETS:
+        return TINY_PRESETS[name]
+    if name in BENCH_PRESETS:
+        return BENCH_PRESETS[name]
+    raise ValueError(f"unknown tiny preset {name!r}; choose from {sorted(TINY_PRESETS) + sorted(BENCH_PRESETS)}")
+
 
 def _text_config(p: TinyPreset, vocab_size: int, tid) -> dict:
     """The LLM's config, in the fields of transformers' config class for its kind."""
@@ -275,9 +296,7 @@ def _text_config(p: TinyPreset, vocab_size: int, tid) -> dict:
 
 def tiny_native_config(preset: str = "vit300m", tokenizer=None) -> dict:
     """The native (``InternVLConfig``) dict for a preset; token ids from the tiny tokenizer."""
-    if preset not in TINY_PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(TINY_PRESETS)}")
-    p = TINY_PRESETS[preset]
+    p = _preset(preset)
     tok = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     tid = tok.convert_tokens_to_ids
     grid = p.image_size // p.patch_size
@@ -301,7 +320,7 @@ def tiny_native_config(preset: str = "vit300m", tokenizer=None) -> dict:
             "num_channels": 3,
             "use_mean_pooling": True,
         },
-        "text_config": _text_config(p, tiny_vocab_size(len(tok)), tid),
+        "text_config": _text_config(p, p.vocab_size or tiny_vocab_size(len(tok)), tid),
         "image_token_id": tid("<IMG_CONTEXT>"),
         "image_seq_length": int(grid * grid * p.downsample_ratio**2),
         "downsample_ratio": p.downsample_ratio,
@@ -352,7 +371,7 @@ def build_tiny_model(preset: str = "vit300m", seed: int = 0, tokenizer=None):
     model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _randomize_(model, seed)
     refresh_rope_buffers(model)
-    check_tying(model, TINY_PRESETS[preset].tied)
+    check_tying(model, _preset(preset).tied)
     return model.eval()
 
 
@@ -432,16 +451,16 @@ def write_tiny_checkpoint(
             model.save_pretrained(str(tmp), max_shard_size=max_shard_bytes or "1000GB", safe_serialization=True)
             cfg_path = tmp / "config.json"
             cfg = json.loads(cfg_path.read_text())
-            if cfg.get("tie_word_embeddings") is not TINY_PRESETS[preset].tied:
+            if cfg.get("tie_word_embeddings") is not _preset(preset).tied:
                 raise RuntimeError(f"save_pretrained wrote a config without tie_word_embeddings: "
-                                   f"{str(TINY_PRESETS[preset].tied).lower()}")
+                                   f"{str(_preset(preset).tied).lower()}")
         else:
             native_cfg = json.loads(model.config.to_json_string(use_diff=True))
             native_cfg["dtype"] = str(torch_dtype).removeprefix("torch.")  # .to() leaves config.dtype alone
             original_cfg = native_config_to_original(native_cfg)
             (tmp / "config.json").write_text(json.dumps(original_cfg, indent=2, sort_keys=True) + "\n")
             sd = model.state_dict()
-            if TINY_PRESETS[preset].tied:  # the embedding's second name, which save_pretrained does not write
+            if _preset(preset).tied:  # the embedding's second name, which save_pretrained does not write
                 sd.pop("lm_head.weight")
             sd = native_to_original_state_dict(sd)
             write_sharded(((k, t.detach().contiguous()) for k, t in sd.items()), tmp, max_shard_bytes)

@@ -17,6 +17,7 @@ from mindspeed_mm.models.internvl.hf.config import spec_from_hf_config, spec_fro
 from mindspeed_mm.models.internvl.hf.mapping import hf_to_mm
 from mindspeed_mm.models.internvl.model import ImageTokenMismatch, InternVLModel, load_full_state_dict, mean_loss
 from tests.helpers.batches import make_batch
+from tests.helpers.device import on_test_device
 from tests.helpers.oracle import hf_losses, load_native_model, use_dynamic_ntk_rope
 from mindspeed_mm.testing.tiny_checkpoint import write_tiny_checkpoint
 
@@ -48,7 +49,7 @@ def pair(request, tmp_path_factory, megatron_world):
     ours = InternVLModel(spec)
     load_full_state_dict(ours, hf_to_mm(hf_state, spec, fmt))
     ours.eval()
-    return load_native_model(hf_dir), ours, spec
+    return on_test_device(load_native_model(hf_dir), ours) + (spec,)
 
 
 def hf_loss(hf, spec, ids, mask, pixels, labels):
@@ -62,7 +63,7 @@ def hf_loss(hf, spec, ids, mask, pixels, labels):
 
 def _batch(spec, samples):
     b = make_batch(spec, samples)
-    return b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"]
+    return on_test_device(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"])
 
 
 CASES = {
@@ -138,9 +139,10 @@ def test_converted_checkpoint_reproduces_transformers(megatron_world, tmp_path):
     spec = _unfrozen(spec_from_hf_dir(hf_dir))
     ours = InternVLModel(spec)
     load_converted_weights([ours], tmp_path / "mm")
+    ours = on_test_device(ours)
     ids, mask, _, pixels = _batch(spec, CASES["batch_of_two_lengths"])
     with torch.no_grad():
-        ref = load_native_model(hf_dir)(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        ref = on_test_device(load_native_model(hf_dir))(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         diff = (ours.eval()(ids, pixels)[mask.bool()] - ref[mask.bool()]).abs().max().item()
     assert diff <= TOL, f"max |logits diff| {diff:.3g}"
 
@@ -163,7 +165,7 @@ def dynamic_rope_pair(tmp_path_factory, megatron_world):
     for s in (spec, dataclasses.replace(spec, text=dataclasses.replace(spec.text, rope_scaling=None))):
         m = InternVLModel(s)
         load_full_state_dict(m, hf_to_mm(hf_state, s, fmt))
-        models.append(m.eval())
+        models.append(on_test_device(m.eval()))
     return hf_dir, models[0], models[1], spec
 
 
@@ -174,7 +176,7 @@ def test_dynamic_ntk_rope_matches_transformers(dynamic_rope_pair, case):
     hf_dir, ours, plain, spec = dynamic_rope_pair
     # a fresh model per case: transformers' rotary module keeps the longest length's frequencies for later
     # shorter sequences still above max_position_embeddings (models/internvl/rope.py)
-    hf = load_native_model(hf_dir)
+    hf = on_test_device(load_native_model(hf_dir))
     assert hf.config.text_config.rope_parameters["rope_type"] == "dynamic"
     g = torch.Generator().manual_seed(3)
     if case == "long_with_image":  # two lengths: the dynamic base follows the padded batch's length
@@ -182,6 +184,7 @@ def test_dynamic_ntk_rope_matches_transformers(dynamic_rope_pair, case):
     else:
         n = 40 if case == "long_text" else 10
         ids = torch.randint(0, spec.img_context_token_id, (2, n), generator=g)
+        ids = on_test_device(ids)
         mask, pixels = torch.ones_like(ids), None
     assert (ids.shape[1] > ROPE_MAX_POS) == (case != "short_text")
     with torch.no_grad():
