@@ -1,13 +1,16 @@
 """Single-rank training step: ours (megatron-core model, DDP, megatron Adam, the `train_step` the loop runs)
-against transformers' eager `InternVLForConditionalGeneration` with torch AdamW, on the same weights and the
-same batch, in one process. Also the data loader's samples/s on the tiny dataset.
+against transformers' `InternVLForConditionalGeneration` with torch AdamW, once with SDPA attention (transformers'
+default, the headline baseline) and once with eager attention, on the same weights and the same batch, in one
+process. Also the data loader's samples/s on the tiny dataset.
 
-    python benchmarks/train_bench.py [--preset small] [--steps 9] [--shapes 3x200,6x800] [--workers 2]
+    python benchmarks/train_bench.py [--preset small] [--steps 10] [--rounds 5] [--shapes 3x200,6x800] [--workers 2]
 
-Both sides: fp32, gradient clipping 1.0, one micro-batch of 2 samples, the ViT trainable. Each shape
+All sides: fp32, gradient clipping 1.0, one micro-batch of 2 samples, the ViT trainable. Each shape
 `TILESxTEXT` gives every sample TILES image tiles and TEXT text tokens (6x800 is about 1.2k tokens per sample,
-nearer the reference's 2.6k average than 3x200). Step time is the median over `--steps` steps after 2 warm-up
-steps, the two implementations interleaved; the ratio is ours / transformers (target <= 1.0).
+nearer the reference's 2.6k average than 3x200). After 2 untimed steps per side (the second measures the step's
+peak memory), `--rounds` rounds each time ours, transformers SDPA and transformers eager for `--steps / --rounds`
+steps, the order rotating per round. Per round, ratio = ours' median / the baseline's median; printed are the
+min / median / max of those per-round ratios (target <= 1.0 against SDPA).
 """
 from __future__ import annotations
 
@@ -22,9 +25,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.helpers
 
 
-def _median_step(fn, steps: int) -> float:
-    for _ in range(2):
-        fn()
+def _timed(fn, steps: int) -> float:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -33,7 +34,43 @@ def _median_step(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench_step(preset: str, steps: int, tiles: int, text: int) -> dict:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _step_peak_bytes(fn, device) -> int:
+    """Peak memory one call of ``fn`` adds on top of what was resident when it started (weights, gradients
+    and optimizer state of every model in the process are in that baseline, so the sides compare by what
+    their step itself allocates). CUDA: the allocator's own peak. CPU: the kernel's high-water mark of the
+    RSS, reset just before the call; glibc is first asked to hand freed heap back, or memory cached from an
+    earlier step would hide this step's growth."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+SIDES = ("ours", "sdpa", "eager")
+
+
+def bench_step(preset: str, steps: int, tiles: int, text: int, rounds: int = 5) -> dict:
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -59,15 +96,31 @@ def bench_step(preset: str, steps: int, tiles: int, text: int) -> dict:
                          generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
-    hf = load_native_model(hf_dir).float().train()
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
+    def hf_side(attn: str):
+        hf = load_native_model(hf_dir).float().train()
+        if attn != "eager":
+            hf.set_attn_implementation(attn)
+        impls = {c._attn_implementation for c in (hf.config, hf.config.vision_config, hf.config.text_config)}
+        if impls != {attn}:
+            raise RuntimeError(f"transformers model asked for {attn} attention runs {impls}")
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
 
-    def hf_step():
-        hf_opt.zero_grad(set_to_none=True)
-        loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        hf_opt.step()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+
+        return hf, step
+
+    hf_eager, eager_step = hf_side("eager")
+    hf_sdpa, sdpa_step = hf_side("sdpa")
+    # a faster baseline that computes something else would make the headline meaningless
+    with torch.no_grad():
+        l_eager = hf_eager(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        l_sdpa = hf_sdpa(input_ids=ids, pixel_values=pixels, labels=labels).loss
+    torch.testing.assert_close(l_sdpa, l_eager, rtol=1e-4, atol=1e-5)
 
     init_distributed()
     initialize_model_parallel()
@@ -82,16 +135,32 @@ def bench_step(preset: str, steps: int, tiles: int, text: int) -> dict:
     def our_step():
         train_step(model, opt, [batch])
 
-    # interleave the two so that drift in the machine's speed hits both alike
-    ours, theirs = [], []
-    for _ in range(3):
-        ours.append(_median_step(our_step, max(1, steps // 3)))
-        theirs.append(_median_step(hf_step, max(1, steps // 3)))
+    fns = {"ours": our_step, "sdpa": sdpa_step, "eager": eager_step}
+    device = next(hf_eager.parameters()).device
+    # the first step allocates gradients and optimizer state; the second, untimed anyway, gives the peak
+    peak = {}
+    for name, fn in fns.items():
+        fn()
+        peak[name] = _step_peak_bytes(fn, device)
+    # interleaved rounds, the order rotating, so that drift in the machine's speed and any advantage of
+    # running first or after a given side hit every side alike
+    per_step = max(1, steps // rounds)
+    times = {name: [] for name in SIDES}
+    for r in range(rounds):
+        for name in SIDES[r % 3:] + SIDES[:r % 3]:
+            times[name].append(_timed(fns[name], per_step))
     destroy_distributed()
-    ours_t, hf_t = statistics.median(ours), statistics.median(theirs)
-    n_params = sum(p.numel() for p in hf.parameters())
+
+    def spread(xs):
+        return min(xs), statistics.median(xs), max(xs)
+
+    n_params = sum(p.numel() for p in hf_eager.parameters())
     return {"preset": preset, "params": n_params, "seq_len": ids.shape[1], "tiles": 2 * tiles,
-            "ours_s": ours_t, "transformers_s": hf_t, "ratio": ours_t / hf_t}
+            "rounds": rounds, "steps_per_round": per_step, "device": str(device),
+            "median_s": {n: statistics.median(t) for n, t in times.items()},
+            "peak_bytes": peak,
+            "vs_sdpa": spread([o / b for o, b in zip(times["ours"], times["sdpa"])]),
+            "vs_eager": spread([o / b for o, b in zip(times["ours"], times["eager"])])}
 
 
 def bench_loader(workers: int, seconds: float = 10.0) -> dict:
@@ -124,18 +193,32 @@ def bench_loader(workers: int, seconds: float = 10.0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--shapes", default="3x200,6x800")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--loader-seconds", type=float, default=10.0)
     args = ap.parse_args()
+    rows = []
     for shape in args.shapes.split(","):
         tiles, text = map(int, shape.split("x"))
-        r = bench_step(args.preset, args.steps, tiles, text)
+        r = bench_step(args.preset, args.steps, tiles, text, rounds=args.rounds)
+        rows.append(r)
+        m, mib = r["median_s"], {k: v / 2**20 for k, v in r["peak_bytes"].items()}
         print(f"train step, preset {r['preset']} ({r['params'] / 1e6:.1f}M params), 2 samples x {r['seq_len']} "
-              f"tokens, {r['tiles']} tiles, fp32, 1 rank: ours {r['ours_s'] * 1e3:.0f} ms, transformers eager "
-              f"{r['transformers_s'] * 1e3:.0f} ms, ratio {r['ratio']:.2f}x (target <= 1.0)", flush=True)
+              f"tokens, {r['tiles']} tiles, fp32, 1 rank, {r['device']}, {r['rounds']} rounds x "
+              f"{r['steps_per_round']} steps: ours {m['ours'] * 1e3:.0f} ms, transformers sdpa "
+              f"{m['sdpa'] * 1e3:.0f} ms, eager {m['eager'] * 1e3:.0f} ms; step peak ours {mib['ours']:.0f} MiB, "
+              f"sdpa {mib['sdpa']:.0f} MiB, eager {mib['eager']:.0f} MiB", flush=True)
+    print("\ntokens/sample | ours/sdpa min med max (target <= 1.0) | ours/eager min med max | "
+          "step peak MiB ours / sdpa / eager")
+    for r in rows:
+        s_, e_, mib = r["vs_sdpa"], r["vs_eager"], {k: v / 2**20 for k, v in r["peak_bytes"].items()}
+        print(f"{r['seq_len']:>13} | {s_[0]:.2f} {s_[1]:.2f} {s_[2]:.2f}x{'':>23} | {e_[0]:.2f} {e_[1]:.2f} "
+              f"{e_[2]:.2f}x{'':>7} | {mib['ours']:.0f} / {mib['sdpa']:.0f} / {mib['eager']:.0f}", flush=True)
+    print()
     for w in sorted({0, args.workers}):
-        d = bench_loader(w)
+        d = bench_loader(w, args.loader_seconds)
         print(f"data loader, 448-px tiles, micro-batch 4, {d['workers']} workers: {d['samples_per_s']:.1f} samples/s "
               f"({d['tiles_per_s']:.1f} tiles/s)")
 
