@@ -30,6 +30,11 @@ MOE_KEY = "moe"  # a sparse LLM's last stage reports its micro-batch's load-bala
 # names (InternVLModel.tied_embedding_copy); megatron's own find nothing (InternVLModel sets
 # share_embeddings_and_output_weights False). Here rather than in the model: it is the training loop's step.
 
+def _unwrap(model):
+    """The InternVLModel under megatron's DDP wrapper (or the chunk itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def _sum_tied_copies(tensors: list[Tensor], group) -> None:
     """Sum `tensors` (this rank's copies: one, or both when one rank holds the two chunks) with the other
     rank's over `group`, and write the sum into each."""
@@ -44,7 +49,7 @@ def _sum_tied_copies(tensors: list[Tensor], group) -> None:
 
 def _tied_copies(model: list) -> list[tuple[torch.nn.Parameter, bool]]:
     """This rank's copies of tied embeddings held on two stages, each with whether it is the output layer's."""
-    chunks = [m.module if hasattr(m, "module") else m for m in model]
+    chunks = [_unwrap(m) for m in model]
     return [(w, c.stage.has_tied_output) for c in chunks if (w := c.tied_embedding_copy()) is not None]
 
 
@@ -101,10 +106,6 @@ def run_chunk(model, batch: dict):
     return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                  image_flags=batch.get("image_flags"), sample_ids=batch.get("sample_ids"),
                  attention_mask=batch.get("attention_mask"))
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def with_moe_report(model, loss_fn):
@@ -253,7 +254,7 @@ def local_tensors(chunks: Iterable, what: str) -> dict[int, dict[str, Tensor]]:
     """{stage: {local name: tensor}} of this rank's parameters (`what="param"`) or gradients ("grad")."""
     out = {}
     for chunk in chunks:
-        module = chunk.module if hasattr(chunk, "module") else chunk
+        module = _unwrap(chunk)
         tensors = {}
         for name, p in module.named_parameters():
             if what == "param":

@@ -223,8 +223,8 @@ def merge_rank_results(results: list[dict], spec: InternVLSpec, plan) -> dict:
     """Full-model tensors from every rank's slices; losses per DP rank (last stage only has them). Under expert
     parallelism an expert's tensors come from the ranks of its EP rank (renumbered to the global expert index,
     which is what `full_state_dict` reads), cut by the expert TP size."""
-    from mindspeed_mm.models.internvl.params import expert_index, lookup, with_expert
-    from mindspeed_mm.models.internvl.sharding import ExpertShard, merge_tensor
+    from mindspeed_mm.models.internvl.params import expert_index, lookup, with_expert, with_layer
+    from mindspeed_mm.models.internvl.sharding import ExpertShard, merge_tensor, shard_tensor
 
     shards, experts = {}, {}
     ep, etp = plan.parallel.ep, plan.parallel.expert_tp
@@ -236,18 +236,14 @@ def merge_rank_results(results: list[dict], spec: InternVLSpec, plan) -> dict:
                 shards[(r["tp_rank"], stage)] = dense
             for k, v in tensors.items():
                 if lookup(k)[0].per_expert:
-                    name = with_expert(lookup(k)[0].name, held.to_global(expert_index(k))).replace(
-                        "{i}", str(lookup(k)[1]))
+                    d, layer = lookup(k)
+                    name = with_layer(with_expert(d.name, held.to_global(expert_index(k))), layer)
                     experts.setdefault((stage, name), {})[r["tp_rank"] % etp] = v
     for (stage, name), by_rank in experts.items():
-        merged = by_rank[0] if etp == 1 else merge_tensor(name, [by_rank[i] for i in range(etp)], spec)
-        for tp_rank in range(plan.parallel.tp):  # as if every TP rank held its cut: full_state_dict merges them
-            if etp == 1 and plan.parallel.tp > 1:
-                from mindspeed_mm.models.internvl.sharding import shard_tensor
-                shards[(tp_rank, stage)][name] = shard_tensor(name, merged, spec, plan.parallel.tp, tp_rank,
-                                                              plan.padded_vocab_size)
-            else:
-                shards[(tp_rank, stage)][name] = by_rank[tp_rank % etp] if etp > 1 else merged
+        full = by_rank[0] if etp == 1 else merge_tensor(name, [by_rank[i] for i in range(etp)], spec)
+        for tp_rank in range(plan.parallel.tp):  # each TP rank's cut, which full_state_dict merges back
+            shards[(tp_rank, stage)][name] = shard_tensor(name, full, spec, plan.parallel.tp, tp_rank,
+                                                          plan.padded_vocab_size)
     losses = {r["dp_rank"]: r["losses"] for r in results if r["losses"] and r["losses"][0]}
     out = {"tensors": full_state_dict(shards, spec, plan), "losses": losses, "moe": results[0].get("moe")}
     if "counts" in results[0]:
